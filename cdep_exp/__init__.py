@@ -1,0 +1,1 @@
+"""cdep-exp: train networks whose explanations avoid features annotated as irrelevant."""

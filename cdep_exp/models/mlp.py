@@ -1,0 +1,19 @@
+"""Fully connected classifier for tabular data (the COMPAS network is MLP(17, [5, 5], 2))."""
+from collections.abc import Sequence
+
+from torch import nn
+
+
+class MLP(nn.Sequential):
+    """Linear → ReLU → Dropout per hidden layer, then a linear head producing logits."""
+
+    def __init__(
+        self, in_features: int, hidden: Sequence[int], num_classes: int, dropout: float = 0.0
+    ) -> None:
+        layers: list[nn.Module] = []
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        super().__init__(*layers)
