@@ -1,0 +1,1 @@
+"""Dataset builders, one module each; every builder returns a `Splits`."""

@@ -1,0 +1,27 @@
+"""What every dataset builder returns: train/val/test splits of (x, y, annotation) samples."""
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import Dataset
+
+
+@dataclass
+class Splits:
+    """Datasets of one experiment.
+
+    Each item is `(x, y, annotation)`: `annotation` has x's shape, or one broadcastable to it,
+    and is 1 where a feature must not matter. `tests` maps a name (e.g. "test",
+    "test_no_patches") to a dataset evaluated after training. `groups` maps a test name to
+    per-sample group labels that fairness metrics read (e.g. race for COMPAS). `description`
+    says where the data came from (recorded in every run's metrics.json).
+    """
+
+    train: Dataset
+    val: Dataset
+    tests: dict[str, Dataset]
+    num_classes: int
+    class_weights: torch.Tensor | None = None
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    collate_fn: Callable | None = None
+    description: str = ""

@@ -1,0 +1,135 @@
+"""ColorMNIST: the digit's colour gives the label away in training and lies at test time.
+
+Each grey MNIST digit (0–255) is multiplied by one of ten colours. In the training set digit y
+gets colour[y], so colour alone predicts the label; in the test set it gets colour[9 − y], so a
+network that learned colour instead of shape is worse than chance. Unlike DecoyMNIST the
+spurious feature is not confined to a region: it is spread over every inked pixel, so there is
+no mask to hand over. The CDEP penalty instead draws 8 single pixels per batch (all three
+channels) from a sampling distribution that favours pixels where digits have ink, and penalises
+their contribution; that distribution is the annotation here (Rieger et al. 2020, §4.1–4.2 of
+docs/REFERENCE.md; RRR and EG use it as a soft mask).
+
+Colours: `Color("red").range_to(Color("purple"), 10)` of the original (package `colour`), i.e.
+linear interpolation in HSL from red (h 0, s 1, l 0.5) to purple #800080, computed here with
+`colorsys`. Pixels are standardised per channel with the mean and std of the training split in
+the 0–255 scale.
+"""
+from __future__ import annotations
+
+import colorsys
+import logging
+
+import numpy as np
+import torch
+
+from cdep_exp.data.base import Splits
+from cdep_exp.data.decoymnist import dataset, split_indices, subsample
+from cdep_exp.data.mnist_source import load_mnist
+
+log = logging.getLogger(__name__)
+
+START_RGB = (1.0, 0.0, 0.0)  # "red"
+END_RGB = (128 / 255, 0.0, 128 / 255)  # "purple", #800080
+
+
+def class_colors(n: int = 10) -> np.ndarray:
+    """(n, 3) RGB in [0, 1]: linear HSL interpolation from red to purple, as `colour.range_to`."""
+    h0, l0, s0 = colorsys.rgb_to_hls(*START_RGB)
+    h1, l1, s1 = colorsys.rgb_to_hls(*END_RGB)
+    out = []
+    for i in range(n):
+        t = i / (n - 1)
+        h, l, s = h0 + t * (h1 - h0), l0 + t * (l1 - l0), s0 + t * (s1 - s0)
+        out.append(colorsys.hls_to_rgb(h, l, s))
+    return np.asarray(out, dtype=np.float64)
+
+
+def colorize(digits: np.ndarray, colors: np.ndarray) -> torch.Tensor:
+    """uint8 digits (N, 28, 28) × per-sample colours (N, 3) → float32 (N, 3, 28, 28) in 0–255."""
+    d = torch.from_numpy(np.ascontiguousarray(digits)).to(torch.float32).unsqueeze(1)
+    c = torch.from_numpy(np.asarray(colors, dtype=np.float32)).view(-1, 3, 1, 1)
+    return d * c
+
+
+def channel_stats(digits: np.ndarray, colors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std (ddof 0, over N, H, W) of `colorize(digits, colors)`, in float64,
+    computed from per-image pixel sums without building the coloured array."""
+    d = digits.reshape(len(digits), -1).astype(np.float64)
+    n_values = d.size
+    s1, s2 = d.sum(1), (d * d).sum(1)
+    mean = colors.T @ s1 / n_values
+    second = (colors.T ** 2) @ s2 / n_values
+    return mean, np.sqrt(np.maximum(second - mean ** 2, 0.0))
+
+
+def sampling_weights(digits: np.ndarray) -> torch.Tensor:
+    """(1, 28, 28) pixel distribution ∝ the share of training images with ink at each pixel.
+
+    The original tests "channel sum of the raw coloured image > 0"; every class colour has a
+    positive component, so that is exactly "digit pixel > 0".
+    """
+    share = (digits > 0).mean(axis=0, dtype=np.float64)
+    if share.sum() == 0:
+        raise ValueError("no training image has any ink")
+    return torch.from_numpy(share / share.sum()).to(torch.float32).view(1, 28, 28)
+
+
+def build_colormnist(
+    data_dir: str,
+    source: str = "auto",
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    max_train: int | None = None,
+    val_colors: str = "inverted",
+    max_test: int | None = None,
+) -> Splits:
+    """ColorMNIST splits: train colour[y]; val and test colour[9 − y] (see `val_colors`).
+
+    data_dir, source: see `cdep_exp.data.mnist_source.load_mnist`.
+    val_fraction: share of MNIST-train held out for validation. With full MNIST, the defaults
+        (0.1, split_seed 0) give the original's 54,000 / 6,000 split (`torch.manual_seed(0)` then
+        `random_split`): the same images in each part.
+    split_seed: fixes the split (and subsamples), independent of run seeds.
+    max_train: use only this many MNIST training images (before the train/val split).
+    val_colors: "inverted" (colour[9 − y], the original's HEAD script) or "train" (colour[y]).
+        It matters: with inverted colours, early stopping and any model or λ selection on the
+        validation set are done on the shifted test distribution, which a real user would not
+        have; "train" gives a same-distribution validation set, so test accuracy measures
+        robustness to a shift that was never seen while selecting.
+    max_test: use only this many test images.
+    """
+    if val_colors not in ("inverted", "train"):
+        raise ValueError(f"val_colors must be 'inverted' or 'train', got {val_colors!r}")
+    mnist = load_mnist(data_dir, source)
+    log.info("ColorMNIST (val colours %s) on %s", val_colors, mnist.description)
+    colors = class_colors()
+
+    keep = subsample(len(mnist.train_x), max_train, split_seed)
+    digits, labels = mnist.train_x[keep], mnist.train_y[keep]
+    tr, va = (i.numpy() for i in split_indices(len(digits), val_fraction, split_seed))
+    keep_test = subsample(len(mnist.test_x), max_test, split_seed + 1)
+    test_digits, test_labels = mnist.test_x[keep_test], mnist.test_y[keep_test]
+
+    train_colors = colors[labels[tr]]
+    val_colors_arr = colors[labels[va]] if val_colors == "train" else colors[9 - labels[va]]
+    mean, std = channel_stats(digits[tr], train_colors)
+    mean_t = torch.from_numpy(mean).to(torch.float32).view(1, 3, 1, 1)
+    std_t = torch.from_numpy(std).to(torch.float32).view(1, 3, 1, 1)
+
+    def standardised(d: np.ndarray, c: np.ndarray) -> torch.Tensor:
+        return colorize(d, c).sub_(mean_t).div_(std_t)
+
+    annotation = sampling_weights(digits[tr])
+    return Splits(
+        train=dataset(standardised(digits[tr], train_colors), torch.from_numpy(labels[tr]), annotation),
+        val=dataset(standardised(digits[va], val_colors_arr), torch.from_numpy(labels[va]), annotation),
+        tests={
+            "test": dataset(
+                standardised(test_digits, colors[9 - test_labels]),
+                torch.from_numpy(test_labels.copy()),
+                annotation,
+            )
+        },
+        num_classes=10,
+        description=f"ColorMNIST (val colours {val_colors}) on {mnist.description}",
+    )

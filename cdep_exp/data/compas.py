@@ -1,0 +1,256 @@
+"""COMPAS recidivism (Rieger et al. Table 3): 17 tabular features, label `two_year_recid`.
+
+Follows `compas/CDEP on COMPAS.ipynb` of the original code (REFERENCE.md §6.1): the ProPublica
+filter, the same 17 feature columns in the same order, and the same fixed 80/10/10 permutation.
+Two choices of the original are options here: the charge-keyword bug (`keyword_bug`) and which
+races are kept (`races`; the original trained on all, the paper text says black and white only).
+"""
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import TensorDataset
+
+from cdep_exp.data.base import Splits
+
+COMPAS_URL = (
+    "https://raw.githubusercontent.com/propublica/compas-analysis/master/"
+    "compas-scores-two-years.csv"
+)
+FILE_NAME = "compas-scores-two-years.csv"
+
+RACES = ["African-American", "Asian", "Caucasian", "Hispanic", "Native American", "Other"]
+AGE_CATS = ["25 - 45", "Greater than 45", "Less than 25"]
+CHARGE_DEGREES = ["F", "M"]
+SEXES = ["Female", "Male"]
+
+# Case-sensitive substrings of `c_charge_desc`; each feature counts how many of its keywords occur.
+KEYWORDS = {
+    "theft": ["Theft", "Burglary"],
+    "driving": ["Drivers", "Driving", "License", "DUI", "Veh"],
+    "possession": ["Possession", "Poss", "Cocaine", "Cannabis"],
+    "violence": ["Battery", "Assault", "Violence", "Abuse"],
+    "nocharge": ["no charge"],
+}
+# The original's lists: a missing comma made 'Possession' 'Poss' one string that never matches,
+# and 'Drivers' is listed twice, so it counts double.
+KEYWORDS_ORIGINAL = {
+    **KEYWORDS,
+    "driving": ["Drivers", "Driving", "License", "Drivers", "DUI", "Veh"],
+    "possession": ["PossessionPoss", "Cocaine", "Cannabis"],
+}
+
+FEATURES = (
+    [f"race_{r}" for r in RACES]
+    + ["crimefactor_M"]
+    + [f"age_{a}" for a in AGE_CATS]
+    + ["sex_Male", "priors_count"]
+    + list(KEYWORDS)
+)
+RACE_COLUMNS = slice(0, len(RACES))
+NUM_FEATURES = len(FEATURES)
+
+RAW_COLUMNS = [
+    "days_b_screening_arrest", "is_recid", "c_charge_degree", "score_text", "race", "age_cat",
+    "sex", "priors_count", "c_charge_desc", "two_year_recid",
+]
+
+
+def ensure_compas_csv(data_dir: str | os.PathLike, url: str = COMPAS_URL) -> Path:
+    """Path of `<data_dir>/compas/compas-scores-two-years.csv`, downloaded from `url` if missing."""
+    path = Path(data_dir) / "compas" / FILE_NAME
+    if path.is_file():
+        return path
+    try:
+        _download(url, path)
+    except (urllib.error.URLError, OSError) as err:
+        raise FileNotFoundError(
+            f"COMPAS data not found at {path} and the download from {url} failed ({err}). "
+            f"Download ProPublica's {FILE_NAME} (https://github.com/propublica/compas-analysis) "
+            f"on a machine with network access and put it at {path}."
+        ) from err
+    return path
+
+
+def _download(url: str, dest: Path, timeout: float = 30.0) -> None:
+    """Fetch `url` into `dest` atomically: a partial download never takes the final name."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        payload = response.read()
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_compas(path: str | os.PathLike) -> pd.DataFrame:
+    """The raw CSV; fails with the names of missing columns. Duplicate headers keep the first."""
+    raw = pd.read_csv(path)
+    missing = [c for c in RAW_COLUMNS if c not in raw.columns]
+    if missing:
+        raise ValueError(f"{path} lacks the COMPAS column(s) {missing}; is it {FILE_NAME}?")
+    return raw
+
+
+def filter_propublica(raw: pd.DataFrame) -> pd.DataFrame:
+    """ProPublica's standard filter (6,172 of 7,214 rows), row order kept.
+
+    Rows missing `days_b_screening_arrest` are dropped, as in the original. A missing
+    `score_text` (pandas reads the literal 'N/A' as missing) counts as 'N/A'.
+    """
+    keep = (
+        raw["days_b_screening_arrest"].between(-30, 30)
+        & (raw["is_recid"] != -1)
+        & (raw["c_charge_degree"] != "O")
+        & raw["score_text"].notna()
+        & (raw["score_text"] != "N/A")
+    )
+    return raw.loc[keep].reset_index(drop=True)
+
+
+def _one_hot(column: pd.Series, categories: list[str], prefix: str) -> pd.DataFrame:
+    """One-hot columns for a fixed category list, so every subset has the same columns."""
+    unknown = sorted(set(column.dropna()) - set(categories))
+    if unknown or column.isna().any():
+        found = unknown or "missing values"
+        raise ValueError(f"Column {column.name!r} has values outside {categories}: {found}")
+    cat = pd.Categorical(column, categories=categories)
+    return pd.get_dummies(cat, prefix=prefix, prefix_sep="_", dtype=float).set_axis(column.index)
+
+
+def keyword_counts(desc: pd.Series, keyword_bug: bool = False) -> pd.DataFrame:
+    """Per charge description, how many keywords of each category it contains (case-sensitive)."""
+    desc = desc.fillna("").astype(str)
+    table = KEYWORDS_ORIGINAL if keyword_bug else KEYWORDS
+    return pd.DataFrame(
+        {
+            name: sum(desc.str.contains(word, regex=False).astype(int) for word in words)
+            for name, words in table.items()
+        },
+        index=desc.index,
+    )
+
+
+def compas_features(df: pd.DataFrame, keyword_bug: bool = False) -> pd.DataFrame:
+    """The original's 17 feature columns (names in FEATURES, same order), as floats."""
+    features = pd.concat(
+        [
+            _one_hot(df["race"], RACES, "race"),
+            _one_hot(df["c_charge_degree"], CHARGE_DEGREES, "crimefactor")[["crimefactor_M"]],
+            _one_hot(df["age_cat"], AGE_CATS, "age"),
+            _one_hot(df["sex"], SEXES, "sex")[["sex_Male"]],
+            df["priors_count"],
+            keyword_counts(df["c_charge_desc"], keyword_bug),
+        ],
+        axis=1,
+    ).astype(float)
+    assert list(features.columns) == FEATURES, list(features.columns)
+    return features
+
+
+def split_indices(n: int, split_seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, early-stopping, reported) row indices: 80 % / rest / 10 %.
+
+    The sizes and the permutation are the original's `torch.manual_seed(0); random_split(ds,
+    [int(.8n), n - int(.8n) - int(.1n), int(.1n)])` (4937 / 618 / 617 of 6,172 rows), drawn
+    from a private generator so no run seed or global RNG state changes them.
+    """
+    n_train, n_report = int(0.8 * n), int(0.1 * n)
+    n_stop = n - n_train - n_report
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed)).numpy()
+    return perm[:n_train], perm[n_train : n_train + n_stop], perm[n_train + n_stop :]
+
+
+def zero_race(x: torch.Tensor) -> torch.Tensor:
+    """A copy of feature rows `x` (..., 17) with the six race one-hot columns set to 0."""
+    x = x.clone()
+    x[..., RACE_COLUMNS] = 0
+    return x
+
+
+def race_annotation() -> torch.Tensor:
+    """The CDEP annotation of every sample: 1 on the 11 non-race columns, 0 on race (17,).
+
+    1 marks what the penalty pushes importance away from. Penalising the isolated contribution
+    of the non-race features moves importance onto race and its interactions, which is what the
+    original did (REFERENCE.md §2.1, "blob_norace"): it is not a "race must not matter" mask.
+    """
+    annotation = torch.ones(NUM_FEATURES)
+    annotation[RACE_COLUMNS] = 0
+    return annotation
+
+
+def class_weights(y: torch.Tensor, num_classes: int = 2) -> torch.Tensor:
+    """w_c ∝ N / n_c, normalised to sum 1 (the original's weighted cross-entropy)."""
+    counts = torch.bincount(y, minlength=num_classes).double()
+    if (counts == 0).any():
+        raise ValueError(f"A class is absent from the training split (counts {counts.tolist()}).")
+    weights = len(y) / counts
+    return (weights / weights.sum()).float()
+
+
+def build_compas(
+    data_dir: str,
+    url: str = COMPAS_URL,
+    races: str = "all",
+    keyword_bug: bool = False,
+    hide_race: bool = False,
+    split_seed: int = 0,
+    race_zeroed_eval: bool = False,
+) -> Splits:
+    """COMPAS splits of (x (17,), y, annotation (17,)) samples.
+
+    races: "all" (what the original trained on) or "black_white" (African-American and
+        Caucasian rows only, as the paper text says; the 17 columns stay, other races' are 0).
+    keyword_bug: reproduce the original's charge keywords ('PossessionPoss', 'Drivers' twice).
+    hide_race: zero the race columns in every split (the "race hidden" baseline).
+    split_seed: the fixed permutation; 0 gives the original's split.
+    race_zeroed_eval: evaluate as the original's `test()` did, for every model: the
+        early-stopping split gets race zeroed, and tests["test_race_zeroed"] (the reported split
+        with race zeroed) is added; the original reported its accuracy on those inputs.
+
+    Splits: train (80 %); val = the original's 618-row early-stopping split; tests["test"] = its
+    617-row reported split. groups[name] holds each sample's race for the fairness metrics.
+    The annotation is 1 on the non-race columns (see race_annotation for the direction).
+    """
+    if races not in ("all", "black_white"):
+        raise ValueError(f"races must be 'all' or 'black_white', not {races!r}")
+    df = filter_propublica(read_compas(ensure_compas_csv(data_dir, url)))
+    if races == "black_white":
+        df = df[df["race"].isin(["African-American", "Caucasian"])].reset_index(drop=True)
+
+    x = torch.tensor(compas_features(df, keyword_bug).to_numpy(), dtype=torch.float32)
+    if hide_race:
+        x = zero_race(x)
+    y = torch.tensor(df["two_year_recid"].to_numpy(), dtype=torch.long)
+    race = df["race"].tolist()
+    annotation = race_annotation()
+
+    def subset(idx: np.ndarray, inputs: torch.Tensor = x) -> TensorDataset:
+        rows = torch.as_tensor(idx, dtype=torch.long)
+        return TensorDataset(inputs[rows], y[rows], annotation.repeat(len(idx), 1))
+
+    train_idx, val_idx, test_idx = split_indices(len(df), split_seed)
+    tests = {"test": subset(test_idx)}
+    if race_zeroed_eval:
+        tests["test_race_zeroed"] = subset(test_idx, zero_race(x))
+    groups = {"val": [race[i] for i in val_idx]}
+    groups.update({name: [race[i] for i in test_idx] for name in tests})
+    return Splits(
+        train=subset(train_idx),
+        val=subset(val_idx, zero_race(x) if race_zeroed_eval else x),
+        tests=tests,
+        num_classes=2,
+        class_weights=class_weights(y[torch.as_tensor(train_idx)]),
+        groups=groups,
+        description=f"COMPAS ({races} races, {len(df):,} rows after the ProPublica filter)",
+    )

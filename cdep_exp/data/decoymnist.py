@@ -1,0 +1,148 @@
+"""DecoyMNIST: a grey corner square whose shade gives the label away in training only.
+
+Every image gets a square patch in one of its four corners (chosen uniformly at random per
+image). In the training set the patch's shade is a function of the label, 255 − 25·y, so a
+network can classify from the patch alone; in the test set the shade no longer follows that
+rule, and a network that relied on it fails. The annotation marks the four corner squares as
+features that must not matter; an explanation penalty (CDEP, RRR, EG) pushes the network to the
+digit itself.
+
+Variants:
+
+* ``"cdep"`` (Rieger et al. 2020, ``00_make_data.py``): 5×5 square, test shade 25·y (class 0's
+  patch is black, invisible on the background; the mapping is reversed, not random).
+* ``"ross"`` (Ross et al. 2017, ``rrr/decoy_mnist.py``): 4×4 swatch, test shade 255 − 25·d for a
+  digit d drawn uniformly at random per image, independently of the label (the original's
+  ``augment(..., randomize=True)``): the ten training shades, uncorrelated with the class.
+
+Both scale pixels as the CDEP code does, x / 255 · 2 − 1 ∈ [−1, 1], shape (1, 28, 28). Unlike
+the original (no seed), the corner draws are seeded (`decoy_seed`; train and test draws
+independent) and the train/validation split is fixed by `split_seed` alone.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from cdep_exp.data.base import Splits
+from cdep_exp.data.mnist_source import load_mnist
+
+log = logging.getLogger(__name__)
+
+PATCH_SIZE = {"cdep": 5, "ross": 4}
+
+
+def corner_mask(size: int) -> torch.Tensor:
+    """(1, 28, 28) float mask: 1 on the four size×size corner squares, 0 elsewhere."""
+    mask = torch.zeros(1, 28, 28)
+    mask[:, :size, :size] = 1
+    mask[:, :size, -size:] = 1
+    mask[:, -size:, :size] = 1
+    mask[:, -size:, -size:] = 1
+    return mask
+
+
+def add_decoy(
+    images: np.ndarray, shades: np.ndarray, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Copy of uint8 `images` (N, 28, 28) with a size×size square of `shades[i]` in a random corner.
+
+    Row and column offsets are drawn independently from {0, 28 − size}. Returns the images and
+    the (N, 2) array of (row, column) offsets.
+    """
+    n = len(images)
+    offsets = rng.integers(0, 2, size=(n, 2)) * (28 - size)
+    out = images.copy()
+    shades = np.asarray(shades).astype(np.uint8)
+    for r0 in (0, 28 - size):
+        for c0 in (0, 28 - size):
+            idx = np.flatnonzero((offsets[:, 0] == r0) & (offsets[:, 1] == c0))
+            out[idx, r0:r0 + size, c0:c0 + size] = shades[idx, None, None]
+    return out, offsets
+
+
+def train_shades(y: np.ndarray) -> np.ndarray:
+    return 255 - 25 * np.asarray(y, dtype=np.int64)
+
+
+def scale(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, 28, 28) → float32 (N, 1, 28, 28) in [−1, 1] (x / 255 · 2 − 1)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).unsqueeze(1)
+    return x.div_(255.0).mul_(2.0).sub_(1.0)
+
+
+def split_indices(n: int, val_fraction: float, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and validation indices of n samples, as `torch.utils.data.random_split` with a
+    generator seeded with `split_seed` returns them (train first). Touches no global RNG."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = int(round(n * val_fraction))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(split_seed)))
+    return perm[: n - n_val], perm[n - n_val:]
+
+
+def subsample(n: int, k: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of min(k, n) of n samples, seeded; all of them when k is None."""
+    if k is None or k >= n:
+        return np.arange(n)
+    if k <= 0:
+        raise ValueError(f"a subsample size must be positive, got {k}")
+    return np.sort(np.random.default_rng(seed).choice(n, size=int(k), replace=False))
+
+
+def dataset(x: torch.Tensor, y: torch.Tensor, annotation: torch.Tensor) -> TensorDataset:
+    """(x, y, annotation) items; the one annotation is expanded, not copied, to every sample."""
+    return TensorDataset(x, y, annotation.expand(len(x), *annotation.shape))
+
+
+def build_decoymnist(
+    data_dir: str,
+    source: str = "auto",
+    variant: str = "cdep",
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    decoy_seed: int = 0,
+    max_train: int | None = None,
+    max_test: int | None = None,
+) -> Splits:
+    """DecoyMNIST splits: train/val with train-style shades, tests {"test": decoyed MNIST test}.
+
+    data_dir, source: see `cdep_exp.data.mnist_source.load_mnist`.
+    variant: "cdep" (5×5, test shade 25·y) or "ross" (4×4, test shade of a random digit).
+    val_fraction: share of the decoyed training images held out for validation (train shades).
+    split_seed: fixes the train/validation split (and the subsamples), independent of run seeds.
+    decoy_seed: fixes the corner (and, for "ross", test shade) draws.
+    max_train: use only this many MNIST training images (before the train/val split).
+    max_test: use only this many test images.
+    """
+    if variant not in PATCH_SIZE:
+        raise ValueError(f"unknown DecoyMNIST variant {variant!r}; choose one of {tuple(PATCH_SIZE)}")
+    size = PATCH_SIZE[variant]
+    mnist = load_mnist(data_dir, source)
+    log.info("DecoyMNIST (%s) on %s", variant, mnist.description)
+
+    train_rng, test_rng = (np.random.default_rng([int(decoy_seed), k]) for k in (0, 1))
+    train_x, _ = add_decoy(mnist.train_x, train_shades(mnist.train_y), size, train_rng)
+    if variant == "cdep":
+        test_shades = 25 * mnist.test_y
+    else:
+        test_shades = train_shades(test_rng.integers(0, 10, size=len(mnist.test_y)))
+    test_x, _ = add_decoy(mnist.test_x, test_shades, size, test_rng)
+
+    keep = subsample(len(train_x), max_train, split_seed)
+    x, y = scale(train_x[keep]), torch.from_numpy(mnist.train_y[keep].copy())
+    tr, va = split_indices(len(x), val_fraction, split_seed)
+    keep_test = subsample(len(test_x), max_test, split_seed + 1)
+    xt, yt = scale(test_x[keep_test]), torch.from_numpy(mnist.test_y[keep_test].copy())
+
+    annotation = corner_mask(size)
+    return Splits(
+        train=dataset(x[tr], y[tr], annotation),
+        val=dataset(x[va], y[va], annotation),
+        tests={"test": dataset(xt, yt, annotation)},
+        num_classes=10,
+        description=f"DecoyMNIST ({variant}) on {mnist.description}",
+    )

@@ -1,0 +1,47 @@
+"""The SST sentiment classifier: embedding → one LSTM layer → linear head on the last real token."""
+import torch
+from torch import nn
+
+
+class LSTMClassifier(nn.Module):
+    """Token ids (B, T), right-padded with `pad_index`, to logits (B, num_classes).
+
+    The head reads the hidden state at each sequence's last non-pad token, so padding never
+    changes the output (the original read the last time step of the padded batch). A sequence
+    of padding only is read at position 0. `embeddings` (vocab_size, embed_dim), e.g. GloVe,
+    initialises the embedding table; `freeze_embeddings` keeps it fixed.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int = 300,
+        hidden: int = 128,
+        num_classes: int = 2,
+        pad_index: int = 0,
+        embeddings: torch.Tensor | None = None,
+        freeze_embeddings: bool = False,
+    ) -> None:
+        super().__init__()
+        self.pad_index = pad_index
+        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_index)
+        if embeddings is not None:
+            if embeddings.shape != (vocab_size, embed_dim):
+                raise ValueError(
+                    f"embeddings has shape {tuple(embeddings.shape)}, expected "
+                    f"(vocab_size, embed_dim) = {(vocab_size, embed_dim)}"
+                )
+            with torch.no_grad():
+                self.embedding.weight.copy_(embeddings)
+        self.embedding.weight.requires_grad_(not freeze_embeddings)
+        self.lstm = nn.LSTM(embed_dim, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def at_last_token(self, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Pick states[b, length_b − 1] from per-step states (..., B, T, H), length = non-pad count."""
+        last = (tokens != self.pad_index).sum(1).clamp_min(1) - 1
+        return states[..., torch.arange(tokens.shape[0], device=tokens.device), last, :]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        states, _ = self.lstm(self.embedding(tokens))
+        return self.head(self.at_last_token(states, tokens))

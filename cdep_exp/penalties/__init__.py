@@ -1,0 +1,7 @@
+"""Explanation penalties, one interface: `penalty(model, x, y, annotation) -> (logits, value)`."""
+from cdep_exp.penalties.base import Penalty, Vanilla
+from cdep_exp.penalties.cdep import CDEP
+from cdep_exp.penalties.eg import ExpectedGradients
+from cdep_exp.penalties.rrr import RRR
+
+__all__ = ["CDEP", "RRR", "ExpectedGradients", "Penalty", "Vanilla"]

@@ -1,0 +1,116 @@
+"""Contextual decomposition explanation penalty (Rieger et al. 2020)."""
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cdep_exp.cd import decompose
+from cdep_exp.penalties.base import Penalty
+
+FORMS = ("softmax", "text")
+DROPOUT = ("shared", "off")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run the block with every submodule in eval mode, then restore each one's own mode."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def annotated_samples(annotation: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per sample of x (bool, shape (B,)): does its annotation mark any feature?"""
+    if annotation.dim() < x.dim() or annotation.shape[0] == 1:
+        # Shared by every sample (no batch axis, or a broadcast one).
+        return annotation.ne(0).any().expand(x.shape[0])
+    return annotation.ne(0).flatten(1).any(1)
+
+
+def masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over the samples in `keep`; 0 (still in the graph) when none is kept."""
+    keep = keep.to(values.dtype)
+    return (values * keep).sum() / keep.sum().clamp_min(1)
+
+
+class CDEP(Penalty):
+    """Penalise the share of the prediction that contextual decomposition credits to the annotation.
+
+    The annotation's features form the "relevant" part of the decomposition (rel); the logits are
+    rel + irrel of the same pass, so CDEP needs no second forward.
+
+    * `form="softmax"` (images, tables): mean over annotated samples and all classes of
+      σ(rel − irrel), the relevant share of a softmax over (rel, irrel). Samples whose annotation
+      is all zero are left out of the mean (ISIC's "patch images only"); 0 if none is annotated.
+    * `form="text"` (SST): mean over annotated samples of softplus(rel_y − irrel_y) for the true
+      class y, i.e. −log of the irrelevant share.
+    * `mask_samples=k` (ColorMNIST): the annotation is read as sampling weights over feature
+      positions (averaged over the batch; give it one channel to mask all channels of a pixel).
+      k positions are drawn with replacement (torch RNG); the penalty is the sum over the k
+      one-hot masks of the softmax form, computed in one decomposition of the batch repeated
+      k times. The logits come from the first copy.
+    * `dropout="shared"`: CD runs in the model's current mode (train-mode dropout draws one mask
+      for both parts). `dropout="off"`: CD runs in eval mode, as the original did, and the
+      mode is restored afterwards; the logits, from the same pass, then have no dropout either.
+    """
+
+    def __init__(
+        self, form: str = "softmax", mask_samples: int | None = None, dropout: str = "shared"
+    ) -> None:
+        if form not in FORMS:
+            raise ValueError(f"CDEP form must be one of {FORMS}, got {form!r}")
+        if dropout not in DROPOUT:
+            raise ValueError(f"CDEP dropout must be one of {DROPOUT}, got {dropout!r}")
+        if mask_samples is not None and (mask_samples < 1 or form != "softmax"):
+            raise ValueError(
+                f"CDEP mask_samples must be a positive int used with form='softmax', "
+                f"got mask_samples={mask_samples!r} with form={form!r}"
+            )
+        self.form = form
+        self.mask_samples = mask_samples
+        self.dropout = dropout
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, annotation: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.dropout == "off":
+            with eval_mode(model):
+                return self._penalty(model, x, y, annotation)
+        return self._penalty(model, x, y, annotation)
+
+    def _penalty(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, annotation: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mask_samples is not None:
+            return self._sampled_masks(model, x, annotation)
+        rel, irrel = decompose(model, x, annotation)
+        keep = annotated_samples(annotation, x)
+        if self.form == "softmax":
+            value = masked_mean(torch.sigmoid(rel - irrel).mean(1), keep)
+        else:
+            true = y.unsqueeze(1)
+            margin = (rel.gather(1, true) - irrel.gather(1, true)).squeeze(1)
+            value = masked_mean(F.softplus(margin), keep)
+        return rel + irrel, value
+
+    def _sampled_masks(
+        self, model: nn.Module, x: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, k = x.shape[0], self.mask_samples
+        weights = weights.detach().to(torch.float)
+        if weights.dim() == x.dim():
+            weights = weights.mean(0)
+        positions = torch.multinomial(weights.flatten(), k, replacement=True)
+        masks = F.one_hot(positions, weights.numel()).to(x.dtype).view(k, 1, *weights.shape)
+        # Copy j of the batch gets mask j: (k·B, ...) inputs, (k, 1, ...) masks.
+        repeated = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)
+        masks = masks.expand(k, batch, *weights.shape).flatten(0, 1)
+        rel, irrel = decompose(model, repeated, masks)
+        value = torch.sigmoid(rel - irrel).view(k, -1).mean(1).sum()
+        return (rel + irrel)[:batch], value

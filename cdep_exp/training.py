@@ -1,0 +1,170 @@
+"""One training loop for every dataset and method: fit with early stopping, then evaluate.
+
+The loop knows nothing of datasets or penalties: a batch is (x, y, annotation), the penalty
+returns (logits, value), and the loss is task_loss + λ·value.
+"""
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from cdep_exp.checkpoint import Checkpointer, TrainState
+from cdep_exp.penalties.base import Penalty
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the run stops instead of training on garbage."""
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    probs: np.ndarray
+    labels: np.ndarray
+
+
+def _check_finite(value: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(value):
+        raise NonFiniteLossError(
+            f"{what} is {value.item()}. Lower method.lam or optimizer.lr; "
+            "the last finished epoch is checkpointed in the run directory."
+        )
+
+
+def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> Iterator[torch.Tensor]:
+    return (t.to(device, non_blocking=True) for t in batch)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    penalty: Penalty,
+    lam: float,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    device: torch.device,
+    two_step: bool = False,
+    max_steps: int | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> dict[str, float]:
+    """One pass over the training data; returns mean task loss and penalty.
+
+    `two_step` reproduces the original RRR/EG protocol: an optimizer step on λ·penalty, then a
+    fresh forward and a step on the task loss.
+    """
+    model.train()
+    totals = {"task_loss": 0.0, "penalty": 0.0}
+    steps = len(loader) if max_steps is None else min(max_steps, len(loader))
+    bar = tqdm(loader, total=steps, desc=desc, leave=False, disable=not progress)
+    for step, batch in enumerate(bar):
+        if step >= steps:
+            break
+        x, y, annotation = to_device(batch, device)
+        optimizer.zero_grad(set_to_none=True)
+        logits, value = penalty(model, x, y, annotation)
+        if two_step and lam:
+            _check_finite(value, f"{desc} step {step}: penalty")
+            (lam * value).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(x)
+            loss = task_loss(logits, y)
+            _check_finite(loss, f"{desc} step {step}: task loss")
+            loss.backward()
+        else:
+            loss = task_loss(logits, y)
+            _check_finite(loss + lam * value, f"{desc} step {step}: loss")
+            (loss + lam * value).backward()
+        optimizer.step()
+        totals["task_loss"] += loss.item()
+        totals["penalty"] += value.item()
+        bar.set_postfix(loss=f"{loss.item():.3f}", pen=f"{value.item():.3g}")
+    return {k: v / max(steps, 1) for k, v in totals.items()}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    class_weights: torch.Tensor | None = None,
+) -> Evaluation:
+    """Task loss (mean over samples), class probabilities and labels of a whole dataset."""
+    model.eval()
+    probs, labels, loss_sum, weight_sum = [], [], 0.0, 0.0
+    weight = None if class_weights is None else class_weights.to(device)
+    for batch in loader:
+        x, y, _ = to_device(batch, device)
+        logits = model(x)
+        per_sample = F.cross_entropy(logits, y, weight=weight, reduction="none")
+        w = torch.ones_like(per_sample) if weight is None else weight[y]
+        loss_sum += per_sample.sum().item()
+        weight_sum += w.sum().item()
+        probs.append(logits.softmax(dim=1).cpu())
+        labels.append(y.cpu())
+    return Evaluation(
+        loss=loss_sum / max(weight_sum, 1e-12),
+        probs=torch.cat(probs).numpy(),
+        labels=torch.cat(labels).numpy(),
+    )
+
+
+def fit(
+    model: nn.Module,
+    penalty: Penalty,
+    lam: float,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    device: torch.device,
+    checkpointer: Checkpointer,
+    writer: SummaryWriter,
+    max_epochs: int,
+    patience: int | None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    val_class_weights: torch.Tensor | None = None,
+    two_step: bool = False,
+    max_steps_per_epoch: int | None = None,
+    progress: bool = True,
+    on_epoch_start: Callable[[int], None] | None = None,
+) -> TrainState:
+    """Train until `max_epochs` or early stopping; checkpoints every epoch and resumes from one."""
+    state = checkpointer.resume(model, optimizer, scheduler) or TrainState()
+    epochs = range(state.epoch, max_epochs)
+    for epoch in tqdm(epochs, desc="epochs", disable=not progress, initial=state.epoch, total=max_epochs):
+        if patience is not None and state.bad_epochs > patience:
+            break
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
+        start = time.perf_counter()
+        train_stats = train_one_epoch(
+            model, penalty, lam, train_loader, optimizer, task_loss, device,
+            two_step=two_step, max_steps=max_steps_per_epoch, progress=progress,
+            desc=f"epoch {epoch}",
+        )
+        val = evaluate(model, val_loader, device, val_class_weights)
+        state.seconds += time.perf_counter() - start
+        record = {"epoch": epoch, **train_stats, "val_loss": val.loss}
+        if scheduler is not None:
+            scheduler.step()
+        state.history.append(record)
+        for key, value in record.items():
+            if key != "epoch":
+                writer.add_scalar(key, value, epoch)
+        improved = val.loss < state.best_val_loss
+        if improved:
+            state.best_val_loss, state.best_epoch, state.bad_epochs = val.loss, epoch, 0
+        else:
+            state.bad_epochs += 1
+        state.epoch = epoch + 1
+        checkpointer.save(model, optimizer, scheduler, state, best=improved)
+    return state

@@ -1,0 +1,182 @@
+"""Seconds per training step and peak memory of each explanation penalty (paper Table S1 as ratios).
+
+DecoyMNIST setting: MNISTCNN (1 channel, FC 256), batch 64, synthetic 28×28 inputs with the
+four-corner 5×5 annotation, Adam. Each method trains its own model; after warm-up the methods
+take their timed steps in turn (round-robin), so load from other processes hits all alike.
+Run: `.venv/bin/python scripts/bench_cost.py` (or `make bench-cost`).
+"""
+import argparse
+import itertools
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cdep_exp.models import MNISTCNN  # noqa: E402
+from cdep_exp.penalties import CDEP, RRR, ExpectedGradients, Penalty, Vanilla  # noqa: E402
+
+METHODS = {
+    "vanilla": Vanilla,
+    "CDEP": CDEP,
+    "RRR": RRR,
+    "EG (1 reference)": lambda: ExpectedGradients(references=1),
+}
+MiB = 2**20
+
+
+def corner_annotation(batch: int, size: int = 28, patch: int = 5) -> torch.Tensor:
+    mask = torch.zeros(batch, 1, size, size)
+    for r in (slice(0, patch), slice(size - patch, size)):
+        for c in (slice(0, patch), slice(size - patch, size)):
+            mask[..., r, c] = 1
+    return mask
+
+
+class Trainer:
+    """One method's model, optimiser and fixed batch; `step()` is one full training step."""
+
+    def __init__(self, penalty: Penalty, batch: int, device: torch.device) -> None:
+        torch.manual_seed(0)
+        self.model = MNISTCNN(1, 256).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, weight_decay=1e-4)
+        self.penalty = penalty
+        self.x = (torch.rand(batch, 1, 28, 28) * 2 - 1).to(device)
+        self.y = torch.randint(10, (batch,)).to(device)
+        self.annotation = corner_annotation(batch).to(device)
+
+    def step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        logits, value = self.penalty(self.model, self.x, self.y, self.annotation)
+        (F.cross_entropy(logits, self.y) + value).backward()
+        self.optimizer.step()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silence the profiler's C++ log lines (file descriptor 2), which no setting turns off."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def step_peak(trainer: Trainer, device: torch.device) -> int:
+    """Peak bytes of tensor memory live during one step, above what was live before it.
+
+    The gradients are freed first, so the step's own gradients count. CUDA: max_memory_allocated
+    after a reset; CPU: the profiler's allocation and free events of the step, summed in time
+    order.
+    """
+    trainer.optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        trainer.step()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trainer.step()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
+    )
+    return max(itertools.accumulate((e.nbytes() for e in events), initial=0))
+
+
+def resident_bytes(trainer: Trainer) -> int:
+    """Bytes a method holds between steps: parameters, optimiser state and the batch."""
+    state = [t for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    tensors = [*trainer.model.parameters(), *state, trainer.x, trainer.y, trainer.annotation]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def bench_device(device: torch.device, batch: int, warmup: int, steps: int) -> pd.DataFrame:
+    trainers = {name: Trainer(build(), batch, device) for name, build in METHODS.items()}
+    for trainer in trainers.values():
+        for _ in range(warmup):
+            trainer.step()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    for _ in range(steps):
+        for name, trainer in trainers.items():
+            start = time.perf_counter()
+            trainer.step()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+
+    rows = []
+    for name, trainer in trainers.items():
+        peak = step_peak(trainer, device)
+        rows.append({
+            "method": name,
+            "s/step": statistics.median(times[name]),
+            "step peak MiB": peak / MiB,
+            "total MiB": (peak + resident_bytes(trainer)) / MiB,
+        })
+    table = pd.DataFrame(rows).set_index("method")
+    ratios = {"s/step": "time", "step peak MiB": "step peak", "total MiB": "total"}
+    for column, ratio in ratios.items():
+        table.insert(table.columns.get_loc(column) + 1, f"{ratio} ×vanilla",
+                     table[column] / table.loc["vanilla", column])
+    return table
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"CUDA: {torch.cuda.get_device_name(device)}"
+    model = platform.processor() or platform.machine()
+    with suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo
+                      if line.startswith("model name")), model)
+    return f"CPU: {model}, {torch.get_num_threads()} torch threads"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per method")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per method")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: CPU, then CUDA when available")
+    args = parser.parse_args()
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    devices = [torch.device("cpu")] if args.device in ("auto", "cpu") else []
+    if args.device != "cpu" and torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    print(f"MNISTCNN(1, 256), batch {args.batch}, Adam; per method {args.warmup} warm-up and "
+          f"{args.steps} timed steps (forward, penalty, backward, optimiser step), round-robin.")
+    print("s/step: median wall time of a step. step peak: the most tensor memory live during a "
+          "step above what was live before it (CPU: torch profiler allocation events; CUDA: "
+          "max_memory_allocated). total: step peak + parameters, Adam state and batch.\n")
+    for device in devices:
+        print(f"## {device_name(device)}\n")
+        table = bench_device(device, args.batch, args.warmup, args.steps)
+        print(table.to_markdown(floatfmt=".3g"), end="\n\n")
+
+
+if __name__ == "__main__":
+    main()

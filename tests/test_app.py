@@ -1,0 +1,148 @@
+"""The Hydra app end to end: config composition, tiny runs per method, resume, skip, errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cdep_exp import training
+from cdep_exp.app import ConfigError, run
+from cdep_exp.penalties import CDEP, RRR, ExpectedGradients, Vanilla
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = ["decoymnist", "colormnist"]
+METHODS = {"vanilla": Vanilla, "cdep": CDEP, "rrr": RRR, "eg": ExpectedGradients}
+
+
+def make_cfg(tmp_path: Path, overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=[f"paths.root_dir={tmp_path}", *overrides])
+
+
+def tiny(data_dir: Path, *overrides: str) -> list[str]:
+    """A run that takes a second: the fake IDX digits, two batches per epoch, no progress bars."""
+    return [
+        f"paths.data_dir={data_dir}", "dataset.source=idx", "trainer.batch_size=32",
+        "trainer.max_steps_per_epoch=2", "trainer.max_epochs=1", "trainer.progress=false", *overrides,
+    ]
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("method", METHODS)
+def test_every_dataset_method_pair_composes(tmp_path: Path, dataset: str, method: str) -> None:
+    cfg = make_cfg(tmp_path, [f"dataset={dataset}", f"method={method}"])
+    assert isinstance(instantiate(cfg.method.penalty), METHODS[method])
+    model = instantiate(cfg.model)
+    channels = 3 if dataset == "colormnist" else 1
+    assert model(torch.zeros(2, channels, 28, 28)).shape == (2, 10)
+    assert cfg.method.lam == (0 if method == "vanilla" else cfg.dataset.lam[method])
+
+
+def test_dataset_chooses_model_and_recipe_but_user_overrides_win(tmp_path: Path) -> None:
+    color = make_cfg(tmp_path, ["dataset=colormnist"])
+    assert (color.model.hidden, color.trainer.batch_size, color.optimizer.weight_decay) == (500, 256, 1e-3)
+    custom = make_cfg(tmp_path, ["dataset=colormnist", "model=mnist_cnn", "model.in_channels=3"])
+    assert custom.model.hidden == 256
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_tiny_run_per_method_writes_metrics(tmp_path: Path, fake_mnist_dir: Path, method: str) -> None:
+    cfg = make_cfg(tmp_path, tiny(fake_mnist_dir, f"method={method}"))
+    run(cfg, tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["method"] == method and record["epochs_run"] == 1
+    assert 0.0 <= record["metrics"]["test"]["accuracy"] <= 100.0
+    assert record["config"]["method"]["name"] == method
+    assert record["seconds_per_epoch"] > 0 and record["peak_memory_gib"] > 0
+    assert list((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
+
+
+def test_interrupted_run_resumes_to_the_same_result(
+    tmp_path: Path, fake_mnist_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overrides = tiny(fake_mnist_dir, "method=cdep", "trainer.max_epochs=3", "trainer.patience=null")
+    run(make_cfg(tmp_path, overrides), tmp_path / "straight")
+
+    real_epoch = training.train_one_epoch
+    calls = []
+
+    def crash_in_third_epoch(*args, **kwargs):
+        calls.append(kwargs["desc"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_one_epoch", crash_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run(make_cfg(tmp_path, overrides), tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    calls.clear()
+    run(make_cfg(tmp_path, overrides), tmp_path / "resumed")
+    assert calls == ["epoch 2"]
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_finished_run_is_skipped_and_force_keeps_old_outputs(tmp_path: Path, fake_mnist_dir: Path) -> None:
+    run_dir = tmp_path / "run"
+    run(make_cfg(tmp_path, tiny(fake_mnist_dir)), run_dir)
+    first = (run_dir / "metrics.json").read_text()
+    run(make_cfg(tmp_path, tiny(fake_mnist_dir)), run_dir)
+    assert (run_dir / "metrics.json").read_text() == first
+    run(make_cfg(tmp_path, tiny(fake_mnist_dir, "trainer.force=true")), run_dir)
+    archived = list((run_dir / "previous").glob("*/metrics.json"))
+    assert len(archived) == 1 and archived[0].read_text() == first
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method=cdep", "method.lam=-1"], "λ must be a finite number >= 0"),
+        (["method=vanilla", "method.lam=10"], "method.lam must be 0"),
+        (["trainer.batch_size=0"], "trainer.batch_size=0 must be >= 1"),
+    ],
+)
+def test_invalid_settings_fail_before_training(
+    tmp_path: Path, fake_mnist_dir: Path, overrides: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        run(make_cfg(tmp_path, tiny(fake_mnist_dir, *overrides)), tmp_path / "run")
+
+
+def test_unknown_option_names_the_choices(tmp_path: Path) -> None:
+    with pytest.raises(ConfigCompositionException, match="decoymnist"):
+        make_cfg(tmp_path, ["dataset=mnist"])
+
+
+def test_missing_data_says_where_to_put_it(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, tiny(tmp_path / "empty"))
+    with pytest.raises(Exception, match="MNIST/raw"):
+        run(cfg, tmp_path / "run")
+
+
+def test_nan_loss_stops_with_advice(
+    tmp_path: Path, fake_mnist_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = make_cfg(tmp_path, tiny(fake_mnist_dir, "method=cdep"))
+    monkeypatch.setattr(CDEP, "__call__", lambda self, m, x, y, a: (m(x), torch.tensor(float("nan"))))
+    with pytest.raises(training.NonFiniteLossError, match="Lower method.lam"):
+        run(cfg, tmp_path / "run")
+
+
+def test_command_line_multirun_sweeps_methods(tmp_path: Path, fake_mnist_dir: Path) -> None:
+    """The real entrypoint: `train.py -m` puts each run in its own settings-named directory."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "method=vanilla,cdep",
+           f"paths.output_dir={tmp_path}", *tiny(fake_mnist_dir)]
+    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, timeout=300)
+    found = sorted(p.relative_to(tmp_path).parts[:4] for p in tmp_path.glob("**/metrics.json"))
+    assert found == [("decoymnist", "cdep", "lam=100", "seed=0"), ("decoymnist", "vanilla", "lam=0", "seed=0")]
