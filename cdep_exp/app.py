@@ -5,6 +5,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from functools import partial
 from numbers import Real
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.tensorboard import SummaryWriter
 
 from cdep_exp.checkpoint import Checkpointer
@@ -95,6 +96,23 @@ def scores(evaluation: Evaluation, metric_names: list[str], groups: list[str] | 
     return {"loss": evaluation.loss, **compute_metrics(metric_names, evaluation.probs, evaluation.labels, groups)}
 
 
+def evaluate_splits(
+    model: torch.nn.Module,
+    splits: Splits,
+    make_loader: Callable[[Dataset], DataLoader],
+    device: torch.device,
+    metric_names: list[str],
+    val_weights: torch.Tensor | None,
+) -> dict[str, dict[str, float]]:
+    """Loss and the dataset's metrics on validation and on every test set it declares."""
+    results = {"val": scores(evaluate(model, make_loader(splits.val), device, val_weights),
+                             metric_names, splits.groups.get("val"))}
+    for name, dataset in splits.tests.items():
+        results[name] = scores(evaluate(model, make_loader(dataset), device),
+                               metric_names, splits.groups.get(name))
+    return results
+
+
 def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     """Train and evaluate one configuration; returns the best validation loss (for sweepers).
 
@@ -127,28 +145,23 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     train_loader = loader(splits.train, batch_size=cfg.trainer.batch_size, shuffle=True, generator=generator)
     eval_loader = partial(loader, batch_size=cfg.trainer.eval_batch_size, shuffle=False)
     weights = None if splits.class_weights is None else splits.class_weights.to(device)
+    val_weights = weights if cfg.trainer.weighted_val_loss else None
     checkpointer = Checkpointer(run_dir / "checkpoints", resume=cfg.trainer.resume)
 
     with SummaryWriter(run_dir / "tensorboard") as writer:
         state = fit(
             model, penalty, lam, train_loader, eval_loader(splits.val), optimizer,
             task_loss=partial(F.cross_entropy, weight=weights), device=device,
-            checkpointer=checkpointer, writer=writer, scheduler=scheduler, max_epochs=cfg.trainer.max_epochs,
-            patience=cfg.trainer.patience,
-            val_class_weights=weights if cfg.trainer.weighted_val_loss else None,
+            checkpointer=checkpointer, writer=writer, scheduler=scheduler,
+            max_epochs=cfg.trainer.max_epochs, patience=cfg.trainer.patience,
+            val_class_weights=val_weights,
             two_step=cfg.trainer.two_step, max_steps_per_epoch=cfg.trainer.max_steps_per_epoch,
             progress=cfg.trainer.progress,
             on_epoch_start=lambda epoch: generator.manual_seed(epoch_seed(cfg.seed, epoch)),
         )
         if cfg.trainer.restore_best:
             checkpointer.load_best(model)
-        metric_names = list(cfg.dataset.metrics)
-        val_weights = weights if cfg.trainer.weighted_val_loss else None
-        results = {"val": scores(evaluate(model, eval_loader(splits.val), device, val_weights),
-                                 metric_names, splits.groups.get("val"))}
-        for name, dataset in splits.tests.items():
-            results[name] = scores(evaluate(model, eval_loader(dataset), device),
-                                   metric_names, splits.groups.get(name))
+        results = evaluate_splits(model, splits, eval_loader, device, list(cfg.dataset.metrics), val_weights)
         for split, values in results.items():
             for key, value in values.items():
                 writer.add_scalar(f"{split}/{key}", value, state.epoch)

@@ -1,7 +1,7 @@
 """Collect run records (metrics.json) into one DataFrame and summarise them over seeds.
 
 `python -m cdep_exp.results --glob 'outputs/**/metrics.json'` prints mean ± std per
-dataset, method and λ.
+dataset, method, λ and other settings.
 """
 import argparse
 import json
@@ -10,12 +10,16 @@ from pathlib import Path
 
 import pandas as pd
 
-KEYS = ["dataset", "method", "lam"]
+# A run is identified by these plus its seed; `settings` is the run directory's last component
+# (the overrides that are not part of the path, e.g. "dataset.hide_race=true").
+KEYS = ["dataset", "method", "lam", "settings"]
 
 
 def flatten_record(record: dict, path: Path) -> dict:
     """One row per run: identifying keys plus `<split>/<metric>` columns."""
-    row = {key: record[key] for key in (*KEYS, "seed", "epochs_run", "seconds_per_epoch", "peak_memory_gib")}
+    row = {key: record[key] for key in ("dataset", "method", "lam", "seed", "epochs_run",
+                                        "seconds_per_epoch", "peak_memory_gib")}
+    row["settings"] = path.parent.name
     row["path"] = str(path.parent)
     for split, values in record["metrics"].items():
         for name, value in values.items():
@@ -28,10 +32,18 @@ def collect(paths: Iterable[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def mean_std(values: pd.Series) -> str:
+    """'mean ± std' over the runs that have the value; blank when none has it."""
+    values = values.dropna()
+    if values.empty:
+        return ""
+    return f"{values.mean():.2f} ± {values.std():.2f}" if len(values) > 1 else f"{values.mean():.2f}"
+
+
 def summarise(runs: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """Mean ± std (ddof 1, as the papers' pandas aggregation) and the number of seeds."""
     grouped = runs.groupby(KEYS)
-    table = grouped[columns].agg(lambda s: f"{s.mean():.2f} ± {s.std():.2f}" if len(s) > 1 else f"{s.mean():.2f}")
+    table = grouped[columns].agg(mean_std)
     table["seeds"] = grouped.size()
     return table.reset_index()
 

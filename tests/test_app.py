@@ -14,9 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 from cdep_exp import training
 from cdep_exp.app import ConfigError, run
 from cdep_exp.penalties import CDEP, RRR, ExpectedGradients, Vanilla
+from test_data_compas import write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
-DATASETS = ["decoymnist", "colormnist"]
+# Each dataset with the input shape and class count of its default model.
+DATASETS = {"decoymnist": ((1, 28, 28), 10), "colormnist": ((3, 28, 28), 10), "compas": ((17,), 2)}
 METHODS = {"vanilla": Vanilla, "cdep": CDEP, "rrr": RRR, "eg": ExpectedGradients}
 
 
@@ -39,8 +41,8 @@ def test_every_dataset_method_pair_composes(tmp_path: Path, dataset: str, method
     cfg = make_cfg(tmp_path, [f"dataset={dataset}", f"method={method}"])
     assert isinstance(instantiate(cfg.method.penalty), METHODS[method])
     model = instantiate(cfg.model)
-    channels = 3 if dataset == "colormnist" else 1
-    assert model(torch.zeros(2, channels, 28, 28)).shape == (2, 10)
+    shape, classes = DATASETS[dataset]
+    assert model(torch.zeros(2, *shape)).shape == (2, classes)
     assert cfg.method.lam == (0 if method == "vanilla" else cfg.dataset.lam[method])
 
 
@@ -61,6 +63,16 @@ def test_tiny_run_per_method_writes_metrics(tmp_path: Path, fake_mnist_dir: Path
     assert record["config"]["method"]["name"] == method
     assert record["seconds_per_epoch"] > 0 and record["peak_memory_gib"] > 0
     assert list((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_compas_run_reports_fairness(tmp_path: Path) -> None:
+    write_csv(tmp_path / "data" / "compas" / "compas-scores-two-years.csv")
+    overrides = ["dataset=compas", "method=cdep", "dataset.race_zeroed_eval=true",
+                 "trainer.max_epochs=2", "trainer.progress=false"]
+    run(make_cfg(tmp_path, overrides), tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+    assert set(metrics) == {"val", "test", "test_race_zeroed"}
+    assert {"accuracy", "wcr_black", "wcr_white", "fnr_black", "wcr_ratio"} <= set(metrics["test"])
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
