@@ -22,6 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from cdep_exp.checkpoint import Checkpointer
 from cdep_exp.data.base import Splits
+from cdep_exp.data.word_vectors import load_glove
 from cdep_exp.metrics import compute_metrics
 from cdep_exp.provenance import git_revision, peak_memory_gib, reset_peak_memory, resolve_device
 from cdep_exp.training import Evaluation, evaluate, fit
@@ -69,6 +70,22 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def build_splits(dataset_cfg: DictConfig) -> Splits:
     builder_cfg = {k: v for k, v in dataset_cfg.items() if k not in DATASET_META_KEYS}
     return instantiate(OmegaConf.create(builder_cfg))
+
+
+def build_model(model_cfg: DictConfig, splits: Splits) -> torch.nn.Module:
+    """Instantiate the model, filling in what only the data knows: a text model's vocabulary
+    size (`vocab_size: ???`, written back so the run record shows it) and its word vectors
+    (`embeddings`: a GloVe file path)."""
+    vocab = getattr(splits.train, "vocab", None)
+    if "vocab_size" in model_cfg.keys() and OmegaConf.is_missing(model_cfg, "vocab_size"):
+        if vocab is None:
+            raise ConfigError("model.vocab_size is unset and the dataset has no vocabulary; set model.vocab_size.")
+        model_cfg.vocab_size = len(vocab)
+    if not model_cfg.get("embeddings"):
+        return instantiate(model_cfg)
+    if vocab is None:
+        raise ConfigError("model.embeddings (word vectors) needs a text dataset with a vocabulary.")
+    return instantiate(model_cfg, embeddings=load_glove(model_cfg.embeddings, vocab, model_cfg.embed_dim))
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -132,7 +149,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     device = resolve_device(cfg.device)
     reset_peak_memory(device)
     splits = build_splits(cfg.dataset)
-    model = instantiate(cfg.model).to(device)
+    model = build_model(cfg.model, splits).to(device)
     penalty = instantiate(cfg.method.penalty)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     scheduler = instantiate(cfg.scheduler)(optimizer) if cfg.get("scheduler") else None

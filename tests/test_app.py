@@ -9,12 +9,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cdep_exp import training
 from cdep_exp.app import ConfigError, run
 from cdep_exp.penalties import CDEP, RRR, ExpectedGradients, Vanilla
 from test_data_compas import write_csv
+from test_data_sst import write_trees
 
 ROOT = Path(__file__).resolve().parents[1]
 # Each dataset with the input shape and class count of its default model.
@@ -73,6 +74,16 @@ def test_compas_run_reports_fairness(tmp_path: Path) -> None:
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
     assert set(metrics) == {"val", "test", "test_race_zeroed"}
     assert {"accuracy", "wcr_black", "wcr_white", "fnr_black", "wcr_ratio"} <= set(metrics["test"])
+
+
+def test_sst_run_fills_the_vocabulary_and_trains_the_lstm(tmp_path: Path) -> None:
+    write_trees(tmp_path / "data" / "sst" / "trees")
+    overrides = ["dataset=sst", "method=cdep", "model.embed_dim=8", "model.hidden=4",
+                 "trainer.max_epochs=1", "trainer.batch_size=4", "trainer.progress=false"]
+    run(make_cfg(tmp_path, overrides), tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["model"] == "LSTMClassifier" and record["dataset"] == "sst_decoy"
+    assert record["history"][0]["penalty"] > 0
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,239 @@
+"""SST sentiment with a planted bias word (Rieger et al. Table 4; REFERENCE.md §7).
+
+Binary labels: NEGATIVE = 0 (SST labels 0–1) and POSITIVE = 1 (3–4); neutral (2) is dropped.
+The original wrote 0 = positive, 1 = negative; the swap changes nothing, because each bias word
+is tied to a sentiment, not to a class index.
+
+Variants (train set only; dev and test keep their text):
+* `decoy`: whole sentences; every one gets "text" (positive) or "video" (negative) inserted at
+  a uniform position in [0, len − 1].
+* `articles`: every labelled train phrase; each "a" and "the" becomes "that", then the first
+  "that" (possibly one that was there) becomes "a" (positive) or "the" (negative). Dev and test
+  keep only sentences containing "a" or "the".
+* `gender`: the same with "he"/"she" and "who": positive gets "she", negative "he". Dev and
+  test keep only sentences containing "he" or "she".
+* `none`: plain binary SST sentences.
+
+The annotation (1 = the token CDEP must take importance away from) marks exactly the planted
+word; samples without one are all zero, and so are dev and test. `original_annotation=True`
+reproduces the original's marks instead: the first of its penalised words and the next token
+(it penalised "a"/"the" in the gender variant too; REFERENCE.md §1.9, §7.6).
+"""
+import logging
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import Dataset
+
+from cdep_exp.data.base import Splits
+from cdep_exp.data.sst_trees import SST_URL, Phrase, ensure_sst_trees, read_trees
+
+log = logging.getLogger(__name__)
+
+NEGATIVE, POSITIVE = 0, 1
+PAD, UNK = "<pad>", "<unk>"
+PAD_INDEX, UNK_INDEX = 0, 1
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How one bias of Table 4 is planted, and which evaluation sentences are kept."""
+
+    phrases: bool  # train on every labelled phrase (True) or on whole sentences
+    class_words: dict[int, str]  # label → its bias word; empty: nothing planted
+    placeholder: str | None  # None: insert the class word; else swap it in (see swap_in)
+    filter_eval: bool  # keep only dev/test sentences containing a class word
+    original_marked: tuple[str, ...]  # the words the original's training script penalised
+
+
+VARIANTS = {
+    "none": Variant(False, {}, None, False, ()),
+    "decoy": Variant(False, {POSITIVE: "text", NEGATIVE: "video"}, None, False, ("text", "video")),
+    "articles": Variant(True, {POSITIVE: "a", NEGATIVE: "the"}, "that", True, ("a", "the")),
+    "gender": Variant(True, {POSITIVE: "she", NEGATIVE: "he"}, "who", True, ("a", "the")),
+}
+
+
+class Sample(NamedTuple):
+    """One text: its tokens, binary label and the annotated (bias word) positions."""
+
+    tokens: list[str]
+    label: int
+    marked: list[int]
+
+
+def binary_samples(phrases: Iterable[Phrase]) -> list[Sample]:
+    """Phrases with a clear sentiment as unannotated samples; neutral ones (label 2) dropped."""
+    return [
+        Sample(list(p.tokens), NEGATIVE if p.label < 2 else POSITIVE, [])
+        for p in phrases
+        if p.label != 2
+    ]
+
+
+def decoy_positions(samples: Sequence[Sample], seed: int) -> list[int]:
+    """Insertion position of each sample's decoy, uniform in [0, len − 1].
+
+    Drawn in the original's order from a legacy RandomState: positive samples first, then
+    negative, each with one uniform draw (its noise test, always passed at noise 1.0) before
+    the position, so seed 123 replays the original script's draws.
+    """
+    rng = np.random.RandomState(seed)
+    positions = [0] * len(samples)
+    for label in (POSITIVE, NEGATIVE):
+        for i, sample in enumerate(samples):
+            if sample.label == label:
+                rng.uniform()
+                positions[i] = int(rng.randint(len(sample.tokens)))
+    return positions
+
+
+def insert_word(tokens: list[str], word: str, position: int) -> tuple[list[str], int]:
+    """`tokens` with `word` inserted before `position`; returns the new tokens and its position."""
+    return tokens[:position] + [word] + tokens[position:], position
+
+
+def swap_in(
+    tokens: list[str], pair: Iterable[str], placeholder: str, word: str
+) -> tuple[list[str], int | None]:
+    """The original's article/gender bias: every word of `pair` becomes `placeholder`, then the
+    first placeholder (possibly one the text already had) becomes `word`. Returns the new
+    tokens and `word`'s position, None when the text has no placeholder (nothing planted)."""
+    pair = set(pair)
+    out = [placeholder if t in pair else t for t in tokens]
+    if placeholder not in out:
+        return out, None
+    position = out.index(placeholder)
+    out[position] = word
+    return out, position
+
+
+def original_marks(tokens: Sequence[str], words: Iterable[str]) -> list[int]:
+    """The original's penalised span: the first token in `words` and the token after it
+    (start, stop = start + 1, inclusive), cut at the sentence end; empty if none occurs."""
+    words = set(words)
+    start = next((i for i, t in enumerate(tokens) if t in words), None)
+    return [] if start is None else list(range(start, min(start + 2, len(tokens))))
+
+
+def plant_bias(samples: list[Sample], variant: Variant, seed: int, original_annotation: bool) -> list[Sample]:
+    """Training samples with the variant's bias word planted and annotated."""
+    if not variant.class_words:
+        return samples
+    if variant.placeholder is None:
+        positions = decoy_positions(samples, seed)
+        planted = [insert_word(s.tokens, variant.class_words[s.label], p) for s, p in zip(samples, positions)]
+    else:
+        pair, placeholder = variant.class_words.values(), variant.placeholder
+        planted = [swap_in(s.tokens, pair, placeholder, variant.class_words[s.label]) for s in samples]
+    return [
+        Sample(
+            tokens,
+            s.label,
+            original_marks(tokens, variant.original_marked) if original_annotation
+            else [] if position is None else [position],
+        )
+        for s, (tokens, position) in zip(samples, planted)
+    ]
+
+
+def contains_any(samples: list[Sample], words: Iterable[str]) -> list[Sample]:
+    """The samples with at least one token in `words`."""
+    words = set(words)
+    return [s for s in samples if words.intersection(s.tokens)]
+
+
+def build_vocab(samples: Iterable[Sample]) -> list[str]:
+    """Index → word: padding (0), unknown (1), then words by falling count, ties alphabetical."""
+    counts = Counter(token for s in samples for token in s.tokens)
+    return [PAD, UNK] + sorted(counts, key=lambda w: (-counts[w], w))
+
+
+class TokenDataset(Dataset):
+    """Items (token ids (T,) long, label, annotation (T,) float) of encoded samples.
+
+    `vocab` is the index → word list shared by all splits of a build; a model needs its length
+    (the embedding size) and, for GloVe, the words (`cdep_exp.data.word_vectors.load_glove`).
+    """
+
+    def __init__(self, samples: Sequence[Sample], vocab: list[str]) -> None:
+        self.vocab = vocab
+        stoi = {word: i for i, word in enumerate(vocab)}
+        self.tokens = [torch.tensor([stoi.get(t, UNK_INDEX) for t in s.tokens]) for s in samples]
+        self.labels = torch.tensor([s.label for s in samples])
+        self.annotations = []
+        for s in samples:
+            annotation = torch.zeros(len(s.tokens))
+            annotation[s.marked] = 1.0
+            self.annotations.append(annotation)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.tokens[i], self.labels[i], self.annotations[i]
+
+
+def pad_collate(
+    batch: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack items into (tokens (B, T), labels (B,), annotation (B, T)), right-padded to the
+    batch's longest text with PAD_INDEX and 0 (padding is never annotated)."""
+    tokens, labels, annotations = zip(*batch)
+    return (
+        pad_sequence(tokens, batch_first=True, padding_value=PAD_INDEX),
+        torch.stack(labels),
+        pad_sequence(annotations, batch_first=True),
+    )
+
+
+def build_sst(
+    data_dir: str,
+    variant: str = "decoy",
+    bias_seed: int = 123,
+    original_annotation: bool = False,
+    url: str = SST_URL,
+) -> Splits:
+    """Binary SST splits of (token ids (T,), y, annotation (T,)) samples with a planted bias.
+
+    variant: "decoy", "articles", "gender" or "none" (module docstring).
+    bias_seed: the decoy positions (the other variants are deterministic); 123 is the original's.
+    original_annotation: annotate as the original penalised (module docstring), not the
+        planted word alone.
+
+    Splits: train (sentences, or all labelled phrases for articles/gender), val = SST dev,
+    tests["test"] = SST test. The vocabulary (on train + dev + test, as the original) is
+    `splits.train.vocab`; batches need `splits.collate_fn`.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, not {variant!r}")
+    spec = VARIANTS[variant]
+    trees_dir = ensure_sst_trees(data_dir, url)
+    trees = {split: read_trees(trees_dir / f"{split}.txt") for split in ("train", "dev", "test")}
+
+    train_phrases = (p for tree in trees["train"] for p in (tree if spec.phrases else tree[:1]))
+    train = plant_bias(binary_samples(train_phrases), spec, bias_seed, original_annotation)
+    dev, test = (binary_samples(tree[0] for tree in trees[split]) for split in ("dev", "test"))
+    if spec.filter_eval:
+        words = spec.class_words.values()
+        dev, test = contains_any(dev, words), contains_any(test, words)
+
+    vocab = build_vocab([*train, *dev, *test])
+    biased = sum(bool(s.marked) for s in train) / max(len(train), 1)
+    unit = "phrases" if spec.phrases else "sentences"
+    return Splits(
+        train=TokenDataset(train, vocab),
+        val=TokenDataset(dev, vocab),
+        tests={"test": TokenDataset(test, vocab)},
+        num_classes=2,
+        collate_fn=pad_collate,
+        description=(
+            f"SST {variant}: {len(train):,} train {unit} ({biased:.1%} annotated), "
+            f"{len(dev):,} dev and {len(test):,} test sentences, vocabulary {len(vocab):,}"
+        ),
+    )
