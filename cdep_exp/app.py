@@ -163,6 +163,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     eval_loader = partial(loader, batch_size=cfg.trainer.eval_batch_size, shuffle=False)
     weights = None if splits.class_weights is None else splits.class_weights.to(device)
     val_weights = weights if cfg.trainer.weighted_val_loss else None
+    metric_names = list(cfg.dataset.metrics)
     checkpointer = Checkpointer(run_dir / "checkpoints", resume=cfg.trainer.resume)
 
     with SummaryWriter(run_dir / "tensorboard") as writer:
@@ -172,13 +173,14 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
             checkpointer=checkpointer, writer=writer, scheduler=scheduler,
             max_epochs=cfg.trainer.max_epochs, patience=cfg.trainer.patience,
             val_class_weights=val_weights,
+            val_metrics=lambda ev: compute_metrics(metric_names, ev.probs, ev.labels, splits.groups.get("val")),
             two_step=cfg.trainer.two_step, max_steps_per_epoch=cfg.trainer.max_steps_per_epoch,
             progress=cfg.trainer.progress,
             on_epoch_start=lambda epoch: generator.manual_seed(epoch_seed(cfg.seed, epoch)),
         )
         if cfg.trainer.restore_best:
             checkpointer.load_best(model)
-        results = evaluate_splits(model, splits, eval_loader, device, list(cfg.dataset.metrics), val_weights)
+        results = evaluate_splits(model, splits, eval_loader, device, metric_names, val_weights)
         for split, values in results.items():
             for key, value in values.items():
                 writer.add_scalar(f"{split}/{key}", value, state.epoch)

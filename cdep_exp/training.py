@@ -132,12 +132,17 @@ def fit(
     patience: int | None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     val_class_weights: torch.Tensor | None = None,
+    val_metrics: Callable[[Evaluation], dict[str, float]] | None = None,
     two_step: bool = False,
     max_steps_per_epoch: int | None = None,
     progress: bool = True,
     on_epoch_start: Callable[[int], None] | None = None,
 ) -> TrainState:
-    """Train until `max_epochs` or early stopping; checkpoints every epoch and resumes from one."""
+    """Train until `max_epochs` or early stopping; checkpoints every epoch and resumes from one.
+
+    `val_metrics` adds per-epoch validation metrics to the history (the SST paper numbers are
+    the best epoch's validation accuracy).
+    """
     state = checkpointer.resume(model, optimizer, scheduler) or TrainState()
     epochs = range(state.epoch, max_epochs)
     for epoch in tqdm(epochs, desc="epochs", disable=not progress, initial=state.epoch, total=max_epochs):
@@ -154,6 +159,8 @@ def fit(
         val = evaluate(model, val_loader, device, val_class_weights)
         state.seconds += time.perf_counter() - start
         record = {"epoch": epoch, **train_stats, "val_loss": val.loss}
+        if val_metrics is not None:
+            record.update({f"val_{k}": v for k, v in val_metrics(val).items()})
         if scheduler is not None:
             scheduler.step()
         state.history.append(record)

@@ -63,6 +63,7 @@ def test_tiny_run_per_method_writes_metrics(tmp_path: Path, fake_mnist_dir: Path
     assert 0.0 <= record["metrics"]["test"]["accuracy"] <= 100.0
     assert record["config"]["method"]["name"] == method
     assert record["seconds_per_epoch"] > 0 and record["peak_memory_gib"] > 0
+    assert 0.0 <= record["history"][0]["val_accuracy"] <= 100.0
     assert list((tmp_path / "run" / "tensorboard").iterdir())
 
 
