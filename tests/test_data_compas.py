@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cdep_exp.data import compas
+from cdep_exp.data import download
 from cdep_exp.data.compas import (
     FEATURES, RACES, build_compas, class_weights, keyword_counts, split_indices, zero_race,
 )
@@ -222,7 +222,7 @@ def test_missing_file_without_network_says_where(
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(compas.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(download.urllib.request, "urlopen", offline)
     with pytest.raises(FileNotFoundError) as err:
         build_compas(str(tmp_path), url="https://example.invalid/compas.csv")
     message = str(err.value)
@@ -240,7 +240,7 @@ def test_download_when_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         calls.append((url, timeout))
         return io.BytesIO(source.read_bytes())
 
-    monkeypatch.setattr(compas.urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(download.urllib.request, "urlopen", fake_urlopen)
     target = tmp_path / "data"
     splits = build_compas(str(target), url="https://example.invalid/c.csv")
     assert len(splits.train) == 162 and calls == [("https://example.invalid/c.csv", 30.0)]

@@ -6,9 +6,7 @@ Two choices of the original are options here: the charge-keyword bug (`keyword_b
 races are kept (`races`; the original trained on all, the paper text says black and white only).
 """
 import os
-import tempfile
 import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from cdep_exp.data.base import Splits
+from cdep_exp.data.download import fetch, write_atomic
 
 COMPAS_URL = (
     "https://raw.githubusercontent.com/propublica/compas-analysis/master/"
@@ -67,7 +66,7 @@ def ensure_compas_csv(data_dir: str | os.PathLike, url: str = COMPAS_URL) -> Pat
     if path.is_file():
         return path
     try:
-        _download(url, path)
+        write_atomic(path, fetch(url))
     except (urllib.error.URLError, OSError) as err:
         raise FileNotFoundError(
             f"COMPAS data not found at {path} and the download from {url} failed ({err}). "
@@ -75,21 +74,6 @@ def ensure_compas_csv(data_dir: str | os.PathLike, url: str = COMPAS_URL) -> Pat
             f"on a machine with network access and put it at {path}."
         ) from err
     return path
-
-
-def _download(url: str, dest: Path, timeout: float = 30.0) -> None:
-    """Fetch `url` into `dest` atomically: a partial download never takes the final name."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        payload = response.read()
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_compas(path: str | os.PathLike) -> pd.DataFrame:

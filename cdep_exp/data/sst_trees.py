@@ -9,10 +9,11 @@ import os
 import re
 import tempfile
 import urllib.error
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from cdep_exp.data.download import fetch
 
 SST_URL = "https://nlp.stanford.edu/sentiment/trainDevTestTrees_PTB.zip"
 SPLITS = ("train", "dev", "test")
@@ -96,8 +97,7 @@ def ensure_sst_trees(data_dir: str | os.PathLike, url: str = SST_URL) -> Path:
 def _download_trees(url: str, trees_dir: Path, timeout: float = 30.0) -> None:
     """Fetch the zip archive and move its trees/ folder into place in one rename, so an
     interrupted download or extraction never leaves a partial `trees_dir` behind."""
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        payload = response.read()
+    payload = fetch(url, timeout)
     trees_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=trees_dir.parent, prefix=".trees.") as tmp:
         with zipfile.ZipFile(io.BytesIO(payload)) as archive:
