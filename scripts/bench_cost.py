@@ -23,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cdep_exp.data.decoymnist import corner_mask  # noqa: E402
 from cdep_exp.models import MNISTCNN  # noqa: E402
 from cdep_exp.penalties import CDEP, RRR, ExpectedGradients, Penalty, Vanilla  # noqa: E402
 
@@ -35,14 +36,6 @@ METHODS = {
 MiB = 2**20
 
 
-def corner_annotation(batch: int, size: int = 28, patch: int = 5) -> torch.Tensor:
-    mask = torch.zeros(batch, 1, size, size)
-    for r in (slice(0, patch), slice(size - patch, size)):
-        for c in (slice(0, patch), slice(size - patch, size)):
-            mask[..., r, c] = 1
-    return mask
-
-
 class Trainer:
     """One method's model, optimiser and fixed batch; `step()` is one full training step."""
 
@@ -53,7 +46,7 @@ class Trainer:
         self.penalty = penalty
         self.x = (torch.rand(batch, 1, 28, 28) * 2 - 1).to(device)
         self.y = torch.randint(10, (batch,)).to(device)
-        self.annotation = corner_annotation(batch).to(device)
+        self.annotation = corner_mask(5).expand(batch, 1, 28, 28).to(device)
 
     def step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -17,16 +17,12 @@ the 0–255 scale.
 from __future__ import annotations
 
 import colorsys
-import logging
-
 import numpy as np
 import torch
 
 from cdep_exp.data.base import Splits
 from cdep_exp.data.decoymnist import dataset, split_indices, subsample
 from cdep_exp.data.mnist_source import load_mnist
-
-log = logging.getLogger(__name__)
 
 START_RGB = (1.0, 0.0, 0.0)  # "red"
 END_RGB = (128 / 255, 0.0, 128 / 255)  # "purple", #800080
@@ -101,7 +97,6 @@ def build_colormnist(
     if val_colors not in ("inverted", "train"):
         raise ValueError(f"val_colors must be 'inverted' or 'train', got {val_colors!r}")
     mnist = load_mnist(data_dir, source)
-    log.info("ColorMNIST (val colours %s) on %s", val_colors, mnist.description)
     colors = class_colors()
 
     keep = subsample(len(mnist.train_x), max_train, split_seed)

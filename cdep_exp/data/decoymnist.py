@@ -21,16 +21,12 @@ independent) and the train/validation split is fixed by `split_seed` alone.
 """
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
 from cdep_exp.data.base import Splits
 from cdep_exp.data.mnist_source import load_mnist
-
-log = logging.getLogger(__name__)
 
 PATCH_SIZE = {"cdep": 5, "ross": 4}
 
@@ -122,7 +118,6 @@ def build_decoymnist(
         raise ValueError(f"unknown DecoyMNIST variant {variant!r}; choose one of {tuple(PATCH_SIZE)}")
     size = PATCH_SIZE[variant]
     mnist = load_mnist(data_dir, source)
-    log.info("DecoyMNIST (%s) on %s", variant, mnist.description)
 
     train_rng, test_rng = (np.random.default_rng([int(decoy_seed), k]) for k in (0, 1))
     train_x, _ = add_decoy(mnist.train_x, train_shades(mnist.train_y), size, train_rng)
