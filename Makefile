@@ -8,7 +8,28 @@ export OMP_NUM_THREADS ?= 2
 # re-zeroing fresh pages costs CDEP's doubled activations ~12% of a CPU step.
 FAST_MALLOC := GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456
 
-.PHONY: setup run test test-all bench-cost clean
+# Paper tables (README, "Reproducing the papers"): SCALE=quick|paper, LAUNCHER=local|slurm|basic,
+# JOBS=runs at once with the local launcher, ARGS=extra Hydra overrides for every run
+# (e.g. ARGS="hydra.launcher.partition=gpu").
+SCALE ?= quick
+LAUNCHER ?= local
+JOBS ?= 2
+ARGS ?=
+TABLES := table1 table2 table3 table4 tableS1
+# Table 1 trains on generated ISIC-like images at the quick scale, on the prepared archive at paper.
+ISIC_DATASET ?= $(if $(filter quick,$(SCALE)),isic_synthetic,isic)
+# Generated images are written into data/ (git-ignored), never into a DATA_DIR that holds a shared copy.
+ISIC_DATA_DIR ?= $(if $(filter isic_synthetic,$(ISIC_DATASET)),data,$(DATA_DIR))
+# One thread per run while the local launcher runs several at once.
+SWEEP_THREADS ?= $(if $(filter local,$(LAUNCHER)),1,$(OMP_NUM_THREADS))
+# Locally, these tables run one job at a time (Hydra's basic launcher): Table S1 times each run,
+# and Table 1's first run generates the ISIC-like images and caches features the others reuse.
+SEQUENTIAL_TABLES := table1 tableS1
+launcher_for = $(if $(and $(filter local,$(LAUNCHER)),$(filter $(1),$(SEQUENTIAL_TABLES))),basic,$(LAUNCHER))
+launcher_args = hydra/launcher=$(call launcher_for,$(1)) $(if $(filter local,$(call launcher_for,$(1))),hydra.launcher.n_jobs=$(JOBS))
+threads_for = $(if $(filter basic,$(call launcher_for,$(1))),$(OMP_NUM_THREADS),$(SWEEP_THREADS))
+
+.PHONY: setup run test test-all bench-cost clean tables $(TABLES) figures notebooks
 
 $(VENV)/.installed: requirements.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +54,39 @@ test-all: setup
 ## Seconds per training step and peak memory of each penalty (paper Table S1 ratios).
 bench-cost: setup
 	$(FAST_MALLOC) $(PY) scripts/bench_cost.py
+
+## Every paper table at SCALE: trains what is missing (finished runs are skipped), writes
+## results/<scale>/<table>.{md,csv,tex} and the λ figures; keeps going past a failed table.
+tables:
+	$(MAKE) --keep-going --no-print-directory $(TABLES) figures
+
+# $(1) table, $(2) data dir, $(3) overrides. Each preset of conf/experiment/$(1)/ is one sweep in
+# its own process; every sweep runs even when one fails, the table is written either way
+# (listing the runs still missing), then the target fails.
+define table_recipe
+	@status=0; \
+	for preset in $(sort $(basename $(notdir $(wildcard conf/experiment/$(1)/*.yaml)))); do \
+	  echo "== $(1)/$$preset ($(SCALE))"; \
+	  OMP_NUM_THREADS=$(call threads_for,$(1)) $(FAST_MALLOC) $(PY) train.py -m experiment=$(1)/$$preset \
+	    scale=$(SCALE) paths.data_dir=$(2) $(call launcher_args,$(1)) $(3) $(ARGS) || status=1; \
+	done; \
+	$(PY) -m cdep_exp.results --table $(1) --scale $(SCALE) || status=1; \
+	exit $$status
+endef
+
+table1: setup
+	$(call table_recipe,table1,$(ISIC_DATA_DIR),dataset=$(ISIC_DATASET))
+
+table2 table3 table4 tableS1: setup
+	$(call table_recipe,$@,$(DATA_DIR),)
+
+## Accuracy against λ per method (paper Fig. S2) from the runs so far: results/figures/<scale>/.
+figures: setup
+	$(PY) -m cdep_exp.figures --scale $(SCALE)
+
+## Re-run the analysis notebooks in place (their outputs are committed) on the tables at SCALE.
+notebooks: setup
+	CDEP_SCALE=$(SCALE) $(VENV)/bin/jupyter execute --inplace notebooks/*.ipynb
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -24,13 +24,13 @@ from cdep_exp.checkpoint import Checkpointer
 from cdep_exp.data.base import Splits
 from cdep_exp.data.word_vectors import load_glove
 from cdep_exp.metrics import compute_metrics
-from cdep_exp.provenance import git_revision, peak_memory_gib, reset_peak_memory, resolve_device
+from cdep_exp.provenance import device_name, git_revision, peak_memory_gib, reset_peak_memory, resolve_device
 from cdep_exp.training import Evaluation, evaluate, fit
 
 log = logging.getLogger(__name__)
 
 # Keys of a dataset config that describe the experiment rather than being builder arguments.
-DATASET_META_KEYS = ("name", "metrics", "cdep_form", "mask_samples", "lam")
+DATASET_META_KEYS = ("name", "metrics", "cdep_form", "cdep_annotation", "mask_samples", "lam")
 ARTIFACTS = ("metrics.json", "checkpoints", "tensorboard")
 
 
@@ -109,8 +109,14 @@ def write_json(obj: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def scores(evaluation: Evaluation, metric_names: list[str], groups: list[str] | None) -> dict[str, float]:
-    return {"loss": evaluation.loss, **compute_metrics(metric_names, evaluation.probs, evaluation.labels, groups)}
+def scores(
+    evaluation: Evaluation,
+    metric_names: list[str],
+    groups: list[str] | None,
+    thresholds: dict[str, float] | None = None,
+) -> dict[str, float]:
+    metrics = compute_metrics(metric_names, evaluation.probs, evaluation.labels, groups, thresholds)
+    return {"loss": evaluation.loss, **metrics}
 
 
 def evaluate_splits(
@@ -121,12 +127,17 @@ def evaluate_splits(
     metric_names: list[str],
     val_weights: torch.Tensor | None,
 ) -> dict[str, dict[str, float]]:
-    """Loss and the dataset's metrics on validation and on every test set it declares."""
+    """Loss and the dataset's metrics on validation and on every test set it declares.
+
+    Decision thresholds (e.g. F1's, recorded as `f1_threshold`) are chosen on validation and
+    reused on the test sets.
+    """
     results = {"val": scores(evaluate(model, make_loader(splits.val), device, val_weights),
                              metric_names, splits.groups.get("val"))}
+    thresholds = {m: results["val"][f"{m}_threshold"] for m in metric_names if f"{m}_threshold" in results["val"]}
     for name, dataset in splits.tests.items():
         results[name] = scores(evaluate(model, make_loader(dataset), device),
-                               metric_names, splits.groups.get(name))
+                               metric_names, splits.groups.get(name), thresholds)
     return results
 
 
@@ -159,7 +170,10 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     generator = torch.Generator()
     loader = partial(DataLoader, num_workers=cfg.trainer.num_workers, collate_fn=splits.collate_fn,
                      pin_memory=device.type == "cuda")
-    train_loader = loader(splits.train, batch_size=cfg.trainer.batch_size, shuffle=True, generator=generator)
+    if splits.batch_sampler is None:
+        train_loader = loader(splits.train, batch_size=cfg.trainer.batch_size, shuffle=True, generator=generator)
+    else:
+        train_loader = loader(splits.train, batch_sampler=splits.batch_sampler(cfg.trainer.batch_size, generator))
     eval_loader = partial(loader, batch_size=cfg.trainer.eval_batch_size, shuffle=False)
     weights = None if splits.class_weights is None else splits.class_weights.to(device)
     val_weights = weights if cfg.trainer.weighted_val_loss else None
@@ -193,6 +207,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         "seed": cfg.seed,
         "model": type(model).__name__,
         "device": str(device),
+        "device_name": device_name(device),
         "epochs_run": state.epoch,
         "best_epoch": state.best_epoch,
         "best_val_loss": state.best_val_loss,

@@ -2,12 +2,14 @@
 
 Every metric takes class probabilities (N, C), integer labels (N,) and optional per-sample
 group labels, and returns named floats, so datasets choose metrics without code changes.
+A metric with a decision threshold (`f1`) picks it on the data it is given unless one is
+passed in; the app picks it on validation and passes it for the test sets.
 """
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_curve, roc_auc_score
 
 MetricFn = Callable[[np.ndarray, np.ndarray, Sequence[str] | None], dict[str, float]]
 
@@ -31,6 +33,37 @@ def auc(probs: np.ndarray, y: np.ndarray, groups: Sequence[str] | None = None) -
         warnings.warn("auc: the labels hold a single class, so the AUC is undefined (NaN)")
         return {"auc": float("nan")}
     return {"auc": float(roc_auc_score(y, scores))}
+
+
+def best_f1_threshold(scores: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(threshold, F1) maximising the F1 of `scores >= threshold` over every distinct score."""
+    precision, recall, thresholds = precision_recall_curve(y, scores)
+    f1s = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    best = int(np.argmax(f1s))
+    return float(thresholds[best]), float(f1s[best])
+
+
+def f1(
+    probs: np.ndarray, y: np.ndarray, groups: Sequence[str] | None = None, threshold: float | None = None
+) -> dict[str, float]:
+    """F1 (0 to 1) of class 1, predicted where its probability >= `threshold`.
+
+    Without a threshold, the one maximising F1 on these data is used and returned as
+    `f1_threshold` (choose it on validation). `f1_best` is always the F1 at the best threshold
+    for these very data: on a test set that is the original's optimistic number (it searched
+    0.1, 0.2, …, 1.0 on the test set). If y has one class, F1 is NaN (with a warning) and the
+    threshold chosen is 0.5.
+    """
+    scores = _binary_positive_probs(probs, "f1")
+    if len(np.unique(y)) < 2:
+        warnings.warn("f1: the labels hold a single class, so F1 is undefined (NaN)")
+        return {"f1": float("nan"), "f1_threshold": 0.5 if threshold is None else float(threshold),
+                "f1_best": float("nan")}
+    best_threshold, best = best_f1_threshold(scores, y)
+    if threshold is None:
+        threshold = best_threshold
+    value = f1_score(y, scores >= threshold, zero_division=0.0)
+    return {"f1": float(value), "f1_threshold": float(threshold), "f1_best": best}
 
 
 FAIRNESS_GROUPS = {"black": "African-American", "white": "Caucasian"}
@@ -69,17 +102,26 @@ def fairness(probs: np.ndarray, y: np.ndarray, groups: Sequence[str] | None = No
     return {k: float(v) for k, v in out.items()}
 
 
-METRICS: dict[str, MetricFn] = {"accuracy": accuracy, "auc": auc, "fairness": fairness}
+METRICS: dict[str, MetricFn] = {"accuracy": accuracy, "auc": auc, "f1": f1, "fairness": fairness}
 
 
 def compute_metrics(
-    names: Sequence[str], probs: np.ndarray, y: np.ndarray, groups: Sequence[str] | None = None
+    names: Sequence[str],
+    probs: np.ndarray,
+    y: np.ndarray,
+    groups: Sequence[str] | None = None,
+    thresholds: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
-    """Evaluate each named metric; unknown names fail with the list of known ones."""
+    """Evaluate each named metric; unknown names fail with the list of known ones.
+
+    `thresholds` maps a thresholded metric's name to a threshold fixed beforehand (on validation).
+    """
     unknown = [n for n in names if n not in METRICS]
     if unknown:
         raise ValueError(f"Unknown metric(s) {unknown}; available: {sorted(METRICS)}")
     out: dict[str, float] = {}
+    thresholds = thresholds or {}
     for name in names:
-        out.update(METRICS[name](probs, y, groups))
+        fixed = {"threshold": thresholds[name]} if name in thresholds else {}
+        out.update(METRICS[name](probs, y, groups, **fixed))
     return out

@@ -138,3 +138,12 @@ def test_text_penalty_gradients(model, detach_embeddings):
             continue
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_model_flag_decides_whether_cd_reaches_the_embeddings(model, flag):
+    model.cd_detach_embeddings = flag
+    tokens = padded_batch([5, 2])
+    rel, irrel = decompose(model, tokens, (tokens == tokens[0, 0]).float())
+    (rel - irrel).sum().backward()
+    assert (model.embedding.weight.grad is None) == flag

@@ -122,12 +122,12 @@ def test_cdep_softmax_form_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_cdep_text_form_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
-    rel = torch.tensor([[2.0, -1.0], [0.0, 1.0], [5.0, 5.0]])
-    irrel = torch.tensor([[1.0, 0.0], [3.0, -1.0], [0.0, 0.0]])
+    rel = torch.tensor([[2.0, -1.0], [0.0, 1.0]])  # of the two samples with a bias word
+    irrel = torch.tensor([[1.0, 0.0], [3.0, -1.0]])
     monkeypatch.setattr(cdep_module, "decompose", fixed_decompose(rel, irrel))
-    tokens = torch.tensor([[4, 7, 0], [3, 9, 9], [5, 6, 0]])
+    tokens = torch.tensor([[4.0, 7, 0], [3, 9, 9], [5, 6, 0]])
     token_mask = torch.tensor([[0, 1, 0], [1, 0, 0], [0, 0, 0]])  # sample 2 has no bias word
-    _, value = CDEP(form="text")(nn.Identity(), tokens, torch.tensor([0, 1, 0]), token_mask)
+    _, value = CDEP(form="text")(nn.Linear(3, 2), tokens, torch.tensor([0, 1, 0]), token_mask)
     softplus = lambda v: torch.log1p(torch.exp(torch.tensor(v)))  # noqa: E731
     expected = (softplus(2.0 - 1.0) + softplus(1.0 - (-1.0))) / 2
     torch.testing.assert_close(value, expected)
@@ -281,3 +281,42 @@ def test_gradient_penalties_reject_tokens(penalty) -> None:
 def test_bad_arguments_fail_early(build) -> None:
     with pytest.raises(ValueError):
         build()
+
+
+@pytest.mark.parametrize("case", [cnn_case, lstm_case])
+def test_cdep_decomposes_only_annotated_samples_with_unchanged_results(
+    case, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, x, y, annotation = case()
+    model.eval()
+    annotation[1] = 0
+    form = "text" if case is lstm_case else "softmax"
+    keep = cdep_module.annotated_samples(annotation, x)
+    whole_logits, whole_value = CDEP(form=form)._decomposed(model, x, y, annotation, keep)
+    sizes = []
+    decompose = cdep_module.decompose
+    monkeypatch.setattr(cdep_module, "decompose", lambda m, xs, *a, **k: sizes.append(len(xs)) or decompose(m, xs, *a, **k))
+    logits, value = CDEP(form=form)(model, x, y, annotation)
+    assert sizes == [keep.sum().item()] and not keep.all()
+    torch.testing.assert_close(logits, whole_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, model(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(value, whole_value)
+
+
+def test_cdep_without_annotated_samples_is_a_plain_forward_with_a_zero_in_the_graph() -> None:
+    model, x, y, annotation = mlp_case()
+    model.eval()
+    logits, value = CDEP()(model, x, y, torch.zeros_like(annotation))
+    torch.testing.assert_close(logits, model(x))
+    assert value.item() == 0 and value.requires_grad
+
+
+def test_cdep_keeps_the_whole_batch_together_under_train_mode_batch_norm(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU(), nn.Linear(3, 2))
+    x, annotation = torch.randn(6, 4), torch.zeros(6, 4)
+    annotation[:3, 0] = 1
+    sizes = []
+    decompose = cdep_module.decompose
+    monkeypatch.setattr(cdep_module, "decompose", lambda m, xs, *a, **k: sizes.append(len(xs)) or decompose(m, xs, *a, **k))
+    CDEP()(model, x, torch.zeros(6, dtype=torch.long), annotation)
+    assert sizes == [6]

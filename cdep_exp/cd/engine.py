@@ -227,19 +227,31 @@ def split_input(x: Tensor, mask: Tensor | Any) -> Tensor:
     return x * torch.stack((mask, 1 - mask))
 
 
-def decompose(model: nn.Module, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+def decompose(
+    model: nn.Module, x: Tensor, mask: Tensor | None = None, *, rel: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Contextual decomposition of `model(x)` into the part due to `mask`ed features and the rest.
 
     rel0 = mask·x and irrel0 = (1 − mask)·x are propagated through the model's forward graph.
+    Instead of `mask`, `rel` may give the relevant part of x itself (irrel0 = x − rel), e.g. the
+    decomposition of x by a frozen network in front of `model`, computed once: propagating on
+    from there gives what decomposing the whole network would (exactly one of mask/rel).
     Returns (rel, irrel), each shaped like the model's output, with rel + irrel == model(x) up
     to float rounding; both are differentiable with respect to the parameters and x. A rule
     registered for the model's class (`register_model_rule`) is used when there is one.
     In train mode dropout draws one mask for both parts and batch norm uses (and updates once)
     the batch statistics, so a call stands in for one plain forward.
     """
+    if (mask is None) == (rel is None):
+        raise TypeError("decompose needs exactly one of mask= (features to credit) or rel= (their part of x)")
     whole = model_rule(type(model))
     if whole is not None:
+        if rel is not None:
+            raise TypeError(f"{type(model).__name__} has a whole-model CD rule, which takes a mask, not rel=")
         return whole(model, x, mask)
-    rel_total = torch.stack((x * _broadcast_mask(x, mask), x))
-    out = _plan(model).run(model, rel_total).rel_total
+    if rel is None:
+        rel = x * _broadcast_mask(x, mask)
+    elif rel.shape != x.shape:
+        raise ValueError(f"rel of shape {tuple(rel.shape)} must have x's shape {tuple(x.shape)}")
+    out = _plan(model).run(model, torch.stack((rel.to(x.dtype), x))).rel_total
     return out[0], out[1] - out[0]

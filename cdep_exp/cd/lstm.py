@@ -30,7 +30,7 @@ def _split_tanh(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 @register_model_rule(LSTMClassifier)
 def decompose_lstm(
-    model: LSTMClassifier, tokens: Tensor, mask: Tensor, detach_embeddings: bool = False
+    model: LSTMClassifier, tokens: Tensor, mask: Tensor, detach_embeddings: bool | None = None
 ) -> tuple[Tensor, Tensor]:
     """(rel, irrel) logits, each (B, num_classes), of token ids (B, T) and a mask broadcastable
     to (B, T) with 1 = relevant token. rel + irrel == model(tokens).
@@ -38,11 +38,12 @@ def decompose_lstm(
     Input gate i, forget gate f and candidate g are split three ways (rel, irrel, bias); the
     bias×bias product i_b·g_b is credited to rel exactly at relevant positions; the output gate
     is computed from the full state; the head's bias is split like a Linear bias.
-    `detach_embeddings=True` reproduces the original, which kept the penalty off the embeddings.
+    `detach_embeddings=True` reproduces the original, which kept the penalty off the embeddings;
+    None takes the model's `cd_detach_embeddings`.
     """
     lstm = model.lstm
     emb = model.embedding(tokens)
-    if detach_embeddings:
+    if model.cd_detach_embeddings if detach_embeddings is None else detach_embeddings:
         emb = emb.detach()
     m = torch.as_tensor(mask, dtype=emb.dtype, device=emb.device).expand(tokens.shape)
     m = m.unsqueeze(-1)  # (B, T, 1)

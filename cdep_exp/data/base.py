@@ -3,7 +3,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 
 @dataclass
@@ -14,7 +14,9 @@ class Splits:
     and is 1 where a feature must not matter. `tests` maps a name (e.g. "test",
     "test_no_patches") to a dataset evaluated after training. `groups` maps a test name to
     per-sample group labels that fairness metrics read (e.g. race for COMPAS). `description`
-    says where the data came from (recorded in every run's metrics.json).
+    says where the data came from (recorded in every run's metrics.json). `batch_sampler`,
+    when set, makes the training batches: called with (batch_size, generator) it returns a
+    sampler of index lists (e.g. length buckets for text); otherwise batches are shuffled.
     """
 
     train: Dataset
@@ -25,3 +27,4 @@ class Splits:
     groups: dict[str, list[str]] = field(default_factory=dict)
     collate_fn: Callable | None = None
     description: str = ""
+    batch_sampler: Callable[[int, torch.Generator], Sampler[list[int]]] | None = None

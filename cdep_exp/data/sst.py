@@ -23,6 +23,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -31,6 +32,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from cdep_exp.data.base import Splits
+from cdep_exp.data.batching import LengthBuckets
 from cdep_exp.data.sst_trees import SST_URL, Phrase, ensure_sst_trees, read_trees
 
 log = logging.getLogger(__name__)
@@ -197,6 +199,7 @@ def build_sst(
     variant: str = "decoy",
     bias_seed: int = 123,
     original_annotation: bool = False,
+    bucket: bool = True,
     url: str = SST_URL,
 ) -> Splits:
     """Binary SST splits of (token ids (T,), y, annotation (T,)) samples with a planted bias.
@@ -205,6 +208,8 @@ def build_sst(
     bias_seed: the decoy positions (the other variants are deterministic); 123 is the original's.
     original_annotation: annotate as the original penalised (module docstring), not the
         planted word alone.
+    bucket: train on batches of similar-length texts (`LengthBuckets`), as the original's
+        BucketIterator; false: plain shuffled batches.
 
     Splits: train (sentences, or all labelled phrases for articles/gender), val = SST dev,
     tests["test"] = SST test. The vocabulary (on train + dev + test, as the original) is
@@ -226,12 +231,15 @@ def build_sst(
     vocab = build_vocab([*train, *dev, *test])
     biased = sum(bool(s.marked) for s in train) / max(len(train), 1)
     unit = "phrases" if spec.phrases else "sentences"
+    train_set = TokenDataset(train, vocab)
+    lengths = [len(t) for t in train_set.tokens]
     return Splits(
-        train=TokenDataset(train, vocab),
+        train=train_set,
         val=TokenDataset(dev, vocab),
         tests={"test": TokenDataset(test, vocab)},
         num_classes=2,
         collate_fn=pad_collate,
+        batch_sampler=partial(LengthBuckets, lengths) if bucket else None,
         description=(
             f"SST {variant}: {len(train):,} train {unit} ({biased:.1%} annotated), "
             f"{len(dev):,} dev and {len(test):,} test sentences, vocabulary {len(vocab):,}"

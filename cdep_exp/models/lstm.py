@@ -10,6 +10,8 @@ class LSTMClassifier(nn.Module):
     changes the output (the original read the last time step of the padded batch). A sequence
     of padding only is read at position 0. `embeddings` (vocab_size, embed_dim), e.g. GloVe,
     initialises the embedding table; `freeze_embeddings` keeps it fixed.
+    `cd_detach_embeddings` makes its contextual decomposition (and so the CDEP penalty) treat the
+    word vectors as constants, as the original did: the penalty then trains only the LSTM and head.
     """
 
     def __init__(
@@ -21,9 +23,11 @@ class LSTMClassifier(nn.Module):
         pad_index: int = 0,
         embeddings: torch.Tensor | None = None,
         freeze_embeddings: bool = False,
+        cd_detach_embeddings: bool = False,
     ) -> None:
         super().__init__()
         self.pad_index = pad_index
+        self.cd_detach_embeddings = cd_detach_embeddings
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_index)
         if embeddings is not None:
             if embeddings.shape != (vocab_size, embed_dim):

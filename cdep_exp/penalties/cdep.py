@@ -11,13 +11,22 @@ from cdep_exp.penalties.base import Penalty
 
 FORMS = ("softmax", "text")
 DROPOUT = ("shared", "off")
+ANNOTATIONS = ("mask", "relevant")
+
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run the block with every submodule in eval mode, then restore each one's own mode."""
+    """Run the block with every submodule but batch norm in eval mode, then restore each one's
+    own mode. Batch norm keeps its mode: the original's models had none, and one in eval mode
+    here would never learn its statistics, since every training forward runs through CD."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
+    for module, training in modes:
+        if isinstance(module, BATCH_NORMS):
+            module.training = training
     try:
         yield
     finally:
@@ -33,6 +42,11 @@ def annotated_samples(annotation: torch.Tensor, x: torch.Tensor) -> torch.Tensor
     return annotation.ne(0).flatten(1).any(1)
 
 
+def batch_coupled(model: nn.Module) -> bool:
+    """Does a sample's output depend on the rest of its batch (batch norm in training mode)?"""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+
+
 def masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Mean of `values` over the samples in `keep`; 0 (still in the graph) when none is kept."""
     keep = keep.to(values.dtype)
@@ -43,7 +57,8 @@ class CDEP(Penalty):
     """Penalise the share of the prediction that contextual decomposition credits to the annotation.
 
     The annotation's features form the "relevant" part of the decomposition (rel); the logits are
-    rel + irrel of the same pass, so CDEP needs no second forward.
+    rel + irrel of the same pass, so CDEP needs no second forward. Samples without annotation
+    get a plain forward instead of a decomposition, unless batch norm ties them to the batch.
 
     * `form="softmax"` (images, tables): mean over annotated samples and all classes of
       σ(rel − irrel), the relevant share of a softmax over (rel, irrel). Samples whose annotation
@@ -55,18 +70,30 @@ class CDEP(Penalty):
       k positions are drawn with replacement (torch RNG); the penalty is the sum over the k
       one-hot masks of the softmax form, computed in one decomposition of the batch repeated
       k times. The logits come from the first copy.
+    * `annotation="relevant"` (ISIC on cached features): the annotation is not a mask but the
+      relevant part of x itself, the decomposition of a frozen network in front of the model
+      (all zero for samples without anything to penalise, which are left out of the mean).
     * `dropout="shared"`: CD runs in the model's current mode (train-mode dropout draws one mask
-      for both parts). `dropout="off"`: CD runs in eval mode, as the original did, and the
-      mode is restored afterwards; the logits, from the same pass, then have no dropout either.
+      for both parts). `dropout="off"`: CD runs in eval mode (batch norm aside), as the original
+      did, and the mode is restored afterwards; the logits, from the same pass, then have no
+      dropout either.
     """
 
     def __init__(
-        self, form: str = "softmax", mask_samples: int | None = None, dropout: str = "shared"
+        self,
+        form: str = "softmax",
+        mask_samples: int | None = None,
+        dropout: str = "shared",
+        annotation: str = "mask",
     ) -> None:
         if form not in FORMS:
             raise ValueError(f"CDEP form must be one of {FORMS}, got {form!r}")
         if dropout not in DROPOUT:
             raise ValueError(f"CDEP dropout must be one of {DROPOUT}, got {dropout!r}")
+        if annotation not in ANNOTATIONS:
+            raise ValueError(f"CDEP annotation must be one of {ANNOTATIONS}, got {annotation!r}")
+        if annotation == "relevant" and mask_samples is not None:
+            raise ValueError("CDEP mask_samples draws masks, so it needs annotation='mask'")
         if mask_samples is not None and (mask_samples < 1 or form != "softmax"):
             raise ValueError(
                 f"CDEP mask_samples must be a positive int used with form='softmax', "
@@ -75,6 +102,7 @@ class CDEP(Penalty):
         self.form = form
         self.mask_samples = mask_samples
         self.dropout = dropout
+        self.annotation = annotation
 
     def __call__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, annotation: torch.Tensor
@@ -89,8 +117,25 @@ class CDEP(Penalty):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mask_samples is not None:
             return self._sampled_masks(model, x, annotation)
-        rel, irrel = decompose(model, x, annotation)
         keep = annotated_samples(annotation, x)
+        if keep.all() or batch_coupled(model):
+            return self._decomposed(model, x, y, annotation, keep)
+        # Decompose only the samples with something to penalise (ISIC's patch images, SST's
+        # phrases with a bias word); the rest need just their logits.
+        marked, rest = keep.nonzero().squeeze(1), (~keep).nonzero().squeeze(1)
+        logits = model(x[rest])
+        if not len(marked):
+            return logits, logits.sum() * 0
+        marked_logits, value = self._decomposed(model, x[marked], y[marked], annotation[marked], keep[marked])
+        return torch.cat((marked_logits, logits))[torch.cat((marked, rest)).argsort()], value
+
+    def _decomposed(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, annotation: torch.Tensor, keep: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.annotation == "relevant":
+            rel, irrel = decompose(model, x, rel=annotation)
+        else:
+            rel, irrel = decompose(model, x, annotation)
         if self.form == "softmax":
             value = masked_mean(torch.sigmoid(rel - irrel).mean(1), keep)
         else:

@@ -1,0 +1,80 @@
+"""Accuracy against λ per method (paper Fig. S2) from the table runs, written under results/figures/.
+
+    python -m cdep_exp.figures --scale quick     # results/figures/quick/*.png
+
+One figure per Table 2 dataset (ColorMNIST is the paper's Fig. S2) and per Table 4 SST variant.
+Other scripts (e.g. ISIC heatmaps) write their figures into results/figures/ too; the notebooks
+show them all.
+"""
+import argparse
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from cdep_exp.tables import TABLES, load, scored
+
+# (table, column that splits it into figures, rows kept, y label)
+FIGURES = (
+    ("table2", "dataset", None, "test accuracy (%)"),
+    ("table4", "variant", ("protocol", "corrected"), "test accuracy (%), best-dev-loss epoch"),
+)
+
+
+def accuracy_vs_lam(runs: pd.DataFrame, ylabel: str, title: str) -> Figure:
+    """Mean ± std over seeds of `accuracy` against λ (log axis) for each penalised method; the
+    unpenalised model (λ 0, which a log axis cannot show) as a dashed line with its ±std band."""
+    fig = Figure(figsize=(5.5, 3.8))  # no pyplot: no GUI backend, nothing global to close
+    ax = fig.subplots()
+    for method, group in runs[runs["lam"] > 0].groupby("method", sort=False):
+        stats = group.groupby("lam")["accuracy"].agg(["mean", "std"]).sort_index()
+        ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=3, label=method)
+    vanilla = runs.loc[runs["lam"] == 0, "accuracy"].dropna()
+    if not vanilla.empty:
+        mean, std = vanilla.mean(), vanilla.std() if len(vanilla) > 1 else 0.0
+        ax.axhline(mean, color="grey", linestyle="--", label="Vanilla (λ = 0)")
+        ax.axhspan(mean - std, mean + std, color="grey", alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("λ")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def lambda_figures(scale: str, outputs: Path) -> dict[str, Figure]:
+    """One figure per Table 2 dataset and Table 4 variant with finished runs, by file stem."""
+    made = {}
+    for table, split, keep, ylabel in FIGURES:
+        runs = scored(TABLES[table], load(table, scale, outputs).found)
+        if keep:
+            runs = runs[runs[keep[0]] == keep[1]]
+        for name, group in runs.groupby(split):
+            stem = f"{table}_{str(name).lower().replace(' ', '_')}_lambda"
+            made[stem] = accuracy_vs_lam(group, ylabel, f"{name}: accuracy against λ ({scale} scale)")
+    return made
+
+
+def write_figures(scale: str, outputs: Path, out_dir: Path) -> list[Path]:
+    """The λ figures as PNG files under out_dir; returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, fig in lambda_figures(scale, outputs).items():
+        fig.savefig(out_dir / f"{stem}.png", dpi=120)
+        written.append(out_dir / f"{stem}.png")
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", default="quick", choices=["quick", "paper"])
+    parser.add_argument("--outputs", type=Path, default=Path("outputs/tables"), help="root of the table runs")
+    parser.add_argument("--results", type=Path, default=Path("results"), help="figures go to <results>/figures/<scale>/")
+    args = parser.parse_args()
+    written = write_figures(args.scale, args.outputs, args.results / "figures" / args.scale)
+    print("\n".join(map(str, written)) or "No finished runs to plot yet (run `make tables` first).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The runs a paper table expects, read from its presets, and which of them have finished.
+
+A table's sweeps are the presets in `conf/experiment/<table>/`; each sweeps at least `method`,
+`method.lam` and `seed` with `hydra.sweeper.params`. Expanding those params the way Hydra's
+basic sweeper does gives the expected grid, so a table lists exactly the runs `make` would
+launch, and the ones without a `metrics.json` are reported as missing.
+"""
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# Every preset sweeps these (a single value is fine), so each expected run has a method, λ and seed.
+REQUIRED = ("method", "method.lam", "seed")
+# Swept keys that metrics.json records at its top level, and the column each becomes.
+TOP_LEVEL = {"method": "method", "method.lam": "lam", "seed": "seed"}
+
+
+def table_presets(table: str, conf_dir: Path = CONF_DIR) -> list[str]:
+    """Experiment names of a table's sweeps, e.g. ["table2/colormnist", ...]."""
+    folder = conf_dir / "experiment" / table
+    presets = sorted(f"{table}/{path.stem}" for path in folder.glob("*.yaml"))
+    if not presets:
+        raise FileNotFoundError(f"No presets in {folder}: a table's sweeps are conf/experiment/<table>/*.yaml.")
+    return presets
+
+
+def sweep_params(preset: str, scale: str, conf_dir: Path = CONF_DIR) -> dict[str, str]:
+    """The preset's `hydra.sweeper.params` at this scale, interpolations resolved."""
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={preset}", f"scale={scale}"], return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True) or {}
+    missing = [key for key in REQUIRED if key not in params]
+    if missing:
+        raise ValueError(f"Preset {preset} does not sweep {missing}; add them to hydra.sweeper.params "
+                         f"(a single value is fine) so its runs can be matched to the table.")
+    return {key: str(value) for key, value in params.items()}
+
+
+def normalise(key: str, value: Any) -> Any:
+    """One spelling per value, so a swept `method.lam=10` matches a recorded 10.0."""
+    if key == "seed":
+        return int(value)
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int | float):
+        return float(value)
+    return str(value)
+
+
+def expand(params: dict[str, str]) -> list[dict[str, Any]]:
+    """Every job of the sweep as {key: value}, in the basic sweeper's order."""
+    parser = OverridesParser.create()
+    overrides = parser.parse_overrides([f"{key}={value}" for key, value in params.items()])
+    [jobs] = BasicSweeper.split_arguments(overrides, max_batch_size=None)
+    return [{o.key_or_group: normalise(o.key_or_group, o.value()) for o in parser.parse_overrides(job)}
+            for job in jobs]
+
+
+def column(key: str) -> str:
+    return TOP_LEVEL.get(key, key)
+
+
+def expected_runs(table: str, scale: str, conf_dir: Path = CONF_DIR) -> pd.DataFrame:
+    """One row per run the table's presets launch: sweep (the preset), method, lam, seed and
+    any other swept key (e.g. `dataset.variant`) as a column."""
+    return pd.DataFrame(list(_expected(table, scale, Path(conf_dir))))
+
+
+@cache
+def _expected(table: str, scale: str, conf_dir: Path) -> tuple[dict[str, Any], ...]:
+    """Composing a preset takes about a second, so each (table, scale) is expanded once per process."""
+    return tuple({"sweep": preset, **{column(key): value for key, value in job.items()}}
+                 for preset in table_presets(table, conf_dir)
+                 for job in expand(sweep_params(preset, scale, conf_dir)))
+
+
+def lookup(config: dict, dotted: str) -> Any:
+    """A dotted key of a run's recorded config; None when the run has no such key."""
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def run_value(run: pd.Series, key: str) -> Any:
+    """A swept key's value in a collected run: its own column, else its recorded config."""
+    return normalise(key, run[key] if key in TOP_LEVEL.values() else lookup(run["config"], key))
+
+
+def match(expected: pd.DataFrame, runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Pair expected runs with finished ones on the keys each preset sweeps.
+
+    Returns (found, missing): the finished runs that a preset expects, with its swept keys as
+    columns (when a run was recorded twice, e.g. once with `scale=quick` spelled out, the newest
+    record counts), and the expected rows that have no record yet.
+    """
+    found, missing = [], []
+    for preset, jobs in expected.groupby("sweep", sort=False):
+        keys = [key for key in jobs.columns if key != "sweep" and not jobs[key].isna().all()]
+        records = runs[runs["sweep"] == preset].sort_values("mtime") if "sweep" in runs else runs.iloc[:0]
+        newest = {tuple(run_value(run, key) for key in keys): index for index, run in records.iterrows()}
+        wanted = jobs[["sweep", *keys]].to_dict("records")
+        hits = [newest.get(tuple(job[key] for key in keys)) for job in wanted]
+        found += [runs.loc[index].to_dict() | job for index, job in zip(hits, wanted) if index is not None]
+        missing += [job for index, job in zip(hits, wanted) if index is None]
+    return pd.DataFrame(found), pd.DataFrame(missing, columns=expected.columns)

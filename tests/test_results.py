@@ -1,0 +1,166 @@
+"""The collector and the paper tables on synthetic metrics.json files: mean and std over seeds,
+λ chosen on validation, the SST max-over-epochs protocol, missing runs, and the written files."""
+import json
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cdep_exp import sweeps, tables
+from cdep_exp.results import aggregate, best_over_epochs, collect, find_records, select_lam, summarise
+
+OUTPUTS = "outputs"
+
+
+def write_run(root: Path, table: str, sweep: str, method: str, lam: float, seed: int, metrics: dict,
+              config: dict | None = None, history: list | None = None, **fields) -> Path:
+    """A metrics.json as the app writes it, in the table's output tree at scale quick."""
+    config = {"sweep": sweep, **(config or {})}
+    tag = json.dumps(config, sort_keys=True).translate(str.maketrans("{}\": ,", "______"))
+    run_dir = root / OUTPUTS / "quick" / table / method / f"lam={lam}" / f"seed={seed}" / tag
+    run_dir.mkdir(parents=True)
+    record = {"dataset": fields.pop("dataset", "compas"), "data": "synthetic", "method": method, "lam": lam,
+              "seed": seed, "device": "cpu", "epochs_run": len(history or [1]), "best_epoch": 0,
+              "seconds_per_epoch": 1.0, "peak_memory_gib": 0.5, "peak_memory_kind": "process_max_rss",
+              "metrics": metrics, "history": history or [], "config": config, **fields}
+    (run_dir / "metrics.json").write_text(json.dumps(record))
+    return run_dir / "metrics.json"
+
+
+def compas_metrics(val: float, test: float, zeroed: float | None = None) -> dict:
+    split = {"loss": 0.6, "wcr_black": 0.4, "wcr_white": 0.2}
+    metrics = {"val": {**split, "accuracy": val}, "test": {**split, "accuracy": test}}
+    if zeroed is not None:
+        metrics["test_race_zeroed"] = {**split, "accuracy": zeroed}
+    return metrics
+
+
+def test_collect_flattens_metrics_history_and_sweep(tmp_path: Path) -> None:
+    history = [{"epoch": 0, "val_loss": 0.7, "val_accuracy": 50.0}, {"epoch": 1, "val_loss": 0.6, "val_accuracy": 71.5}]
+    write_run(tmp_path, "table4", "table4/vanilla", "vanilla", 0, 0, {"val": {"accuracy": 60.0}}, history=history)
+    runs = collect(find_records(tmp_path / OUTPUTS))
+    row = runs.iloc[0]
+    assert row["val/accuracy"] == 60.0 and row["val_max/accuracy"] == 71.5 and row["sweep"] == "table4/vanilla"
+    assert best_over_epochs(history) == {"accuracy": 71.5}
+
+
+def test_archived_previous_runs_are_not_collected(tmp_path: Path) -> None:
+    path = write_run(tmp_path, "table3", "table3/cdep", "cdep", 1, 0, compas_metrics(1, 2))
+    archived = path.parent / "previous" / "20260101-000000" / "metrics.json"
+    archived.parent.mkdir(parents=True)
+    archived.write_text(path.read_text())
+    assert find_records(tmp_path / OUTPUTS) == [path]
+
+
+def test_mean_and_sample_std_over_seeds() -> None:
+    runs = pd.DataFrame({"method": ["cdep"] * 3, "lam": [1.0] * 3, "seed": [0, 1, 2], "acc": [1.0, 2.0, 6.0]})
+    cells = aggregate(runs, ["method"], ["acc"])
+    assert cells.loc[0, "acc mean"] == 3.0
+    assert math.isclose(cells.loc[0, "acc std"], math.sqrt(7.0))  # ddof 1: (4 + 1 + 9) / 2
+    assert cells.loc[0, "seeds"] == 3
+
+
+def test_summarise_keeps_the_cli_format() -> None:
+    runs = pd.DataFrame({"dataset": ["d", "d"], "method": ["m", "m"], "lam": [0, 0], "settings": ["s", "s"],
+                         "test/accuracy": [1.0, 3.0]})
+    assert summarise(runs, ["test/accuracy"]).loc[0, "test/accuracy"] == "2.00 ± 1.41"
+
+
+def test_lambda_is_chosen_on_validation_not_on_test() -> None:
+    # λ 10 is best on validation, λ 100 would be best on test: the table must report λ 10's test score.
+    runs = pd.DataFrame({
+        "method": ["cdep"] * 4, "lam": [10.0, 10.0, 100.0, 100.0], "seed": [0, 1, 0, 1],
+        "val/accuracy": [90.0, 88.0, 80.0, 82.0], "test/accuracy": [50.0, 52.0, 95.0, 97.0],
+        "val/loss": [0.5, 0.5, 0.2, 0.2],
+    })
+    chosen = select_lam(runs, ["method"], "val/accuracy")
+    assert set(chosen["lam"]) == {10.0} and chosen["test/accuracy"].mean() == 51.0
+    assert set(select_lam(runs, ["method"], "val/loss")["lam"]) == {100.0}  # a loss is minimised
+
+
+def test_sweep_params_expand_like_hydras_basic_sweeper() -> None:
+    jobs = sweeps.expand({"method": "cdep,rrr", "method.lam": "1,1e4", "seed": "range(2)", "dataset.hide_race": "true"})
+    assert len(jobs) == 8
+    assert jobs[0] == {"method": "cdep", "method.lam": 1.0, "seed": 0, "dataset.hide_race": True}
+    assert {job["method.lam"] for job in jobs} == {1.0, 10000.0}
+
+
+@pytest.mark.parametrize("table", sorted(tables.TABLES))
+def test_every_table_preset_expands_at_both_scales(table: str) -> None:
+    quick, paper = (sweeps.expected_runs(table, scale) for scale in ("quick", "paper"))
+    assert 0 < len(quick) < len(paper)
+    assert {"sweep", "method", "lam", "seed"} <= set(quick.columns)
+    assert not quick.duplicated().any()
+
+
+def test_compas_table_reports_missing_runs_and_the_faithful_accuracy(tmp_path: Path) -> None:
+    # Corrected vanilla: seeds 0 and 1 of 3 (race shown); faithful CDEP: all 3 seeds.
+    for seed, acc in ((0, 66.0), (1, 68.0)):
+        write_run(tmp_path, "table3", "table3/vanilla", "vanilla", 0, seed, compas_metrics(70, acc),
+                  config={"dataset": {"hide_race": False}})
+    for seed in range(3):
+        write_run(tmp_path, "table3", "table3/faithful_cdep", "cdep", 1, seed, compas_metrics(70, 10, zeroed=69.0),
+                  config={"dataset": {"hide_race": False}})
+    table = tables.build("table3", "quick", tmp_path / OUTPUTS)
+    cells = table.cells.set_index(["protocol", "row"])
+    assert cells.loc[("corrected", "Vanilla"), "accuracy mean"] == 67.0
+    assert cells.loc[("corrected", "Vanilla"), "seeds"] == 2
+    assert cells.loc[("corrected", "Vanilla"), "missing"] == 1
+    assert cells.loc[("faithful", "CDEP"), "accuracy mean"] == 69.0  # race-zeroed inputs, as the original
+    assert cells.loc[("faithful", "CDEP"), "accuracy paper mean"] == 68.8
+    assert len(table.missing) == table.expected - 5
+    lacking = table.missing[(table.missing["sweep"] == "table3/vanilla") & ~table.missing["dataset.hide_race"]]
+    assert lacking["seed"].tolist() == [2]
+
+
+def test_newest_record_wins_when_a_run_was_recorded_twice(tmp_path: Path) -> None:
+    expected = pd.DataFrame([{"sweep": "table3/cdep", "method": "cdep", "lam": 1.0, "seed": 0}])
+    old = write_run(tmp_path, "table3", "table3/cdep", "cdep", 1, 0, compas_metrics(70, 60.0))
+    new = write_run(tmp_path, "table3", "table3/cdep", "cdep", 1, 0, compas_metrics(70, 65.0), config={"scale": "quick"})
+    os.utime(old, (1_000, 1_000))
+    os.utime(new, (2_000, 2_000))
+    found, missing = sweeps.match(expected, collect([old, new]))
+    assert missing.empty and found["test/accuracy"].tolist() == [65.0]
+
+
+def sst_run(root: Path, variant: str, method: str, lam: float, seed: int, dev: list[float], val: float, test: float) -> None:
+    history = [{"epoch": i, "val_loss": 0.5, "val_accuracy": acc} for i, acc in enumerate(dev)]
+    write_run(root, "table4", f"table4/{method}", method, lam, seed, {"val": {"accuracy": val}, "test": {"accuracy": test}},
+              config={"dataset": {"variant": variant}}, history=history, dataset=f"sst_{variant}")
+
+
+def test_sst_faithful_protocol_takes_the_best_epochs_dev_accuracy(tmp_path: Path) -> None:
+    # λ 100: best dev epochs 70.9 and 72.2 (→ int: 70, 72); λ 500: 80.5 and 79.9 (→ 80, 79), but
+    # λ 100 has the better dev accuracy of the restored model, so the protocols pick different λ.
+    for seed, (dev100, dev500) in enumerate(((70.9, 80.5), (72.2, 79.9))):
+        sst_run(tmp_path, "decoy", "cdep", 100, seed, [50.0, dev100, 60.0], val=69.0, test=68.0)
+        sst_run(tmp_path, "decoy", "cdep", 500, seed, [dev500, 55.0], val=60.0, test=58.0)
+    cells = tables.build("table4", "quick", tmp_path / OUTPUTS).cells.set_index(["protocol", "variant", "method"])
+    faithful, corrected = cells.loc[("faithful", "Random words", "CDEP")], cells.loc[("corrected", "Random words", "CDEP")]
+    assert faithful["lam"] == 500 and faithful["accuracy mean"] == 79.5
+    assert corrected["lam"] == 100 and corrected["accuracy mean"] == 68.0
+    assert math.isnan(cells.loc[("faithful", "Articles", "Vanilla"), "accuracy mean"])
+
+
+def test_cost_table_gives_ratios_to_vanilla(tmp_path: Path) -> None:
+    for method, lam, seconds in (("vanilla", 0, 2.0), ("cdep", 100, 6.0)):
+        write_run(tmp_path, "tableS1", f"tableS1/{method}", method, lam, 0, {"val": {"accuracy": 90.0}},
+                  seconds_per_epoch=seconds, dataset="decoymnist")
+    cells = tables.build("tableS1", "quick", tmp_path / OUTPUTS).cells.set_index("method")
+    assert cells.loc["CDEP", "time_ratio mean"] == 3.0 and cells.loc["Vanilla", "time_ratio mean"] == 1.0
+    assert math.isclose(cells.loc["CDEP", "time_ratio paper mean"], 17.1 / 4.7)
+
+
+def test_table_is_written_as_markdown_csv_and_latex(tmp_path: Path) -> None:
+    write_run(tmp_path, "table3", "table3/cdep", "cdep", 1, 0, compas_metrics(70, 68.0),
+              config={"dataset": {"hide_race": False}})
+    table = tables.build("table3", "quick", tmp_path / OUTPUTS)
+    written = table.write(tmp_path / "results")
+    assert [p.name for p in written] == ["table3.md", "table3.csv", "table3.tex", "table3_missing.csv"]
+    markdown = written[0].read_text()
+    assert "68.0" in markdown and "68.8 ± 0.3" in markdown and f"Missing runs: {table.expected - 1} of" in markdown
+    assert pd.read_csv(written[1]).shape[0] == len(tables.TABLES["table3"].rows)
+    assert "\\begin{tabular}" in written[2].read_text() and "(\\%)" in written[2].read_text()
+    assert len(pd.read_csv(written[3])) == table.expected - 1
