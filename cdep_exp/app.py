@@ -25,6 +25,7 @@ from cdep_exp.data.base import Splits
 from cdep_exp.data.word_vectors import load_glove
 from cdep_exp.metrics import compute_metrics
 from cdep_exp.provenance import device_name, git_revision, peak_memory_gib, reset_peak_memory, resolve_device
+from cdep_exp.shortcut import shortcut_reliance
 from cdep_exp.training import Evaluation, evaluate, fit
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,8 @@ def evaluate_splits(
     metric_names: list[str],
     val_weights: torch.Tensor | None,
 ) -> dict[str, dict[str, float]]:
-    """Loss and the dataset's metrics on validation and on every test set it declares.
+    """Loss and the dataset's metrics on validation and on every test set it declares, and the
+    shortcut reliance (`cdep_exp.shortcut`) under each counterfactual, as split `cf_<name>`.
 
     Decision thresholds (e.g. F1's, recorded as `f1_threshold`) are chosen on validation and
     reused on the test sets.
@@ -135,9 +137,15 @@ def evaluate_splits(
     results = {"val": scores(evaluate(model, make_loader(splits.val), device, val_weights),
                              metric_names, splits.groups.get("val"))}
     thresholds = {m: results["val"][f"{m}_threshold"] for m in metric_names if f"{m}_threshold" in results["val"]}
+    factual = {}
     for name, dataset in splits.tests.items():
-        results[name] = scores(evaluate(model, make_loader(dataset), device),
-                               metric_names, splits.groups.get(name), thresholds)
+        factual[name] = evaluate(model, make_loader(dataset), device)
+        results[name] = scores(factual[name], metric_names, splits.groups.get(name), thresholds)
+    for name, cf in splits.counterfactuals.items():
+        changed = evaluate(model, make_loader(cf.dataset), device)
+        if not np.array_equal(changed.labels, factual[cf.test].labels):
+            raise ValueError(f"counterfactual {name!r} does not hold the samples of {cf.test!r} in order")
+        results[f"cf_{name}"] = shortcut_reliance(factual[cf.test].probs, changed.probs, changed.labels)
     return results
 
 

@@ -6,6 +6,20 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 
+@dataclass(frozen=True)
+class Counterfactual:
+    """A test set changed only in its annotated features, for the shortcut-reliance metric.
+
+    `dataset` holds the samples of `Splits.tests[test]` in the same order and with the same
+    labels; only the features the annotation marks differ (e.g. the patch removed, the bias
+    word swapped). `description` says what was changed, in a few words.
+    """
+
+    test: str
+    dataset: Dataset
+    description: str
+
+
 @dataclass
 class Splits:
     """Datasets of one experiment.
@@ -17,6 +31,8 @@ class Splits:
     says where the data came from (recorded in every run's metrics.json). `batch_sampler`,
     when set, makes the training batches: called with (batch_size, generator) it returns a
     sampler of index lists (e.g. length buckets for text); otherwise batches are shuffled.
+    `counterfactuals` maps a name (e.g. "patch_removed") to a `Counterfactual` of a test set;
+    the app measures how far predictions move between the two (`cdep_exp.shortcut`).
     """
 
     train: Dataset
@@ -28,3 +44,4 @@ class Splits:
     collate_fn: Callable | None = None
     description: str = ""
     batch_sampler: Callable[[int, torch.Generator], Sampler[list[int]]] | None = None
+    counterfactuals: dict[str, Counterfactual] = field(default_factory=dict)
