@@ -2,7 +2,10 @@
 evaluate → record. Each step is a small function; the heavy lifting lives in the modules
 they call (data builders, models, `feature_cache`, penalties, `training`, `evaluation`)."""
 import logging
+import multiprocessing
+import os
 import random
+import sys
 from functools import partial
 from numbers import Real
 from pathlib import Path
@@ -10,14 +13,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, default_collate
 from torch.utils.tensorboard import SummaryWriter
 
 from cdep_exp.checkpoint import Checkpointer
+from cdep_exp.config_schema import check_target, check_trainer
 from cdep_exp.data.base import ANNOTATIONS, Splits
+from cdep_exp.data.fingerprint import splits_fingerprint
 from cdep_exp.data.word_vectors import load_glove
 from cdep_exp.errors import ConfigError
 from cdep_exp.evaluation import evaluate_splits
@@ -25,7 +32,10 @@ from cdep_exp.feature_cache import CacheSettings, cache_splits, frozen_backbone
 from cdep_exp.metrics import compute_metrics
 from cdep_exp.penalties.base import Penalty
 from cdep_exp.provenance import device_name, git_revision, peak_memory_gib, reset_peak_memory, resolve_device
-from cdep_exp.run_record import archive_previous, read_record, write_record
+from cdep_exp.run_identity import config_hash, config_identity, differences, register_resolvers
+from cdep_exp.run_record import (
+    archive_previous, has_outputs, read_identity, read_record, write_identity, write_record,
+)
 from cdep_exp.training import TrainerSettings, fit
 
 log = logging.getLogger(__name__)
@@ -34,25 +44,36 @@ log = logging.getLogger(__name__)
 DATASET_META_KEYS = ("name", "metrics")
 
 
-def run_tag(override_dirname: str) -> str:
-    """Last run-directory component: the overrides that do not already name the path."""
-    return override_dirname.replace("/", "_") or "default"
-
-
-OmegaConf.register_new_resolver("run_tag", run_tag, replace=True)
+register_resolvers()
 
 
 def validate(cfg: DictConfig) -> float:
-    """Fail before any work on settings that cannot run; returns λ."""
+    """Fail before any data loads on settings that cannot run (every key is named); returns λ."""
     lam = cfg.method.lam
     if isinstance(lam, bool) or not isinstance(lam, Real) or not np.isfinite(lam) or lam < 0:
         raise ConfigError(f"method.lam={lam!r} is invalid: λ must be a finite number >= 0 (e.g. method.lam=100).")
     if cfg.method.name == "vanilla" and lam != 0:
         raise ConfigError("method=vanilla has no penalty, so method.lam must be 0; choose method=cdep|rrr|eg.")
-    for key in ("batch_size", "max_epochs"):
-        if cfg.trainer[key] < 1:
-            raise ConfigError(f"trainer.{key}={cfg.trainer[key]} must be >= 1.")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise ConfigError(f"seed={cfg.seed!r} must be an integer >= 0.")
+    check_trainer(cfg.trainer)
+    check_target(cfg.dataset, "dataset", skip=DATASET_META_KEYS)
+    check_target(cfg.model, "model", skip=("embeddings",))
+    check_target(cfg.method.penalty, "method.penalty")
+    for group in ("optimizer", "scheduler"):
+        if cfg.get(group):
+            check_target(cfg[group], group)
     return float(lam)
+
+
+def check_splits(splits: Splits, builder: str) -> None:
+    """Every split must hold samples: an empty one fails here, before the first step."""
+    parts = {"train": splits.train, "val": splits.val, **splits.tests,
+             **{f"counterfactual {n}": cf.dataset for n, cf in splits.counterfactuals.items()}}
+    empty = [name for name, dataset in parts.items() if len(dataset) == 0]
+    if empty:
+        raise ConfigError(f"{builder} returned an empty {empty[0]} split; check the data files and the "
+                          f"dataset's split settings.")
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -63,15 +84,27 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
+def instantiate_plain(node: DictConfig, **kwargs):
+    """hydra.utils.instantiate, but a user error raised inside the target (a ConfigError, a
+    missing file) comes out as itself, not wrapped in Hydra's InstantiationException."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConfigError | FileNotFoundError):
+            raise err.__cause__ from None
+        raise
+
+
 def build_splits(dataset_cfg: DictConfig) -> Splits:
     """Call the dataset's builder (`_target_`) with its arguments; checks what it returns."""
     builder_cfg = {k: v for k, v in dataset_cfg.items() if k not in DATASET_META_KEYS}
-    splits = instantiate(OmegaConf.create(builder_cfg))
+    splits = instantiate_plain(OmegaConf.create(builder_cfg))
     if not isinstance(splits, Splits):
         raise ConfigError(f"dataset._target_={dataset_cfg._target_} must return cdep_exp.data.base.Splits, "
                           f"got {type(splits).__name__}.")
     if splits.annotation not in ANNOTATIONS:
         raise ConfigError(f"{dataset_cfg._target_} declares annotation {splits.annotation!r}; use one of {ANNOTATIONS}.")
+    check_splits(splits, dataset_cfg._target_)
     return splits
 
 
@@ -96,7 +129,7 @@ def build_model(model_cfg: DictConfig, splits: Splits) -> torch.nn.Module:
                 raise ConfigError(f"model.{key} is unset and the dataset does not fix it; set model.{key}=...")
             model_cfg[key] = contract[key]
     if not model_cfg.get("embeddings"):
-        return instantiate(model_cfg)
+        return instantiate_plain(model_cfg)
     if splits.vocab is None:
         raise ConfigError("model.embeddings (word vectors) needs a text dataset with a vocabulary.")
     return instantiate(model_cfg, embeddings=load_glove(model_cfg.embeddings, splits.vocab, model_cfg.embed_dim))
@@ -156,36 +189,125 @@ def make_loaders(splits: Splits, cfg: DictConfig, device: torch.device, generato
     return train, partial(loader, batch_size=cfg.trainer.eval_batch_size, shuffle=False)
 
 
+def progress_bars(setting: bool | str) -> bool:
+    """trainer.progress: true / false, or auto: bars in a terminal, one log line per epoch otherwise."""
+    return sys.stderr.isatty() if setting == "auto" else bool(setting)
+
+
+def steps_per_batch(scheduler: object | None) -> bool:
+    """Schedulers that expect a step per batch (one-cycle, cyclic) rather than per epoch."""
+    return isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR | torch.optim.lr_scheduler.CyclicLR)
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """Shuffling seed of one epoch, so a resumed run sees the same batches it would have seen."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def relative_to_data(text: str, data_dir: str) -> str:
+    """`text` with the data root's path (as given and absolute) written as <data_dir>, so
+    records and tables do not name the machine that made them."""
+    for root in sorted({str(Path(data_dir).resolve()), str(data_dir)}, key=len, reverse=True):
+        if root not in (".", ""):
+            text = text.replace(root, "<data_dir>")
+    return text
+
+
+def recorded_config(cfg: DictConfig) -> dict:
+    """The resolved config as metrics.json keeps it, data paths relative to the data root."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+
+    def relative(node):
+        if isinstance(node, dict):
+            return {k: relative(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [relative(v) for v in node]
+        return relative_to_data(node, cfg.paths.data_dir) if isinstance(node, str) else node
+
+    paths = config.pop("paths", None)
+    return {**relative(config), "paths": paths}
+
+
+def check_identity(run_dir: Path, identity: dict) -> None:
+    """Refuse to resume or skip a run directory made by another config or from other data."""
+    previous = read_identity(run_dir)
+    if previous is None:
+        return
+    if previous["config_hash"] != identity["config_hash"]:
+        changed = differences(previous["config"], identity["config"])
+        raise ConfigError(f"{run_dir} holds a run of another config (differs in {', '.join(changed[:5]) or 'its hash'}): "
+                          f"use another paths.output_dir, or trainer.force=true to archive it and start over.")
+    changed = differences(previous["data"], identity["data"])
+    if changed:
+        raise ConfigError(f"{run_dir} was trained on other data ({', '.join(changed[:4])} differ; was "
+                          f"{previous['description']!r}): use another paths.output_dir, or trainer.force=true "
+                          f"to archive it and start over.")
+
+
+def overrides() -> list[str]:
+    """The command-line overrides of this run, when Hydra launched it."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def check_launcher_alive() -> None:
+    """In a worker process of a local sweep (joblib), refuse to start when the sweep that
+    launched it has been killed (the worker was re-parented), instead of running queued jobs."""
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        raise ConfigError(f"The sweep process {parent.pid} that launched this run has stopped; not starting it.")
 
 
 def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     """Train and evaluate one configuration; returns the best validation loss (for sweepers).
 
     `run_dir` defaults to Hydra's output directory; tests and notebooks pass their own.
+    The directory is locked while the run works in it; a second process fails at once.
     """
+    check_launcher_alive()
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
     lam = validate(cfg)
-    previous = read_record(run_dir)
-    if previous is not None:
-        if not cfg.trainer.force:
-            log.info("Already finished: %s (trainer.force=true runs it again)", run_dir / "metrics.json")
-            return previous["best_val_loss"]
-        archive_previous(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(run_dir / ".lock")
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(f"{run_dir} is in use by another process running the same settings; wait for it "
+                          f"or choose another paths.output_dir.") from None
+    except OSError as err:
+        raise ConfigError(f"Cannot write the run directory {run_dir} ({err.strerror}); choose a writable "
+                          f"paths.output_dir.") from None
+    try:
+        return _run_locked(cfg, run_dir, lam)
+    finally:
+        lock.release()
 
+
+def _run_locked(cfg: DictConfig, run_dir: Path, lam: float) -> float:
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     device = resolve_device(cfg.device)
     reset_peak_memory(device)
     splits = build_splits(cfg.dataset)
+    description = relative_to_data(splits.description or cfg.dataset.name, cfg.paths.data_dir)
+    identity = {"config_hash": config_hash(cfg), "config": config_identity(cfg),
+                "data": splits_fingerprint(splits), "description": description}
+    previous = read_record(run_dir)
+    if cfg.trainer.force and has_outputs(run_dir):
+        log.info("trainer.force=true: archiving the earlier outputs of %s and starting over", run_dir)
+        archive_previous(run_dir)
+        previous = None
+    else:
+        check_identity(run_dir, identity)
+        if previous is not None:
+            log.info("Already finished: %s (trainer.force=true runs it again)", run_dir / "metrics.json")
+            return previous["best_val_loss"]
+    write_identity(identity, run_dir)
     model = build_model(cfg.model, splits).to(device)
     penalty = build_penalty(cfg.method)
     cache = CacheSettings(**OmegaConf.to_container(cfg.feature_cache, resolve=True))
     if use_feature_cache(model, penalty, cache, cfg.method.name):
         backbone, model = frozen_backbone(model)
         cache_dir = Path(cache.dir) if cache.dir else Path(cfg.paths.data_dir) / "cache" / "features"
-        splits = cache_splits(splits, backbone, cache, cache_dir, device, cfg.trainer.progress)
+        splits = cache_splits(splits, backbone, cache, cache_dir, device, progress_bars(cfg.trainer.progress))
     try:
         penalty.bind(splits.annotation)
     except ValueError as err:
@@ -193,8 +315,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     check_model_fits(model, splits, device)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     scheduler = instantiate(cfg.scheduler)(optimizer) if cfg.get("scheduler") else None
-    log.info("%s | %s λ=%g | %s on %s | run dir %s", splits.description or cfg.dataset.name,
-             cfg.method.name, lam, type(model).__name__, device, run_dir)
+    log.info("%s | %s λ=%g | %s on %s | run dir %s", description, cfg.method.name, lam,
+             type(model).__name__, device, run_dir)
 
     generator = torch.Generator()
     train_loader, eval_loader = make_loaders(splits, cfg, device, generator)
@@ -204,7 +326,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     checkpointer = Checkpointer(run_dir / "checkpoints", resume=cfg.trainer.resume)
     settings = TrainerSettings(
         max_epochs=cfg.trainer.max_epochs, patience=cfg.trainer.patience, two_step=cfg.trainer.two_step,
-        max_steps_per_epoch=cfg.trainer.max_steps_per_epoch, progress=cfg.trainer.progress,
+        max_steps_per_epoch=cfg.trainer.max_steps_per_epoch, progress=progress_bars(cfg.trainer.progress),
+        step_scheduler_per_batch=steps_per_batch(scheduler),
     )
 
     with SummaryWriter(run_dir / "tensorboard") as writer:
@@ -225,7 +348,10 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
 
     write_record({
         "dataset": cfg.dataset.name,
-        "data": splits.description,
+        "data": description,
+        "run_id": identity["config_hash"],
+        "data_fingerprint": identity["data"],
+        "overrides": overrides(),
         "method": cfg.method.name,
         "lam": lam,
         "seed": cfg.seed,
@@ -240,7 +366,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         "metrics": results,
         "history": state.history,
         "git": git_revision(Path(__file__).parent),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": recorded_config(cfg),
     }, run_dir)
     summary = ", ".join(f"{split} {k}={v:.4g}" for split, vals in results.items() for k, v in vals.items())
     log.info("Done: %s", summary)

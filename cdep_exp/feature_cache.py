@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from cdep_exp.cd import decompose
 from cdep_exp.data.base import Splits
+from cdep_exp.data.fingerprint import dataset_fingerprint, hash_tensor
 from cdep_exp.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -108,20 +109,8 @@ def module_fingerprint(module: nn.Module) -> str:
     """Hash of a module's parameters and buffers (names, shapes and values)."""
     digest = hashlib.sha256()
     for name, tensor in module.state_dict().items():
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def dataset_fingerprint(dataset: Dataset) -> str:
-    """The dataset's own `fingerprint()`, else a hash of every item's tensors (loads them all)."""
-    own = getattr(dataset, "fingerprint", None)
-    if callable(own):
-        return own()
-    digest = hashlib.sha256()
-    for i in range(len(dataset)):
-        for part in dataset[i]:
-            digest.update(torch.as_tensor(part).contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(name.encode())
+        hash_tensor(digest, tensor)
     return digest.hexdigest()
 
 

@@ -3,6 +3,7 @@
 The loop knows nothing of datasets or penalties: a batch is (x, y, annotation), the penalty
 returns (logits, value), and the loss is task_loss + λ·value.
 """
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from cdep_exp.evaluation import Evaluation, evaluate, to_device
 from cdep_exp.penalties.base import Penalty
 
 
+log = logging.getLogger(__name__)
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the run stops instead of training on garbage."""
 
@@ -29,7 +33,9 @@ class TrainerSettings:
     max_epochs: epochs at most. patience: stop after `patience` + 1 epochs without a lower
     validation loss (None: never stop early). two_step: the original RRR/EG protocol (one
     optimizer step on λ·penalty, then one on the task loss). max_steps_per_epoch: cap on
-    batches per epoch (None: all). progress: tqdm bars.
+    batches per epoch (None: all). progress: tqdm bars (a terminal), else one log line per
+    epoch (log files, SLURM). step_scheduler_per_batch: the scheduler steps after every batch
+    (one-cycle, cyclic); otherwise once per epoch, and ReduceLROnPlateau on the validation loss.
     """
 
     max_epochs: int
@@ -37,6 +43,7 @@ class TrainerSettings:
     two_step: bool = False
     max_steps_per_epoch: int | None = None
     progress: bool = True
+    step_scheduler_per_batch: bool = False
 
 
 def _check_finite(value: torch.Tensor, what: str) -> None:
@@ -59,8 +66,12 @@ def train_one_epoch(
     max_steps: int | None = None,
     progress: bool = True,
     desc: str = "train",
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> dict[str, float]:
-    """One pass over the training data; returns mean task loss and penalty.
+    """One pass over the training data; returns mean task loss, penalty and steps taken.
+
+    `scheduler`, when given, steps after every batch. Raises ValueError when the loader yields
+    no batch (nothing would be trained).
 
     `two_step` reproduces the original RRR/EG protocol: an optimizer step on λ·penalty, then a
     fresh forward and a step on the task loss.
@@ -89,10 +100,14 @@ def train_one_epoch(
             _check_finite(loss + lam * value, f"{desc} step {step}: loss")
             (loss + lam * value).backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         totals["task_loss"] += loss.item()
         totals["penalty"] += value.item()
         bar.set_postfix(loss=f"{loss.item():.3f}", pen=f"{value.item():.3g}")
-    return {k: v / max(steps, 1) for k, v in totals.items()}
+    if steps == 0:
+        raise ValueError(f"{desc}: the training loader gives no batch; check the training split and batch size")
+    return {k: v / steps for k, v in totals.items()}
 
 
 def fit(
@@ -129,16 +144,22 @@ def fit(
         train_stats = train_one_epoch(
             model, penalty, lam, train_loader, optimizer, task_loss, device,
             two_step=settings.two_step, max_steps=settings.max_steps_per_epoch, progress=settings.progress,
-            desc=f"epoch {epoch}",
+            desc=f"epoch {epoch}", scheduler=scheduler if settings.step_scheduler_per_batch else None,
         )
         val = evaluate(model, val_loader, device, val_class_weights)
         state.seconds += time.perf_counter() - start
         record = {"epoch": epoch, **train_stats, "val_loss": val.loss}
         if val_metrics is not None:
             record.update({f"val_{k}": v for k, v in val_metrics(val).items()})
-        if scheduler is not None:
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(val.loss)
+        elif scheduler is not None and not settings.step_scheduler_per_batch:
             scheduler.step()
         state.history.append(record)
+        if not settings.progress:
+            log.info("epoch %d/%d: %s, %.1f s", epoch + 1, settings.max_epochs,
+                     ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"),
+                     time.perf_counter() - start)
         for key, value in record.items():
             if key != "epoch":
                 writer.add_scalar(key, value, epoch)

@@ -28,9 +28,11 @@ ALLOWED = {
     "evaluation": LOWER | {"data", "metrics", "shortcut"},
     "training": LOWER | {"checkpoint", "evaluation", "penalties"},
     "run_record": LOWER,
+    "run_identity": LOWER,
+    "config_schema": LOWER,
     "gradcam": LOWER | {"models"},
     "app": LOWER | {"data", "models", "cd", "penalties", "metrics", "feature_cache", "checkpoint",
-                    "evaluation", "training", "run_record"},
+                    "evaluation", "training", "run_record", "run_identity", "config_schema"},
     "reporting": LOWER,
     **{part: set() for part in LOWER},
 }

@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from torchvision.models import VGG16_Weights
 from torchvision.models.vgg import cfgs, make_layers
 
+from cdep_exp.errors import ConfigError
+
 IMAGENET = VGG16_Weights.IMAGENET1K_V1
 POOLED = 7
 FEATURES = 512 * POOLED * POOLED
@@ -21,7 +23,7 @@ IMAGENET_HIDDEN = 4096
 IMAGENET_HEAD_LAYERS = (0, 3)
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(ConfigError):
     """The ImageNet weights are neither cached nor downloadable; the message says what to do."""
 
 

@@ -8,7 +8,7 @@
 import argparse
 from pathlib import Path
 
-from cdep_exp.reporting.records import collect, summarise
+from cdep_exp.reporting.records import collect, glob_records, summarise
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> None:
 
         for name in TABLES if "all" in args.table else args.table:
             table = build(name, args.scale, args.outputs)
+            if len(table.missing) >= table.expected:
+                raise SystemExit(f"{name}: no finished run under {args.outputs / args.scale / name}; the "
+                                 f"tables in {args.results / args.scale} are left as they are. Train first "
+                                 f"(make {name}).")
             written = table.write(args.results / args.scale)
             print(table.markdown(), f"\nWritten: {', '.join(map(str, written))}\n")
         return
@@ -36,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         written = write_figures(args.scale, args.outputs, args.results / "figures" / args.scale)
         print("\n".join(map(str, written)) or "No finished runs to plot yet (run `make tables` first).")
         return
-    paths = [p for p in Path().glob(args.glob) if "previous" not in p.parts]
+    paths = glob_records(args.glob)
     if not paths:
         raise SystemExit(f"No run records match {args.glob!r}; train something first (see README).")
     runs = collect(paths)
