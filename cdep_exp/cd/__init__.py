@@ -8,7 +8,7 @@ from cdep_exp.cd.rules import (
     register_rule,
     unregister_rule,
 )
-from cdep_exp.cd import lstm  # noqa: F401  (registers the LSTMClassifier rule)
+from cdep_exp.cd import lstm, text  # noqa: F401  (register the text classifiers' rules)
 
 __all__ = [
     "Decomposed", "DecompositionDriftError", "NodeDrift", "RuleOverrideWarning", "UnsupportedOperationError",

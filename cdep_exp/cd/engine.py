@@ -259,7 +259,7 @@ class _Plan:
         self.steps: list[tuple[int, Callable[[Env], Any]]] = []
         self.plain_steps: list[tuple[int, Callable[[Env], Any]]] = []
         self.names = [n.name for n in nodes]
-        self.ops = [n.op + ":" + str(n.target) for n in nodes]
+        self.ops = [_describe(n, model)[0] if n.op.startswith("call_") else n.op for n in nodes]
         self.model_name = type(model).__name__
         self.input: int | None = None
         self.output: int | None = None
@@ -371,8 +371,8 @@ def _totals(v: Any) -> Any:
 def _snapshot(v: Any) -> Any:
     if isinstance(v, Tensor):
         return v.detach().clone()
-    if isinstance(v, (tuple, list)):
-        return type(v)(_totals(t) for t in v)
+    if isinstance(v, (tuple, list)) and not isinstance(v, torch.Size):
+        return [_totals(t) for t in v]
     return None
 
 

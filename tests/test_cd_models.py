@@ -1,0 +1,127 @@
+"""Current architectures through CD: completeness in eval and train mode, empty/full masks, and a
+few CDEP training steps for each model built from its conf/model/*.yaml with hydra."""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+
+from cdep_exp.cd import decompose
+from cdep_exp.penalties import CDEP
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+VOCAB = 50
+
+# name → (config, overrides, input shape or "text"); small sizes keep the set fast.
+MODELS = {
+    "resnet18": ("resnet18", {}, (4, 3, 32, 32)),
+    "resnet50": ("resnet50", {}, (4, 3, 64, 64)),
+    "mobilenet_v3_small": ("mobilenet_v3_small", {}, (4, 3, 32, 32)),
+    "efficientnet_b0": ("efficientnet_b0", {}, (4, 3, 32, 32)),
+    "resnet18_decoymnist": ("resnet18", {"in_channels": 1}, (4, 1, 28, 28)),
+    "vit_small": ("vit_b_16", {"in_channels": 1, "image_size": 28, "patch_size": 7, "num_layers": 2,
+                               "num_heads": 2, "hidden_dim": 32, "mlp_dim": 64, "dropout": 0.1}, (4, 1, 28, 28)),
+    "vit_b_16": ("vit_b_16", {}, (2, 3, 28, 28)),
+    "transformer_text": ("transformer_text", {"vocab_size": VOCAB, "embed_dim": 16, "heads": 2, "ff_dim": 32}, "text"),
+    "gru_text": ("gru_text", {"vocab_size": VOCAB, "embed_dim": 16, "hidden": 12}, "text"),
+}
+SLOW = {"vit_b_16", "resnet50"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small models run faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def params(names):
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in names]
+
+
+def build(name: str) -> nn.Module:
+    config, overrides, _ = MODELS[name]
+    cfg = OmegaConf.merge(OmegaConf.load(CONF / f"{config}.yaml"), overrides)
+    torch.manual_seed(0)
+    model = instantiate(cfg)
+    for m in model.modules():  # torchvision zero-initialises ViT heads; random ones test more
+        if isinstance(m, nn.Linear) and not m.weight.any():
+            nn.init.normal_(m.weight, std=0.1)
+    return model
+
+
+def inputs(name: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, mask): images with a random pixel mask, or right-padded token ids with a token mask."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = MODELS[name][2]
+    if shape == "text":
+        tokens = torch.randint(1, VOCAB, (4, 9), generator=gen)
+        tokens[0, 5:] = 0
+        tokens[1, 2:] = 0
+        return tokens, torch.rand(4, 9, generator=gen) < 0.5
+    return torch.randn(shape, generator=gen), (torch.rand(1, 1, *shape[2:], generator=gen) < 0.5).float()
+
+
+def relative_error(model: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> float:
+    torch.manual_seed(7)  # the same dropout / stochastic-depth draws for both
+    rel, irrel = decompose(model, x, mask)
+    torch.manual_seed(7)
+    logits = model(x)
+    assert rel.shape == irrel.shape == logits.shape
+    return ((rel + irrel - logits).abs().max() / logits.abs().max()).item()
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("name", params(MODELS))
+def test_model_is_complete(name: str, mode: str) -> None:
+    model = getattr(build(name), mode)()
+    x, mask = inputs(name)
+    assert relative_error(model, x, mask) < 1e-4
+
+
+@pytest.mark.parametrize("name", params(MODELS))
+def test_empty_mask_gives_no_relevance_and_full_mask_no_irrelevance(name: str) -> None:
+    model = build(name).eval()
+    x, mask = inputs(name)
+    with torch.no_grad():
+        logits = model(x)
+        scale = logits.abs().max().item()
+        rel, irrel = decompose(model, x, torch.zeros_like(mask))
+        assert rel.abs().max() <= 1e-6 * scale
+        torch.testing.assert_close(irrel, logits, rtol=1e-4, atol=1e-5 * scale)
+        rel, irrel = decompose(model, x, torch.ones_like(mask))
+        assert irrel.abs().max() <= 1e-6 * scale
+        torch.testing.assert_close(rel, logits, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("name", params(MODELS))
+def test_cdep_trains_the_model(name: str) -> None:
+    """Three Adam steps of cross-entropy + CDEP: finite, every trainable parameter gets a gradient
+    from the penalty alone, and the steps change the decomposition."""
+    model = build(name).train()
+    x, mask = inputs(name)
+    text = MODELS[name][2] == "text"
+    y = torch.arange(x.shape[0]) % (2 if text else 10)
+    annotation = mask if text else mask.expand(x.shape[0], 1, *x.shape[2:])
+    penalty = CDEP(form="text" if text else "softmax")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    values = []
+    for step in range(3):
+        optimizer.zero_grad()
+        logits, value = penalty(model, x, y, annotation)
+        assert torch.isfinite(logits).all() and torch.isfinite(value)
+        if step == 0:
+            value.backward(retain_graph=True)
+            missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+            # Parameters that only read padding or never reach the output may lack a gradient.
+            assert len(missing) <= 2, missing
+            optimizer.zero_grad()
+        (F.cross_entropy(logits, y) + 10 * value).backward()
+        optimizer.step()
+        values.append(value.item())
+    assert values[0] != values[-1]
