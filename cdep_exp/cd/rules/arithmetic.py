@@ -56,13 +56,13 @@ def _times(v: Any, alpha: Any) -> Any:
     return Decomposed(v.rel_total * alpha) if isinstance(v, Decomposed) else v * alpha
 
 
-@register_rule(operator.add, operator.iadd, torch.add, "add", "add_")
+@register_rule(operator.add, torch.add, "add", "add_")
 def add(fn, a, b, *, alpha=1):
     """a + alpha·b: part by part; a constant term is a bias (split like Linear's)."""
     return _add(a, _times(b, alpha))
 
 
-@register_rule(operator.sub, operator.isub, torch.sub, "sub", "sub_")
+@register_rule(operator.sub, torch.sub, "sub", "sub_")
 def sub(fn, a, b, *, alpha=1):
     """a − alpha·b: as `add`."""
     b = _times(b, alpha)
@@ -75,7 +75,7 @@ def neg(fn, x: Decomposed) -> Decomposed:
     return _neg(x)
 
 
-@register_rule(operator.mul, operator.imul, torch.mul, "mul", "mul_")
+@register_rule(operator.mul, torch.mul, "mul", "mul_")
 def mul(fn, a, b) -> Decomposed:
     """a · b: linear in a decomposed factor times a constant; two decomposed factors: the
     product rule rel_a·rel_b → rel, cross terms → irrel (Murdoch et al. 2018)."""
@@ -86,7 +86,7 @@ def mul(fn, a, b) -> Decomposed:
     return Decomposed(_aligned(x, _rank(c)) * c)
 
 
-@register_rule(operator.truediv, operator.itruediv, torch.div, "div", "div_")
+@register_rule(operator.truediv, torch.div, "div", "div_")
 def div(fn, a, b, *, rounding_mode: str | None = None) -> Decomposed:
     """a / b: linear in a decomposed numerator; a decomposed divisor is held fixed at its
     full value (its total), as the normalisation rules hold their statistics fixed."""

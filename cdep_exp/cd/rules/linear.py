@@ -78,13 +78,16 @@ def conv_transpose(m: nn.modules.conv._ConvTransposeNd, x: Decomposed, output_si
     )
 
 
+_BROADCASTING = (operator.matmul, torch.matmul)
+
+
 def _matmul_parts(fn, a, b) -> Decomposed:
     """`fn(a, b)` with one or both factors decomposed: linear in the decomposed one, bilinear
     (rel·rel → rel, cross terms → irrel) when both are."""
     if isinstance(a, Decomposed) and isinstance(b, Decomposed):
         return Decomposed(torch.vmap(fn)(a.rel_total, b.rel_total))
     if isinstance(a, Decomposed):
-        if a.ndim >= 2 and b.ndim <= 2:  # broadcasting alone puts the stacking axis right
+        if fn in _BROADCASTING and a.ndim >= 2 and b.ndim <= 2:  # broadcasting alone puts the stacking axis right
             return Decomposed(fn(a.rel_total, b))
         return Decomposed(torch.vmap(lambda t: fn(t, b))(a.rel_total))
     return Decomposed(torch.vmap(lambda t: fn(a, t))(b.rel_total))

@@ -59,6 +59,20 @@ def max_pool_function(fn, x: Decomposed, *args, return_indices: bool = False, **
     return _max_pool_gather(x, pool, _F_MAX_POOL[fn], return_indices)
 
 
+_F_MAX_POOL_WITH_INDICES = {
+    F.max_pool1d_with_indices: 1, F.max_pool2d_with_indices: 2, F.max_pool3d_with_indices: 3,
+    F.adaptive_max_pool1d_with_indices: 1, F.adaptive_max_pool2d_with_indices: 2,
+    F.adaptive_max_pool3d_with_indices: 3,
+}
+
+
+@register_rule(*_F_MAX_POOL_WITH_INDICES)
+def max_pool_with_indices_function(fn, x: Decomposed, *args, return_indices: bool = True, **kwargs):
+    """What `F.max_pool2d(..., return_indices=True)` traces to: as `max_pool`, with the indices."""
+    pool = lambda t: fn(t, *args, **kwargs)
+    return _max_pool_gather(x, pool, _F_MAX_POOL_WITH_INDICES[fn], True)
+
+
 _AVG_POOL_MODULES = {
     nn.AvgPool1d: 3, nn.AvgPool2d: 4, nn.AvgPool3d: 5,
     nn.AdaptiveAvgPool1d: 3, nn.AdaptiveAvgPool2d: 4, nn.AdaptiveAvgPool3d: 5,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cdep_exp.cd.rules.bias import add_bias, constant_share, per_part, shift_dim, unsupported
-from cdep_exp.cd.rules.core import PLAIN_ATTRS, Decomposed, register_rule
+from cdep_exp.cd.rules.core import PLAIN_ATTRS, Decomposed, register_rule, total_of
 
 
 @register_rule(nn.Identity)
@@ -108,7 +108,8 @@ def getitem(fn, x, idx):
 
 @register_rule("contiguous", "clone", "detach", "float", "double", "half", "to", "type_as")
 def same_per_part(name: str, x: Decomposed, *args, **kwargs) -> Decomposed:
-    """Copies and casts: on each part."""
+    """Copies and casts: on each part (a decomposed `other` of .to/.type_as stands for its dtype)."""
+    args = [total_of(a) for a in args]
     return Decomposed(getattr(x.rel_total, name)(*args, **kwargs))
 
 
@@ -255,7 +256,7 @@ def pad(fn, x: Decomposed, pad: list[int], mode: str = "constant", value: float 
     return add_bias(out, fill)
 
 
-@register_rule(F.interpolate, F.upsample)
+@register_rule(F.interpolate)
 def interpolate(fn, x: Decomposed, *args, **kwargs) -> Decomposed:
     """Resampling (nearest, (bi/tri)linear, bicubic, area, with or without antialiasing)
     weights input entries by fixed coefficients: linear, applied to each part."""
