@@ -145,11 +145,22 @@ def _describe(node: fx.Node, model: nn.Module) -> tuple[str, Any]:
         return f"module {cls.__module__}.{cls.__qualname__} (at '{node.target}')", cls
     if node.op == "call_method":
         return f"Tensor method .{node.target}()", node.target
-    try:
-        name = fx.node._get_qualified_name(node.target)
-    except Exception:
-        name = repr(node.target)
+    _, name = importable_name(node.target)
     return f"function {name}", node.target
+
+
+def _enclosing_layer(node: fx.Node, model: nn.Module) -> str:
+    """A hint naming the innermost user module the node was traced inside, if any."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, cls = list(stack.values())[-1]
+    if not isinstance(cls, type) or cls.__module__.startswith("torch."):
+        return ""
+    imports, name = importable_name(cls)
+    line = f" ({imports})" if imports else ""
+    return (f"Or register one rule for the whole layer it sits in, {cls.__qualname__} at '{path}': "
+            f"@cdep_exp.cd.register_rule({name}){line}.\n")
 
 
 def _no_rule(node: fx.Node, model: nn.Module) -> UnsupportedOperationError:
@@ -161,6 +172,7 @@ def _no_rule(node: fx.Node, model: nn.Module) -> UnsupportedOperationError:
         f"{_registration_line(key)}\n"
         f"    def my_rule(target, x, *args, **kwargs):\n"
         f"        ...  # x is a cdep_exp.cd.Decomposed: x.rel_total stacks rel and rel + irrel\n\n"
+        f"{_enclosing_layer(node, model)}"
         f"cdep_exp/cd/rules/ explains rules and has helpers (per_part, linear_with_bias, elementwise); "
         f"docs/cd_rules.md lists the built-in ones."
     )
