@@ -125,3 +125,54 @@ def test_cdep_trains_the_model(name: str) -> None:
         optimizer.step()
         values.append(value.item())
     assert values[0] != values[-1]
+
+
+class HandWrittenBlock(nn.Module):
+    """A transformer block written out by hand: q @ k.T softmax attention, residual, LayerNorm,
+    squeeze-excitation-style gating of the features, mean pooling."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.proj = (nn.Linear(d, d) for _ in range(4))
+        self.norm = nn.LayerNorm(d)
+        self.gate = nn.Linear(d, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        attn = (q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5
+        x = self.norm(x + self.proj(attn.softmax(dim=-1) @ v))
+        x = x * torch.sigmoid(self.gate(x.mean(1, keepdim=True)))
+        return self.head(x.mean(1))
+
+
+class SqueezeExcitationCNN(nn.Module):
+    """Conv → GroupNorm → hand-written squeeze-excitation gate → pooled head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.squeeze, self.excite = nn.Linear(8, 4), nn.Linear(4, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.norm(self.conv(x)))
+        gate = torch.sigmoid(self.excite(F.relu(self.squeeze(h.mean((2, 3))))))
+        h = h * gate[:, :, None, None]
+        return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+@pytest.mark.parametrize("make, shape", [(HandWrittenBlock, (3, 6, 8)), (SqueezeExcitationCNN, (3, 3, 12, 12))])
+def test_hand_written_blocks_decompose_without_edits(make, shape) -> None:
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(shape)
+    mask = (torch.rand(1, *shape[1:]) < 0.5).float()
+    for mode in ("eval", "train"):
+        assert relative_error(getattr(model, mode)(), x, mask) < 1e-5
+    model.eval()
+    rel, irrel = decompose(model, x, torch.zeros_like(mask))
+    assert rel.abs().max() < 1e-6
+    rel, irrel = decompose(model, x, torch.ones_like(mask))
+    assert irrel.abs().max() < 1e-6
