@@ -22,6 +22,15 @@ from cdep_exp.cd import (
 from cdep_exp.cd.rules import lookup, module_rule, unregister_rule
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small models run faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def fc(weight) -> nn.Linear:
     w = torch.as_tensor(weight, dtype=torch.float32)
     layer = nn.Linear(w.shape[1], w.shape[0], bias=False)
