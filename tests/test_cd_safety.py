@@ -69,6 +69,26 @@ def test_inplace_activation_whose_input_is_reused_follows_eager_semantics(how: s
     assert rel.item() == 2.0 and irrel.item() == 0.0  # only the relevant feature is positive
 
 
+class InplaceAfterCast(nn.Module):
+    """A cast to the tensor's own dtype returns the tensor itself in eager, so relu_ on it updates h."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        h.float().relu_()
+        return h.contiguous().mul_(2) + h
+
+
+def test_inplace_update_through_a_no_op_cast_aliases_as_in_eager() -> None:
+    torch.manual_seed(0)
+    model, x = InplaceAfterCast(), torch.randn(3, 4)
+    rel, irrel = decompose(model, x, torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    torch.testing.assert_close(rel + irrel, model(x))
+
+
 class InplaceThroughView(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -186,7 +186,7 @@ def _plain_result(node: fx.Node) -> bool:
 
 
 _VIEW_METHODS = {"view", "view_as", "reshape", "flatten", "transpose", "permute", "squeeze", "unsqueeze", "expand",
-                 "expand_as", "narrow", "t", "chunk", "split", "unbind", "select", "as_strided", "unflatten"}
+                 "expand_as", "narrow", "t", "chunk", "split", "unbind", "select", "as_strided", "unflatten", "detach"}
 _VIEW_FUNCTIONS = {torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
                    torch.chunk, torch.split, torch.unbind, torch.narrow, torch.select}
 

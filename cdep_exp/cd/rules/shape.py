@@ -108,9 +108,12 @@ def getitem(fn, x, idx):
 
 @register_rule("contiguous", "clone", "detach", "float", "double", "half", "to", "type_as")
 def same_per_part(name: str, x: Decomposed, *args, **kwargs) -> Decomposed:
-    """Copies and casts: on each part (a decomposed `other` of .to/.type_as stands for its dtype)."""
+    """Copies and casts: on each part (a decomposed `other` of .to/.type_as stands for its dtype).
+    Where torch returns the tensor itself (a cast to its own dtype, .contiguous() of a
+    contiguous one) the value itself is returned, so later in-place updates alias as in eager."""
     args = [total_of(a) for a in args]
-    return Decomposed(getattr(x.rel_total, name)(*args, **kwargs))
+    out = getattr(x.rel_total, name)(*args, **kwargs)
+    return x if out is x.rel_total else Decomposed(out)
 
 
 @register_rule("permute", torch.permute)
