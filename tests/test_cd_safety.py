@@ -274,3 +274,15 @@ def test_drift_check_passes_on_correct_rules_and_leaves_state_as_one_forward() -
 
 def test_public_api_has_the_new_names() -> None:
     assert {"drift_report", "DecompositionDriftError", "RuleOverrideWarning", "unregister_rule"} <= set(cdep_exp.cd.__all__)
+
+
+@pytest.mark.parametrize("layer, x", [
+    (nn.LayerNorm(5, elementwise_affine=False), torch.randn(2, 3, 4)),
+    (nn.GroupNorm(2, 4, affine=False), torch.randn(2, 3, 3, 3)),
+    (nn.InstanceNorm2d(4), torch.randn(2, 4, 1, 1)),
+])
+def test_normalisation_refuses_what_the_plain_forward_refuses(layer: nn.Module, x: torch.Tensor) -> None:
+    with pytest.raises((RuntimeError, ValueError)) as plain:
+        layer(x)
+    with pytest.raises(type(plain.value)):
+        decompose(nn.Sequential(nn.Identity(), layer), x, torch.ones_like(x[:1]))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import operator
 from collections.abc import Callable
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -192,8 +193,6 @@ _VIEW_FUNCTIONS = {torch.flatten, torch.reshape, torch.transpose, torch.permute,
 
 
 def _is_view(node: fx.Node) -> bool:
-    import operator
-
     if node.op == "call_method":
         return node.target in _VIEW_METHODS
     if node.op == "call_function":

@@ -85,7 +85,16 @@ def _update_running_stats(m: nn.Module, mean: Tensor, var: Tensor, n: int) -> No
     m.running_var.lerp_((var * (n / max(n - 1, 1))).to(m.running_var.dtype), momentum)
 
 
+def _check_trailing(x: Decomposed, shape, what: str) -> None:
+    """Refuse, as the plain kernel does, an input whose trailing axes are not `shape`."""
+    shape = tuple(shape)
+    if tuple(x.shape[x.ndim - len(shape):]) != shape or x.ndim < len(shape):
+        raise RuntimeError(f"{what}: given normalized_shape={list(shape)}, expected input with shape "
+                           f"[*, {', '.join(map(str, shape))}], but got input of size {list(x.shape)}")
+
+
 def _layer_norm(x: Decomposed, shape, weight, bias, eps: float) -> Decomposed:
+    _check_trailing(x, shape, "layer_norm")
     dims = list(range(-len(shape), 0))
     out = _centred(x.rel_total, dims) * _rstd(x.total, dims, eps)
     return _affine(out, weight, bias, lambda v: v)
@@ -105,6 +114,7 @@ def layer_norm_function(fn, x: Decomposed, normalized_shape, weight=None, bias=N
 
 
 def _rms_norm(x: Decomposed, shape, weight, eps: float | None) -> Decomposed:
+    _check_trailing(x, shape, "rms_norm")
     dims = list(range(-len(shape), 0))
     total = x.total.float() if x.total.dtype in _LOW else x.total
     eps = torch.finfo(total.dtype).eps if eps is None else eps
@@ -128,7 +138,8 @@ if hasattr(nn, "RMSNorm"):
 def _group_norm(x: Decomposed, groups: int, weight, bias, eps: float) -> Decomposed:
     t = x.rel_total  # (2, B, C, *)
     if t.ndim < 3 or t.shape[2] % groups:
-        raise ValueError(f"group_norm: {t.shape[2] if t.ndim > 2 else '?'} channels do not split into {groups} groups")
+        raise RuntimeError(f"group_norm: expected the number of channels in input of size {list(x.shape)} "
+                           f"to be divisible by num_groups={groups}")
     grouped = t.reshape(2, t.shape[1], groups, -1)
     out = (_centred(grouped, [-1]) * _rstd(grouped[1], [-1], eps)).view_as(t)
     return _affine(out, weight, bias, lambda v: channel_view(v, x.ndim))
