@@ -66,7 +66,7 @@ _INPLACE_POSITION = {fn: _inplace_position(fn) for fn in _ELEMENTWISE_FUNCTIONS}
 
 
 @register_rule(*_ELEMENTWISE_FUNCTIONS)
-def activation_function(fn, x: Decomposed, *args, **kwargs) -> Decomposed:
+def activation_function(fn: Callable, x: Decomposed, *args, **kwargs) -> Decomposed:
     """Functional activations run out of place; `F.relu_` updates the decomposed value it was given."""
     if fn in (F.relu_, torch.relu_):
         x.rel_total = elementwise(torch.relu, x).rel_total

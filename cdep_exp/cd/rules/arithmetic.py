@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -57,26 +58,26 @@ def _times(v: Any, alpha: Any) -> Any:
 
 
 @register_rule(operator.add, torch.add, "add", "add_")
-def add(fn, a, b, *, alpha=1):
+def add(fn: Callable, a, b, *, alpha=1):
     """a + alpha·b: part by part; a constant term is a bias (split like Linear's)."""
     return _add(a, _times(b, alpha))
 
 
 @register_rule(operator.sub, torch.sub, "sub", "sub_")
-def sub(fn, a, b, *, alpha=1):
+def sub(fn: Callable, a, b, *, alpha=1):
     """a − alpha·b: as `add`."""
     b = _times(b, alpha)
     return _add(a, _neg(b)) if isinstance(b, Decomposed) else _add(a, -b)
 
 
 @register_rule(operator.neg, torch.neg, "neg")
-def neg(fn, x: Decomposed) -> Decomposed:
+def neg(fn: Callable, x: Decomposed) -> Decomposed:
     """−x: each part negated."""
     return _neg(x)
 
 
 @register_rule(operator.mul, torch.mul, "mul", "mul_")
-def mul(fn, a, b) -> Decomposed:
+def mul(fn: Callable, a, b) -> Decomposed:
     """a · b: linear in a decomposed factor times a constant; two decomposed factors: the
     product rule rel_a·rel_b → rel, cross terms → irrel (Murdoch et al. 2018)."""
     if isinstance(a, Decomposed) and isinstance(b, Decomposed):
@@ -87,7 +88,7 @@ def mul(fn, a, b) -> Decomposed:
 
 
 @register_rule(operator.truediv, torch.div, "div", "div_")
-def div(fn, a, b, *, rounding_mode: str | None = None) -> Decomposed:
+def div(fn: Callable, a, b, *, rounding_mode: str | None = None) -> Decomposed:
     """a / b: linear in a decomposed numerator; a decomposed divisor is held fixed at its
     full value (its total), as the normalisation rules hold their statistics fixed."""
     if rounding_mode is not None or not isinstance(a, Decomposed):
@@ -100,7 +101,7 @@ def div(fn, a, b, *, rounding_mode: str | None = None) -> Decomposed:
 
 
 @register_rule(operator.pow, torch.pow, "pow")
-def power(fn, x, exponent) -> Decomposed:
+def power(fn: Callable, x, exponent) -> Decomposed:
     """x ** p for a constant p: elementwise (rel' = rel^p, total' = total^p)."""
     if not isinstance(x, Decomposed) or isinstance(exponent, Decomposed):
         raise unsupported("a power with an exponent that depends on the input", "it is not elementwise in one value")
@@ -111,6 +112,6 @@ _UNARY = {"exp": torch.exp, "sqrt": torch.sqrt, "abs": torch.abs, "square": torc
 
 
 @register_rule(*_UNARY, *_UNARY.values())
-def unary(fn, x: Decomposed) -> Decomposed:
+def unary(fn: Callable, x: Decomposed) -> Decomposed:
     """exp, sqrt, abs, square, rsqrt (function or method): elementwise."""
     return elementwise(_UNARY[fn] if isinstance(fn, str) else fn, x)

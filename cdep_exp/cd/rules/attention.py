@@ -22,6 +22,7 @@ decomposition must match a seeded plain forward exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ def call_rule(target, *args, **kwargs):
 
 
 @register_rule(F.softmax, torch.softmax, "softmax")
-def softmax(fn, x, dim: int | None = None, *args, **kwargs) -> Tensor:
+def softmax(fn: Callable, x, dim: int | None = None, *args, **kwargs) -> Tensor:
     """Softmax of the full input, held fixed (not decomposed): see the module docstring."""
     op = torch.softmax if isinstance(fn, str) else fn
     return op(total_of(x), dim, *args, **kwargs)
@@ -73,7 +74,7 @@ def _attend(probs: Tensor, v: Decomposed) -> Tensor:
 
 
 @register_rule(F.scaled_dot_product_attention)
-def scaled_dot_product_attention(fn, query, key, value, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+def scaled_dot_product_attention(fn: Callable, query, key, value, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False):
     """Probabilities softmax(q·kᵀ·scale + mask) from the full q and k, held fixed; times each
     part of v. A boolean mask marks the positions that take part (as in PyTorch)."""

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import operator
 import string
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cdep_exp.cd.rules.bias import channel_view, linear_with_bias, per_part, unsupported
+from cdep_exp.cd.rules.bias import channel_view, linear_with_bias, unsupported
 from cdep_exp.cd.rules.core import Decomposed, Rule, register_rule
 
 
@@ -27,7 +28,7 @@ def linear_module(m: nn.Linear, x: Decomposed) -> Decomposed:
 
 
 @register_rule(F.linear)
-def linear_function(fn, x: Decomposed, weight: Tensor, bias: Tensor | None = None) -> Decomposed:
+def linear_function(fn: Callable, x: Decomposed, weight: Tensor, bias: Tensor | None = None) -> Decomposed:
     """`F.linear`: as `nn.Linear`."""
     return linear_with_bias(lambda t: F.linear(t, weight), x, bias)
 
@@ -47,7 +48,7 @@ register_rule(nn.Conv3d)(_conv_rule(5))
 
 
 def _f_conv_rule(batched_ndim: int) -> Rule:
-    def rule(fn, x: Decomposed, weight: Tensor, bias: Tensor | None = None, *args, **kwargs) -> Decomposed:
+    def rule(fn: Callable, x: Decomposed, weight: Tensor, bias: Tensor | None = None, *args, **kwargs) -> Decomposed:
         """Functional convolution: as the module."""
         b = None if bias is None else channel_view(bias, batched_ndim)
         return linear_with_bias(lambda t: fn(t, weight, None, *args, **kwargs), x, b, batched_ndim)
@@ -81,7 +82,7 @@ def conv_transpose(m: nn.modules.conv._ConvTransposeNd, x: Decomposed, output_si
 _BROADCASTING = (operator.matmul, torch.matmul)
 
 
-def _matmul_parts(fn, a, b) -> Decomposed:
+def _matmul_parts(fn: Callable, a, b) -> Decomposed:
     """`fn(a, b)` with one or both factors decomposed: linear in the decomposed one, bilinear
     (rel·rel → rel, cross terms → irrel) when both are."""
     if isinstance(a, Decomposed) and isinstance(b, Decomposed):
@@ -94,7 +95,7 @@ def _matmul_parts(fn, a, b) -> Decomposed:
 
 
 @register_rule(operator.matmul, torch.matmul, "matmul", torch.mm, "mm", torch.bmm, "bmm")
-def matmul(fn, a, b) -> Decomposed:
+def matmul(fn: Callable, a, b) -> Decomposed:
     """`a @ b`: linear in a decomposed factor; both decomposed: rel_a @ rel_b → rel, the
     cross terms → irrel (Murdoch et al. 2018's assignment of products)."""
     op = getattr(torch, fn) if isinstance(fn, str) else fn
@@ -109,7 +110,7 @@ def _implicit_output(inputs: list[str]) -> str:
 
 
 @register_rule(torch.einsum)
-def einsum(fn, equation: str, *operands) -> Decomposed:
+def einsum(fn: Callable, equation: str, *operands) -> Decomposed:
     """`torch.einsum`: the stacking axis becomes one more index, shared by every decomposed
     operand and kept in the output. One decomposed operand: linear; several: the product of
     the rel rows goes to rel and every cross term to irrel (as for `matmul`)."""

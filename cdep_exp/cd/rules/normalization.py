@@ -17,6 +17,8 @@ computed in float32, as PyTorch's own kernels do.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -108,7 +110,7 @@ def layer_norm(m: nn.LayerNorm, x: Decomposed) -> Decomposed:
 
 
 @register_rule(F.layer_norm)
-def layer_norm_function(fn, x: Decomposed, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> Decomposed:
+def layer_norm_function(fn: Callable, x: Decomposed, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> Decomposed:
     """`F.layer_norm`: as `nn.LayerNorm`."""
     return _layer_norm(x, tuple(normalized_shape), weight, bias, eps)
 
@@ -130,7 +132,7 @@ if hasattr(nn, "RMSNorm"):
         return _rms_norm(x, m.normalized_shape, m.weight, m.eps)
 
     @register_rule(F.rms_norm)
-    def rms_norm_function(fn, x: Decomposed, normalized_shape, weight=None, eps=None) -> Decomposed:
+    def rms_norm_function(fn: Callable, x: Decomposed, normalized_shape, weight=None, eps=None) -> Decomposed:
         """`F.rms_norm`: as `nn.RMSNorm`."""
         return _rms_norm(x, tuple(normalized_shape), weight, eps)
 
@@ -153,7 +155,7 @@ def group_norm(m: nn.GroupNorm, x: Decomposed) -> Decomposed:
 
 
 @register_rule(F.group_norm)
-def group_norm_function(fn, x: Decomposed, num_groups: int, weight=None, bias=None, eps: float = 1e-5) -> Decomposed:
+def group_norm_function(fn: Callable, x: Decomposed, num_groups: int, weight=None, bias=None, eps: float = 1e-5) -> Decomposed:
     """`F.group_norm`: as `nn.GroupNorm`."""
     return _group_norm(x, num_groups, weight, bias, eps)
 
@@ -194,7 +196,7 @@ def instance_norm(m: nn.modules.instancenorm._InstanceNorm, x: Decomposed) -> De
 
 
 @register_rule(F.instance_norm)
-def instance_norm_function(fn, x: Decomposed, running_mean=None, running_var=None, weight=None, bias=None,
+def instance_norm_function(fn: Callable, x: Decomposed, running_mean=None, running_var=None, weight=None, bias=None,
                            use_input_stats: bool = True, momentum: float = 0.1, eps: float = 1e-5) -> Decomposed:
     """`F.instance_norm`: as the modules."""
     return _instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)

@@ -53,7 +53,7 @@ _F_MAX_POOL = {
 
 
 @register_rule(*_F_MAX_POOL)
-def max_pool_function(fn, x: Decomposed, *args, return_indices: bool = False, **kwargs):
+def max_pool_function(fn: Callable, x: Decomposed, *args, return_indices: bool = False, **kwargs):
     """Functional max pooling: as `max_pool`."""
     pool = lambda t: fn(t, *args, return_indices=True, **kwargs)
     return _max_pool_gather(x, pool, _F_MAX_POOL[fn], return_indices)
@@ -67,7 +67,7 @@ _F_MAX_POOL_WITH_INDICES = {
 
 
 @register_rule(*_F_MAX_POOL_WITH_INDICES)
-def max_pool_with_indices_function(fn, x: Decomposed, *args, return_indices: bool = True, **kwargs):
+def max_pool_with_indices_function(fn: Callable, x: Decomposed, *args, return_indices: bool = True, **kwargs):
     """What `F.max_pool2d(..., return_indices=True)` traces to: as `max_pool`, with the indices."""
     pool = lambda t: fn(t, *args, **kwargs)
     return _max_pool_gather(x, pool, _F_MAX_POOL_WITH_INDICES[fn], True)
@@ -92,6 +92,6 @@ _F_AVG_POOL = {
 
 
 @register_rule(*_F_AVG_POOL)
-def avg_pool_function(fn, x: Decomposed, *args, **kwargs) -> Decomposed:
+def avg_pool_function(fn: Callable, x: Decomposed, *args, **kwargs) -> Decomposed:
     """Functional average pooling: as `avg_pool`."""
     return per_part(lambda t: fn(t, *args, **kwargs), x, _F_AVG_POOL[fn])

@@ -34,7 +34,7 @@ def dropout(m: nn.Module, x: Decomposed) -> Decomposed:
 
 
 @register_rule(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
-def dropout_function(fn, x: Decomposed, p: float = 0.5, training: bool = True, inplace: bool = False) -> Decomposed:
+def dropout_function(fn: Callable, x: Decomposed, p: float = 0.5, training: bool = True, inplace: bool = False) -> Decomposed:
     """Functional dropout: as the modules."""
     return _shared_dropout(x, p, training, None if fn is F.dropout else fn)
 
@@ -63,6 +63,6 @@ if StochasticDepth is not None:
         return _shared_stochastic_depth(x, m.p, m.mode, m.training)
 
     @register_rule(_stochastic_depth)
-    def stochastic_depth_function(fn, x: Decomposed, p: float, mode: str, training: bool = True) -> Decomposed:
+    def stochastic_depth_function(fn: Callable, x: Decomposed, p: float, mode: str, training: bool = True) -> Decomposed:
         """`torchvision.ops.stochastic_depth`: as the module."""
         return _shared_stochastic_depth(x, p, mode, training)

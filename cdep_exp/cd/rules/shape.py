@@ -6,6 +6,7 @@ class token, a non-zero padding value) needs a choice, made in `_constant_part`.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ def unflatten_module(m: nn.Unflatten, x: Decomposed) -> Decomposed:
 
 
 @register_rule(torch.flatten, "flatten")
-def flatten(fn, x: Decomposed, start_dim: int = 0, end_dim: int = -1) -> Decomposed:
+def flatten(fn: Callable, x: Decomposed, start_dim: int = 0, end_dim: int = -1) -> Decomposed:
     """torch.flatten / x.flatten on each part."""
     return Decomposed(x.rel_total.flatten(shift_dim(start_dim), shift_dim(end_dim)))
 
@@ -51,7 +52,7 @@ def view(name: str, x: Decomposed, *shape) -> Decomposed:
 
 
 @register_rule(torch.reshape)
-def reshape(fn, x: Decomposed, shape) -> Decomposed:
+def reshape(fn: Callable, x: Decomposed, shape) -> Decomposed:
     """torch.reshape on each part."""
     return Decomposed(x.rel_total.reshape(2, *shape))
 
@@ -75,7 +76,7 @@ def numel(name: str, x: Decomposed) -> int:
 
 
 @register_rule(getattr)
-def getattr_rule(fn, x, name: str, *default):
+def getattr_rule(fn: Callable, x, name: str, *default):
     """Shape-like attributes of a decomposed value; `.data`, `.T` and `.mT` per part."""
     if not isinstance(x, Decomposed):
         return getattr(x, name, *default)
@@ -99,7 +100,7 @@ def _index(idx: Any) -> tuple:
 
 
 @register_rule(operator.getitem)
-def getitem(fn, x, idx):
+def getitem(fn: Callable, x, idx):
     """Indexing: each part the same way (tuples and lists of values pass through)."""
     if isinstance(x, Decomposed):
         return Decomposed(x.rel_total[_index(idx)])
@@ -117,26 +118,26 @@ def same_per_part(name: str, x: Decomposed, *args, **kwargs) -> Decomposed:
 
 
 @register_rule("permute", torch.permute)
-def permute(name, x: Decomposed, *dims) -> Decomposed:
+def permute(name: str | Callable, x: Decomposed, *dims) -> Decomposed:
     """Axis permutation of each part."""
     dims = _shape_args(dims)
     return Decomposed(x.rel_total.permute(0, *(d % x.ndim + 1 for d in dims)))
 
 
 @register_rule("transpose", torch.transpose)
-def transpose(name, x: Decomposed, dim0: int, dim1: int) -> Decomposed:
+def transpose(name: str | Callable, x: Decomposed, dim0: int, dim1: int) -> Decomposed:
     """Transpose of two axes of each part."""
     return Decomposed(x.rel_total.transpose(shift_dim(dim0), shift_dim(dim1)))
 
 
 @register_rule("unsqueeze", torch.unsqueeze)
-def unsqueeze(name, x: Decomposed, dim: int) -> Decomposed:
+def unsqueeze(name: str | Callable, x: Decomposed, dim: int) -> Decomposed:
     """A new axis in each part."""
     return Decomposed(x.rel_total.unsqueeze(shift_dim(dim)))
 
 
 @register_rule("squeeze", torch.squeeze)
-def squeeze(name, x: Decomposed, dim: int | None = None) -> Decomposed:
+def squeeze(name: str | Callable, x: Decomposed, dim: int | None = None) -> Decomposed:
     """Size-1 axes removed from each part."""
     if dim is None:
         dims = [d + 1 for d, size in enumerate(x.rel_total.shape[1:]) if size == 1]
@@ -145,7 +146,7 @@ def squeeze(name, x: Decomposed, dim: int | None = None) -> Decomposed:
 
 
 @register_rule("mean", "sum", torch.mean, torch.sum)
-def reduce(name, x: Decomposed, dim=None, keepdim: bool = False, **kwargs) -> Decomposed:
+def reduce(name: str | Callable, x: Decomposed, dim=None, keepdim: bool = False, **kwargs) -> Decomposed:
     """Sums and means are linear: on each part."""
     op = name if isinstance(name, str) else name.__name__
     if dim is None:
@@ -155,13 +156,13 @@ def reduce(name, x: Decomposed, dim=None, keepdim: bool = False, **kwargs) -> De
 
 
 @register_rule("chunk", torch.chunk)
-def chunk(name, x: Decomposed, chunks: int, dim: int = 0) -> tuple[Decomposed, ...]:
+def chunk(name: str | Callable, x: Decomposed, chunks: int, dim: int = 0) -> tuple[Decomposed, ...]:
     """Chunks of each part."""
     return tuple(Decomposed(t) for t in x.rel_total.chunk(chunks, shift_dim(dim)))
 
 
 @register_rule("split", torch.split)
-def split(name, x: Decomposed, split_size, dim: int = 0) -> tuple[Decomposed, ...]:
+def split(name: str | Callable, x: Decomposed, split_size, dim: int = 0) -> tuple[Decomposed, ...]:
     """Splits of each part."""
     return tuple(Decomposed(t) for t in x.rel_total.split(split_size, shift_dim(dim)))
 
@@ -180,7 +181,7 @@ def _constant_part(c: Tensor, values: list[Decomposed], per_sample: bool) -> Dec
     return Decomposed(torch.stack((share * c, c.expand_as(c))))
 
 
-def _join(fn, tensors, dim: int) -> Decomposed:
+def _join(fn: Callable, tensors, dim: int) -> Decomposed:
     values = [t for t in tensors if isinstance(t, Decomposed)]
     ndim = values[0].ndim
     per_sample = (dim % (ndim + (fn is torch.stack))) != 0
@@ -190,14 +191,14 @@ def _join(fn, tensors, dim: int) -> Decomposed:
 
 
 @register_rule(torch.cat, torch.concat)
-def cat(fn, tensors, dim: int = 0) -> Decomposed:
+def cat(fn: Callable, tensors, dim: int = 0) -> Decomposed:
     """Concatenation of each part. A plain tensor among the inputs (a class token) is a
     constant: rel gets the share of it that `add_bias` would give a bias (`_constant_part`)."""
     return _join(torch.cat, tensors, dim)
 
 
 @register_rule(torch.stack)
-def stack(fn, tensors, dim: int = 0) -> Decomposed:
+def stack(fn: Callable, tensors, dim: int = 0) -> Decomposed:
     """Stacking of each part; plain inputs as in `cat`."""
     return _join(torch.stack, tensors, dim)
 
@@ -234,20 +235,20 @@ def repeat(name: str, x: Decomposed, *sizes) -> Decomposed:
 
 
 @register_rule(torch.repeat_interleave, "repeat_interleave")
-def repeat_interleave(fn, x: Decomposed, repeats, dim: int | None = None, **kwargs) -> Decomposed:
+def repeat_interleave(fn: Callable, x: Decomposed, repeats, dim: int | None = None, **kwargs) -> Decomposed:
     """Repeated entries of each part; without `dim` each part is flattened first, as in torch."""
     t = x.rel_total if dim is not None else x.rel_total.flatten(1)
     return Decomposed(t.repeat_interleave(repeats, dim=shift_dim(0 if dim is None else dim), **kwargs))
 
 
 @register_rule(torch.flip, "flip")
-def flip(fn, x: Decomposed, *dims) -> Decomposed:
+def flip(fn: Callable, x: Decomposed, *dims) -> Decomposed:
     """Each part reversed along `dims`."""
     return Decomposed(x.rel_total.flip([shift_dim(d) for d in _sizes(dims)]))
 
 
 @register_rule(F.pad)
-def pad(fn, x: Decomposed, pad: list[int], mode: str = "constant", value: float | None = None) -> Decomposed:
+def pad(fn: Callable, x: Decomposed, pad: list[int], mode: str = "constant", value: float | None = None) -> Decomposed:
     """Padding is linear for every mode with a zero fill. A non-zero fill value is a constant
     at the new positions, shared like a bias where both parts vanish (`add_bias`)."""
     if mode != "constant":
@@ -260,7 +261,7 @@ def pad(fn, x: Decomposed, pad: list[int], mode: str = "constant", value: float 
 
 
 @register_rule(F.interpolate)
-def interpolate(fn, x: Decomposed, *args, **kwargs) -> Decomposed:
+def interpolate(fn: Callable, x: Decomposed, *args, **kwargs) -> Decomposed:
     """Resampling (nearest, (bi/tri)linear, bicubic, area, with or without antialiasing)
     weights input entries by fixed coefficients: linear, applied to each part."""
     return per_part(lambda t: fn(t, *args, **kwargs), x, x.ndim)
@@ -279,6 +280,6 @@ def pixel_shuffle(m: nn.Module, x: Decomposed) -> Decomposed:
 
 
 @register_rule(F.pixel_shuffle, F.pixel_unshuffle, torch.channel_shuffle)
-def pixel_shuffle_function(fn, x: Decomposed, factor: int) -> Decomposed:
+def pixel_shuffle_function(fn: Callable, x: Decomposed, factor: int) -> Decomposed:
     """Functional pixel (un)shuffle and channel shuffle: as the modules."""
     return per_part(lambda t: fn(t, factor), x, x.ndim)
