@@ -230,6 +230,17 @@ add("pixel_shuffle", fn_case([nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuf
     s.ps(s.pu(t)) + torch.pixel_shuffle(torch.pixel_unshuffle(t, 2), 2) + s.cs(t) + torch.channel_shuffle(t, 2)), I,
     ps=lambda: nn.PixelShuffle(2), pu=lambda: nn.PixelUnshuffle(2), cs=lambda: nn.ChannelShuffle(2)))
 
+add("created_like", fn_case([torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like,
+                             "new_zeros", "new_ones", "new_full", "new_empty", "new_tensor"],
+                            lambda s, t: t + torch.zeros_like(t) + torch.ones_like(t) * 2 + torch.full_like(t, 0.5)
+                            + torch.empty_like(t).zero_() + t.new_zeros(t.shape) + t.new_ones(6) + t.new_full((6,), 3.0)
+                            + t.new_empty(6).fill_(1.0) + t.new_tensor([1.0] * 6), V))
+add("where", fn_case([torch.where, "masked_fill"], lambda s, t: (
+    torch.where(s.w[:4] > 0, t, t * 2) + torch.where(s.w[:4] > 0, t, 1.5) + torch.where(s.w[0] > 0, -1.0, t)
+    + t.masked_fill(s.w[:4] > 0, 0.25) + (t.masked_fill(s.w[:4] > 0.5, float("-inf")).softmax(-1) * t)), V))
+add("clamp", fn_case([torch.clamp, torch.clip, "clamp", "clip"], lambda s, t: (
+    torch.clamp(t, -0.5, 0.5) + torch.clip(t, min=0.0) + t.clamp(max=0.2) + t.clip(-1, 1)), V))
+
 COVERED = {key for case in CASES.values() for key in case.keys}
 
 

@@ -180,12 +180,12 @@ class UserLayer(nn.Module):
     """A user's layer with no rule, defined at module level (importable)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(x, 0, 1)
+        return torch.erf(x)
 
 
 @pytest.mark.parametrize("layer, key", [
     (Sorted(), torch.sort), (Modulo(), __import__("operator").mod), (Cumsum(), "cumsum"),
-    (nn.Softmax2d(), nn.Softmax2d), (UserLayer(), torch.clamp),
+    (nn.Softmax2d(), nn.Softmax2d), (UserLayer(), torch.erf),
 ])
 def test_suggested_registration_runs_as_printed(layer: nn.Module, key) -> None:
     model = nn.Sequential(nn.Conv2d(1, 2, 1), layer)
@@ -242,7 +242,7 @@ def test_drift_check_names_the_node_whose_rule_is_wrong() -> None:
     x, mask = torch.randn(5, 3), torch.tensor([1.0, 0.0, 0.0])
 
     @register_rule(Doubler)
-    def wrong(layer, h: Decomposed) -> Decomposed:  # forgets the clamp's upper half of the work
+    def wrong(layer, h: Decomposed) -> Decomposed:  # doubles instead of clamping
         return Decomposed(h.rel_total * 2)
 
     try:

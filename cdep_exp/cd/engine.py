@@ -275,6 +275,7 @@ class _Plan:
         self.input: int | None = None
         self.output: int | None = None
         decomposed: set[fx.Node] = set()
+        held_fixed: set[fx.Node] = set()  # results of rules that return plain values (softmax)
         for node in nodes:
             i = index[node]
             if node.op == "placeholder":
@@ -289,6 +290,12 @@ class _Plan:
                 self.attrs.append((i, tuple(node.target.split("."))))
             elif node.op == "output":
                 result = node.args[0]
+                if isinstance(result, fx.Node) and result in held_fixed:
+                    raise UnsupportedOperationError(
+                        f"{self.model_name}.forward returns a value the decomposition holds fixed (graph "
+                        f"node '{result.name}', e.g. softmax probabilities), not a decomposed one; "
+                        f"decompose the logits before it."
+                    )
                 if not isinstance(result, fx.Node) or result not in decomposed:
                     raise UnsupportedOperationError(
                         f"{type(model).__name__}.forward must return one tensor computed from x "
@@ -297,14 +304,16 @@ class _Plan:
                 self.output = index[result]
             else:
                 on_path = any(n in decomposed for n in node.all_input_nodes)
-                if on_path and not _plain_result(node):
-                    decomposed.add(node)
                 plain = self._plain(node, model)
+                fn = self._callable(node, model, on_path, plain)
+                if on_path and getattr(getattr(fn, "func", None), "returns_plain", False):
+                    held_fixed.add(node)
+                elif on_path and not _plain_result(node):
+                    decomposed.add(node)
                 load = _loader(node, index)
                 inplace = on_path and _inplace(node, model)
                 if inplace:
                     _check_inplace(node, index, model)
-                fn = self._callable(node, model, on_path, plain)
                 self.steps.append((i, _step(fn, plain, load, 0 if inplace else None, on_path)))
                 self.plain_steps.append((i, _step(plain, plain, load, None, False)))
 

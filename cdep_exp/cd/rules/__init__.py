@@ -32,6 +32,7 @@ from cdep_exp.cd.rules.core import (
     lookup,
     model_rule,
     module_rule,
+    plain_result,
     register_model_rule,
     register_rule,
     registered_keys,
@@ -67,6 +68,6 @@ from cdep_exp.cd.rules import (  # noqa: F401  (each module registers its family
 __all__ = [
     "EPS", "PLAIN_ATTRS", "PLAIN_METHODS", "Decomposed", "Rule", "RuleOverrideWarning", "UnsupportedOperationError",
     "add_bias", "channel_view", "constant_share", "elementwise", "eps_for", "importable_name", "linear_with_bias",
-    "lookup", "model_rule", "module_rule", "per_part", "register_model_rule", "register_rule", "registered_keys",
+    "lookup", "model_rule", "module_rule", "per_part", "plain_result", "register_model_rule", "register_rule", "registered_keys",
     "registry_version", "shift_dim", "split_bias", "total_of", "unregister_rule", "unsupported",
 ]

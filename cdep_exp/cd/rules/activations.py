@@ -102,3 +102,10 @@ def prelu(m: nn.PReLU, x: Decomposed) -> Decomposed:
     if x.ndim < 2:
         return Decomposed(F.prelu(t, m.weight))
     return Decomposed(F.prelu(t.flatten(0, 1), m.weight).unflatten(0, (2, t.shape[1])))
+
+
+@register_rule(torch.clamp, torch.clip, "clamp", "clip")
+def clamp(fn: Callable | str, x: Decomposed, *args, **kwargs) -> Decomposed:
+    """clamp/clip with constant bounds: elementwise."""
+    op = getattr(torch, fn) if isinstance(fn, str) else fn
+    return elementwise(lambda t: op(t, *args, **kwargs), x)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cdep_exp.cd.rules.bias import linear_with_bias, unsupported
-from cdep_exp.cd.rules.core import Decomposed, lookup, module_rule, register_rule, total_of
+from cdep_exp.cd.rules.core import Decomposed, lookup, module_rule, plain_result, register_rule, total_of
 
 
 def call_rule(target, *args, **kwargs):
@@ -41,6 +41,7 @@ def call_rule(target, *args, **kwargs):
 
 
 @register_rule(F.softmax, torch.softmax, "softmax")
+@plain_result
 def softmax(fn: Callable, x, dim: int | None = None, *args, **kwargs) -> Tensor:
     """Softmax of the full input, held fixed (not decomposed): see the module docstring."""
     op = torch.softmax if isinstance(fn, str) else fn
@@ -48,6 +49,7 @@ def softmax(fn: Callable, x, dim: int | None = None, *args, **kwargs) -> Tensor:
 
 
 @register_rule(nn.Softmax)
+@plain_result
 def softmax_module(m: nn.Softmax, x) -> Tensor:
     """nn.Softmax: as `softmax`."""
     return m(total_of(x))

@@ -101,6 +101,13 @@ def register_rule(*keys: Any, replace: bool = False) -> Callable[[Rule], Rule]:
     return deco
 
 
+def plain_result(fn: Rule) -> Rule:
+    """Mark a rule whose result is never decomposed (a value held fixed, or a constant made from
+    a value's shape), so the engine treats what follows as plain computation."""
+    fn.returns_plain = True
+    return fn
+
+
 def unregister_rule(*keys: Any) -> None:
     """Remove the rules registered for `keys` (missing keys are ignored)."""
     for key in keys:
@@ -200,6 +207,6 @@ def importable_name(key: Any) -> tuple[str | None, str]:
 
 __all__ = [
     "Decomposed", "PLAIN_ATTRS", "PLAIN_METHODS", "Rule", "RuleOverrideWarning", "UnsupportedOperationError",
-    "importable_name", "lookup", "model_rule", "module_rule", "register_model_rule", "register_rule",
+    "importable_name", "lookup", "plain_result", "model_rule", "module_rule", "register_model_rule", "register_rule",
     "registered_keys", "registry_version", "total_of", "unregister_rule",
 ]

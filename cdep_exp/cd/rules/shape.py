@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cdep_exp.cd.rules.bias import add_bias, constant_share, per_part, shift_dim, unsupported
-from cdep_exp.cd.rules.core import PLAIN_ATTRS, Decomposed, register_rule, total_of
+from cdep_exp.cd.rules.core import PLAIN_ATTRS, Decomposed, plain_result, register_rule, total_of
 
 
 @register_rule(nn.Identity)
@@ -283,3 +283,50 @@ def pixel_shuffle(m: nn.Module, x: Decomposed) -> Decomposed:
 def pixel_shuffle_function(fn: Callable, x: Decomposed, factor: int) -> Decomposed:
     """Functional pixel (un)shuffle and channel shuffle: as the modules."""
     return per_part(lambda t: fn(t, factor), x, x.ndim)
+
+
+_LIKE = {torch.zeros_like: "zeros_like", torch.ones_like: "ones_like", torch.full_like: "full_like",
+         torch.empty_like: "empty_like"}
+
+
+@register_rule(*_LIKE, "new_zeros", "new_ones", "new_full", "new_empty", "new_tensor")
+@plain_result
+def created_like(fn: Callable | str, x, *args, **kwargs) -> Tensor:
+    """Tensors made from a value's shape, dtype or device only (zeros_like, x.new_ones(...)) do
+    not depend on its entries: they are plain constants, computed from the total."""
+    if isinstance(fn, str):
+        return getattr(total_of(x), fn)(*args, **kwargs)
+    return fn(total_of(x), *args, **kwargs)
+
+
+def _fill(x: Decomposed, where: Tensor, value: Tensor | float) -> Decomposed:
+    """x with `value` (a constant) at `where`: rel gets the share s of it that `add_bias` gives
+    a bias where both parts vanish (per sample), with 0·(±inf) read as 0, so −inf masks stay
+    finite in rel."""
+    share = constant_share([x], x.ndim).to(x.rel_total.dtype)
+    value = torch.as_tensor(value, dtype=x.rel_total.dtype, device=x.rel_total.device)
+    rel_fill = torch.where(share == 0, torch.zeros((), dtype=value.dtype, device=value.device), share * value)
+    return Decomposed(torch.stack((torch.where(where, rel_fill, x.rel), torch.where(where, value, x.total))))
+
+
+@register_rule("masked_fill")
+def masked_fill(name: str, x: Decomposed, mask: Tensor, value) -> Decomposed:
+    """x.masked_fill(mask, v) with a plain mask: a selection, and the constant v at the masked
+    positions (`_fill`)."""
+    return _fill(x, total_of(mask).bool(), total_of(value))
+
+
+@register_rule(torch.where)
+def where(fn: Callable, condition, a, b) -> Decomposed:
+    """torch.where(c, a, b) with a plain condition: a selection of each part; a plain branch is
+    a constant (`_fill`)."""
+    if isinstance(condition, Decomposed):
+        raise unsupported("torch.where with a condition computed from the input",
+                          "compute the condition from a plain value, or register a rule")
+    if isinstance(a, Decomposed) and isinstance(b, Decomposed):
+        shape = torch.broadcast_shapes(a.shape, b.shape)
+        return Decomposed(torch.where(condition, a.rel_total.expand(2, *shape), b.rel_total.expand(2, *shape)))
+    x, c, take = (a, b, ~condition) if isinstance(a, Decomposed) else (b, a, condition)
+    shape = torch.broadcast_shapes(x.shape, condition.shape, torch.as_tensor(c).shape)
+    x = Decomposed(x.rel_total.expand(2, *shape))
+    return _fill(x, take.expand(shape), torch.as_tensor(c, dtype=x.rel_total.dtype, device=x.rel_total.device).expand(shape))
