@@ -286,3 +286,15 @@ def test_normalisation_refuses_what_the_plain_forward_refuses(layer: nn.Module, 
         layer(x)
     with pytest.raises(type(plain.value)):
         decompose(nn.Sequential(nn.Identity(), layer), x, torch.ones_like(x[:1]))
+
+
+def test_drift_check_covers_whole_model_rules() -> None:
+    from cdep_exp.models.text import GRUClassifier
+
+    torch.manual_seed(0)
+    model = GRUClassifier(20, embed_dim=6, hidden=5, num_classes=3)
+    tokens = torch.randint(1, 20, (3, 7))
+    (entry,) = drift_report(model, tokens, torch.rand(3, 7) < 0.5)
+    assert entry.node == "output" and entry.rel_error < 1e-5
+    rel, irrel = decompose(model, tokens, torch.rand(3, 7) < 0.5, check=True)
+    torch.testing.assert_close(rel + irrel, model(tokens))

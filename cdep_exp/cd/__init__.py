@@ -1,5 +1,6 @@
 """Contextual decomposition (CD) of any fx-traceable model, plus rules for whole models."""
-from cdep_exp.cd.engine import DecompositionDriftError, NodeDrift, decompose, drift_report, propagate
+from cdep_exp.cd.check import DecompositionDriftError, NodeDrift, drift_report
+from cdep_exp.cd.engine import decompose, propagate
 from cdep_exp.cd.rules import (
     Decomposed,
     RuleOverrideWarning,

@@ -18,11 +18,10 @@ Two guarantees beyond the rules themselves:
   cannot be followed and raises UnsupportedOperationError.
 * `decompose(..., check=True)` runs the plain forward node by node next to the decomposition
   and raises DecompositionDriftError naming the first node where rel + irrel leaves the
-  plain value; `drift_report` returns the per-node numbers.
+  plain value; `drift_report` returns the per-node numbers (cdep_exp/cd/check.py).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import operator
@@ -48,23 +47,6 @@ from cdep_exp.cd.rules import (
 
 Env = list
 _MAX_PLANS = 8  # per model; a model whose attributes keep changing still has a bounded cache
-
-
-class DecompositionDriftError(RuntimeError):
-    """rel + irrel left the plain forward's value at some node (decompose(..., check=True))."""
-
-
-@dataclasses.dataclass(frozen=True)
-class NodeDrift:
-    """How far one graph node's rel + irrel is from the plain forward's value there.
-
-    `rel_error` is max |rel + irrel − plain| / max |plain| over the node's output(s).
-    """
-
-    node: str
-    op: str
-    max_abs_error: float
-    rel_error: float
 
 
 class _Tracer(fx.Tracer):
@@ -396,23 +378,6 @@ def _snapshot(v: Any) -> Any:
     return None
 
 
-def _drift(ours: Any, plain: Any) -> tuple[float, float] | None:
-    """(max abs error, relative error) between matching tensors of two results, or None."""
-    if isinstance(ours, Tensor) and isinstance(plain, Tensor):
-        if ours.shape != plain.shape or not plain.dtype.is_floating_point:
-            return None
-        err = (ours.double() - plain.double()).abs()
-        if err.numel() == 0:
-            return 0.0, 0.0
-        scale = plain.double().abs().max().clamp_min(torch.finfo(plain.dtype).tiny)
-        err = torch.nan_to_num(err, nan=float("inf"))
-        return float(err.max()), float(err.max() / scale)
-    if isinstance(ours, (tuple, list)) and isinstance(plain, (tuple, list)):
-        found = [d for d in (_drift(a, b) for a, b in zip(ours, plain)) if d is not None]
-        return (max(d[0] for d in found), max(d[1] for d in found)) if found else None
-    return None
-
-
 _PLANS: WeakKeyDictionary[nn.Module, dict[tuple, _Plan]] = WeakKeyDictionary()
 _STATE_TYPES = (bool, int, float, str, type(None))
 
@@ -478,54 +443,6 @@ def propagate(model: nn.Module, x: Decomposed, *extras: Any) -> Decomposed:
     return _plan(model).run(model, x.rel_total, extras)
 
 
-def _buffers_state(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
-    return [(b, b.detach().clone()) for b in model.buffers()]
-
-
-def drift_report(
-    model: nn.Module, x: Tensor, mask: Tensor | None = None, *, rel: Tensor | None = None
-) -> list[NodeDrift]:
-    """Per graph node, how far rel + irrel is from the plain forward's value (in graph order).
-
-    The decomposition and a plain node-by-node forward run from the same random state; the
-    model's buffers (batch-norm statistics) and the random state are left as they were. A node whose
-    rule is wrong shows the first jump in `rel_error`; later nodes inherit it. A whole-model
-    rule (the LSTM) gets a single 'output' entry.
-    """
-    rel_total = _initial(x, mask, rel)
-    devices = [x.device] if x.device.type == "cuda" else []
-    whole = model_rule(type(model))
-    with torch.random.fork_rng(devices=devices):
-        state = torch.random.get_rng_state()
-        cuda_state = torch.cuda.get_rng_state(x.device) if devices else None
-        saved = _buffers_state(model)
-        if whole is not None:
-            r, i = whole(model, x, mask)
-            ours = [("output", "model rule", (r + i).detach())]
-        else:
-            plan = _plan(model)
-            record: list = []
-            plan.run(model, rel_total, (), record)
-            ours = [(plan.names[i], plan.ops[i], v) for i, v in record]
-        for b, old in saved:
-            b.data.copy_(old)
-        torch.random.set_rng_state(state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state, x.device)
-        if whole is not None:
-            plain = [model(x).detach()]
-        else:
-            plain = [v for _, v in plan.run_plain(model, x.clone())]
-        for b, old in saved:
-            b.data.copy_(old)
-    report = []
-    for (name, op, a), b in zip(ours, plain):
-        d = _drift(a, b)
-        if d is not None:
-            report.append(NodeDrift(name, op, *d))
-    return report
-
-
 def _initial(x: Tensor, mask: Tensor | None, rel: Tensor | None) -> Tensor:
     if (mask is None) == (rel is None):
         raise TypeError("decompose needs exactly one of mask= (features to credit) or rel= (their part of x)")
@@ -560,15 +477,9 @@ def decompose(
     operation without a rule, TypeError/ValueError for bad mask/rel arguments.
     """
     if check:
-        tol = 1e-4 if check is True else float(check)
-        for d in drift_report(model, x, mask, rel=rel):
-            if not d.rel_error <= tol:
-                raise DecompositionDriftError(
-                    f"rel + irrel leaves the plain forward at graph node '{d.node}' ({d.op}) of "
-                    f"{type(model).__name__}: relative error {d.rel_error:.3g} > {tol:g} (max abs "
-                    f"{d.max_abs_error:.3g}). That node's rule (or an in-place or state effect it misses) "
-                    f"is wrong; drift_report() lists every node."
-                )
+        from cdep_exp.cd.check import raise_on_drift  # the check builds on this module
+
+        raise_on_drift(model, x, mask, rel, 1e-4 if check is True else float(check))
     whole = model_rule(type(model))
     if whole is not None:
         if rel is not None:
