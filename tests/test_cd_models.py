@@ -103,8 +103,8 @@ def test_empty_mask_gives_no_relevance_and_full_mask_no_irrelevance(name: str) -
 
 @pytest.mark.parametrize("name", params(MODELS))
 def test_cdep_trains_the_model(name: str) -> None:
-    """Three Adam steps of cross-entropy + CDEP: finite, every trainable parameter gets a gradient
-    from the penalty alone, and the steps change the decomposition."""
+    """Three Adam steps of cross-entropy + CDEP: finite, every parameter gets a non-zero gradient
+    from the penalty alone, and the steps change the penalty."""
     model = build(name).train()
     x, mask = inputs(name)
     text = MODELS[name][2] == "text"
@@ -119,9 +119,8 @@ def test_cdep_trains_the_model(name: str) -> None:
         assert torch.isfinite(logits).all() and torch.isfinite(value)
         if step == 0:
             value.backward(retain_graph=True)
-            missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-            # Parameters that only read padding or never reach the output may lack a gradient.
-            assert len(missing) <= 2, missing
+            missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+            assert not missing, missing
             optimizer.zero_grad()
         (F.cross_entropy(logits, y) + 10 * value).backward()
         optimizer.step()
