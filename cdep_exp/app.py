@@ -36,7 +36,7 @@ from cdep_exp.run_identity import config_hash, config_identity, differences, reg
 from cdep_exp.run_record import (
     archive_previous, has_outputs, read_identity, read_record, write_identity, write_record,
 )
-from cdep_exp.training import TrainerSettings, fit
+from cdep_exp.training import Precision, TrainerSettings, fit
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +313,10 @@ def _run_locked(cfg: DictConfig, run_dir: Path, lam: float) -> float:
     except ValueError as err:
         raise ConfigError(f"method={cfg.method.name} on dataset {cfg.dataset.name}: {err}.") from err
     check_model_fits(model, splits, device)
+    try:
+        Precision(cfg.trainer.precision, device)
+    except ValueError as err:
+        raise ConfigError(f"{err}.") from err
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     scheduler = instantiate(cfg.scheduler)(optimizer) if cfg.get("scheduler") else None
     log.info("%s | %s λ=%g | %s on %s | run dir %s", description, cfg.method.name, lam,
@@ -327,7 +331,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, lam: float) -> float:
     settings = TrainerSettings(
         max_epochs=cfg.trainer.max_epochs, patience=cfg.trainer.patience, two_step=cfg.trainer.two_step,
         max_steps_per_epoch=cfg.trainer.max_steps_per_epoch, progress=progress_bars(cfg.trainer.progress),
-        step_scheduler_per_batch=steps_per_batch(scheduler),
+        step_scheduler_per_batch=steps_per_batch(scheduler), precision=str(cfg.trainer.precision),
     )
 
     with SummaryWriter(run_dir / "tensorboard") as writer:

@@ -102,6 +102,7 @@ TRAINER_SCHEMA: dict[str, tuple[type | tuple[type, ...], int | None, bool]] = {
     "restore_best": (bool, None, False), "weighted_val_loss": (bool, None, False),
     "two_step": (bool, None, False), "resume": (bool, None, False), "force": (bool, None, False),
     "progress": ((bool, str), None, False), "deterministic": (bool, None, False),
+    "precision": ((int, str), None, False),
 }
 
 
@@ -123,5 +124,7 @@ def check_trainer(trainer: DictConfig) -> None:
             raise ConfigError(f"trainer.{name}={value!r} must be {what}.")
         if minimum is not None and value < minimum:
             raise ConfigError(f"trainer.{name}={value} must be >= {minimum}" + (" or null." if nullable else "."))
+    if "precision" in trainer and str(trainer.precision) not in ("32", "bf16", "16"):
+        raise ConfigError(f"trainer.precision={trainer.precision!r} must be one of 32, bf16, 16.")
     if trainer.get("progress") not in (True, False, "auto"):
         raise ConfigError(f"trainer.progress={trainer.get('progress')!r} must be true, false or auto.")
