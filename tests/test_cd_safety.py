@@ -127,6 +127,33 @@ def test_changing_an_attribute_that_forward_reads_is_followed() -> None:
         torch.testing.assert_close(rel + irrel, model(x))
 
 
+class Skipper(nn.Module):
+    """A list attribute chooses which layers run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(3, 3) for _ in range(3))
+        self.skip = [1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            if i not in self.skip:
+                x = layer(x)
+        return x
+
+
+def test_changing_a_list_attribute_that_forward_reads_is_followed() -> None:
+    torch.manual_seed(0)
+    model, x, mask = Skipper(), torch.randn(4, 3), torch.tensor([1.0, 0.0, 1.0])
+    for skip in ([1], [0, 2], [1]):
+        model.skip = skip
+        rel, irrel = decompose(model, x, mask)
+        torch.testing.assert_close(rel + irrel, model(x))
+    model.skip.append(0)  # mutated in place, not replaced
+    rel, irrel = decompose(model, x, mask)
+    torch.testing.assert_close(rel + irrel, model(x))
+
+
 def test_replacing_a_layer_is_followed() -> None:
     torch.manual_seed(0)
     model, x, mask = Branchy(), torch.randn(4, 3), torch.tensor([1.0, 0.0, 1.0])

@@ -4,7 +4,8 @@ The model is traced on its first call and the result compiled into a plan: one s
 node, each with its rule already looked up and its argument layout fixed, so a training loop
 pays only for the rules themselves. Plans are cached per model instance and per *state* of its
 modules: the identity of every submodule and each one's plain attributes (bools, numbers,
-strings, None and tuples of them: `training`, a flag choosing a branch, a dropout rate),
+strings, None, and small lists, tuples, sets and dicts of them: `training`, a flag choosing a
+branch, a dropout rate, a list of layers to skip),
 since tracing bakes the branches they choose into the graph. Changing such an attribute, or
 replacing a layer, selects (or builds) another plan; nothing has to be cleared by hand.
 Registering a rule rebuilds the plans. The cache holds no reference to the model itself.
@@ -380,6 +381,26 @@ def _snapshot(v: Any) -> Any:
 
 _PLANS: WeakKeyDictionary[nn.Module, dict[tuple, _Plan]] = WeakKeyDictionary()
 _STATE_TYPES = (bool, int, float, str, type(None))
+_UNTRACKED = object()
+
+
+def _plain_state(value: Any, depth: int = 0) -> Any:
+    """A hashable image of a plain attribute (numbers, strings, and lists, tuples, sets and dicts
+    of them), or _UNTRACKED for anything else (tensors, modules, callables)."""
+    if isinstance(value, _STATE_TYPES):
+        return value
+    if depth > 3 or not isinstance(value, (tuple, list, set, frozenset, dict)) or len(value) > 64:
+        return _UNTRACKED
+    items = sorted(value.items(), key=repr) if isinstance(value, dict) else (
+        sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value)
+    out = []
+    for item in items:
+        parts = item if isinstance(value, dict) else (item,)
+        images = tuple(_plain_state(p, depth + 1) for p in parts)
+        if any(i is _UNTRACKED for i in images):
+            return _UNTRACKED
+        out.append(images)
+    return (type(value).__name__, tuple(out))
 
 
 def _state_key(model: nn.Module) -> tuple:
@@ -390,10 +411,9 @@ def _state_key(model: nn.Module) -> tuple:
         for name, value in m.__dict__.items():
             if name[0] == "_":
                 continue
-            if isinstance(value, _STATE_TYPES) or (
-                isinstance(value, tuple) and all(isinstance(v, _STATE_TYPES) for v in value)
-            ):
-                key.append((name, value))
+            image = _plain_state(value)
+            if image is not _UNTRACKED:
+                key.append((name, image))
     return tuple(key)
 
 
