@@ -47,8 +47,13 @@ def params(names):
 
 
 def build(name: str) -> nn.Module:
-    config, overrides, _ = MODELS[name]
+    config, overrides, shape = MODELS[name]
     cfg = OmegaConf.merge(OmegaConf.load(CONF / f"{config}.yaml"), overrides)
+    # What the app fills in from the data (`???` in the configs): 10 image classes, RGB, 2 text classes.
+    contract = {"num_classes": 2 if shape == "text" else 10, "in_channels": 3}
+    for key, value in contract.items():
+        if key in cfg.keys() and OmegaConf.is_missing(cfg, key):
+            cfg[key] = value
     torch.manual_seed(0)
     model = instantiate(cfg)
     for m in model.modules():  # torchvision zero-initialises ViT heads; random ones test more
