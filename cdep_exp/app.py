@@ -22,7 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from cdep_exp.checkpoint import Checkpointer
 from cdep_exp.data.base import Splits
-from cdep_exp.data.word_vectors import load_glove
+from cdep_exp.data.word_vectors import word_vectors
 from cdep_exp.metrics import compute_metrics
 from cdep_exp.provenance import device_name, git_revision, peak_memory_gib, reset_peak_memory, resolve_device
 from cdep_exp.shortcut import shortcut_reliance
@@ -76,17 +76,20 @@ def build_splits(dataset_cfg: DictConfig) -> Splits:
 def build_model(model_cfg: DictConfig, splits: Splits) -> torch.nn.Module:
     """Instantiate the model, filling in what only the data knows: a text model's vocabulary
     size (`vocab_size: ???`, written back so the run record shows it) and its word vectors
-    (`embeddings`: a GloVe file path)."""
+    (`embeddings`: a `word_vectors` source; `embed_dim` is set to its dimension)."""
     vocab = getattr(splits.train, "vocab", None)
     if "vocab_size" in model_cfg.keys() and OmegaConf.is_missing(model_cfg, "vocab_size"):
         if vocab is None:
             raise ConfigError("model.vocab_size is unset and the dataset has no vocabulary; set model.vocab_size.")
         model_cfg.vocab_size = len(vocab)
-    if not model_cfg.get("embeddings"):
-        return instantiate(model_cfg)
+    if model_cfg.get("embeddings") in (None, "random"):
+        return instantiate(model_cfg, embeddings=None) if "embeddings" in model_cfg else instantiate(model_cfg)
     if vocab is None:
         raise ConfigError("model.embeddings (word vectors) needs a text dataset with a vocabulary.")
-    return instantiate(model_cfg, embeddings=load_glove(model_cfg.embeddings, vocab, model_cfg.embed_dim))
+    loaded = word_vectors(vocab, model_cfg.embeddings)
+    if loaded.dim is not None:
+        model_cfg.embed_dim = loaded.dim
+    return instantiate(model_cfg, embeddings=loaded.vectors)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
