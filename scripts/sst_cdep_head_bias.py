@@ -44,3 +44,20 @@ class CDEPNoHeadBias(CDEP):
         w_irrel = irrel - model.head.bias
         margin = (rel.gather(1, true) - w_irrel.gather(1, true)).squeeze(1)
         return rel + irrel, masked_mean(F.softplus(margin), keep)
+
+
+class CDEPCentredDiagnostic(CDEP):
+    """Diagnostic only: the text form on class-centred scores, softplus(r_y − i_y) with
+    r = rel − mean_c rel and i = irrel − mean_c irrel, so a shift common to all classes (which
+    the softmax ignores) can no longer lower the penalty. Checks the collapse mechanism; the
+    project's own centred forms are `method.penalty.form=centred` where merged."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**{**kwargs, "form": "text"})
+
+    def _decomposed(self, model: nn.Module, x, y, annotation, keep):
+        rel, irrel = decompose(model, x, annotation)
+        true = y.unsqueeze(1)
+        r, i = rel - rel.mean(1, keepdim=True), irrel - irrel.mean(1, keepdim=True)
+        margin = (r.gather(1, true) - i.gather(1, true)).squeeze(1)
+        return rel + irrel, masked_mean(F.softplus(margin), keep)
