@@ -31,10 +31,11 @@ threads_for = $(if $(filter basic,$(call launcher_for,$(1))),$(OMP_NUM_THREADS),
 
 .PHONY: setup run test test-all bench-cost clean tables $(TABLES) figures notebooks
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 setup: $(VENV)/.installed
@@ -42,7 +43,7 @@ setup: $(VENV)/.installed
 ## The default experiment (DecoyMNIST), vanilla next to CDEP, offline on CPU.
 run: setup
 	$(FAST_MALLOC) $(PY) train.py -m experiment=demo paths.data_dir=$(DATA_DIR)
-	$(PY) -m cdep_exp.results --glob 'outputs/demo/**/metrics.json'
+	$(PY) -m cdep_exp.reporting --glob 'outputs/demo/**/metrics.json'
 
 ## Fast CPU tests; slow ones are skipped (see test-all).
 test: setup
@@ -70,7 +71,7 @@ define table_recipe
 	  OMP_NUM_THREADS=$(call threads_for,$(1)) $(FAST_MALLOC) $(PY) train.py -m experiment=$(1)/$$preset \
 	    scale=$(SCALE) paths.data_dir=$(2) $(call launcher_args,$(1)) $(3) $(ARGS) || status=1; \
 	done; \
-	$(PY) -m cdep_exp.results --table $(1) --scale $(SCALE) || status=1; \
+	$(PY) -m cdep_exp.reporting --table $(1) --scale $(SCALE) || status=1; \
 	exit $$status
 endef
 
@@ -82,7 +83,7 @@ table2 table3 table4 tableS1: setup
 
 ## Accuracy against λ per method (paper Fig. S2) from the runs so far: results/figures/<scale>/.
 figures: setup
-	$(PY) -m cdep_exp.figures --scale $(SCALE)
+	$(PY) -m cdep_exp.reporting --figures --scale $(SCALE)
 
 ## Re-run the analysis notebooks in place (their outputs are committed) on the tables at SCALE.
 notebooks: setup

@@ -1,15 +1,11 @@
-"""Compose one run from its config: data → model → penalty → training loop → metrics.json."""
-import json
+"""Compose one run from its config: validate → seed → splits → model → penalty → fit →
+evaluate → record. Each step is a small function; the heavy lifting lives in the modules
+they call (data builders, models, `feature_cache`, penalties, `training`, `evaluation`)."""
 import logging
-import os
 import random
-import shutil
-import time
-from collections.abc import Callable
 from functools import partial
 from numbers import Real
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -17,26 +13,25 @@ import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, default_collate
 from torch.utils.tensorboard import SummaryWriter
 
 from cdep_exp.checkpoint import Checkpointer
-from cdep_exp.data.base import Splits
+from cdep_exp.data.base import ANNOTATIONS, Splits
 from cdep_exp.data.word_vectors import word_vectors
+from cdep_exp.errors import ConfigError
+from cdep_exp.evaluation import evaluate_splits
+from cdep_exp.feature_cache import CacheSettings, cache_splits, frozen_backbone
 from cdep_exp.metrics import compute_metrics
+from cdep_exp.penalties.base import Penalty
 from cdep_exp.provenance import device_name, git_revision, peak_memory_gib, reset_peak_memory, resolve_device
-from cdep_exp.shortcut import shortcut_reliance
-from cdep_exp.training import Evaluation, evaluate, fit
+from cdep_exp.run_record import archive_previous, read_record, write_record
+from cdep_exp.training import TrainerSettings, fit
 
 log = logging.getLogger(__name__)
 
 # Keys of a dataset config that describe the experiment rather than being builder arguments.
-DATASET_META_KEYS = ("name", "metrics", "cdep_form", "cdep_annotation", "mask_samples", "lam")
-ARTIFACTS = ("metrics.json", "checkpoints", "tensorboard")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message says which key and what to use instead."""
+DATASET_META_KEYS = ("name", "metrics")
 
 
 def run_tag(override_dirname: str) -> str:
@@ -69,87 +64,105 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def build_splits(dataset_cfg: DictConfig) -> Splits:
+    """Call the dataset's builder (`_target_`) with its arguments; checks what it returns."""
     builder_cfg = {k: v for k, v in dataset_cfg.items() if k not in DATASET_META_KEYS}
-    return instantiate(OmegaConf.create(builder_cfg))
+    splits = instantiate(OmegaConf.create(builder_cfg))
+    if not isinstance(splits, Splits):
+        raise ConfigError(f"dataset._target_={dataset_cfg._target_} must return cdep_exp.data.base.Splits, "
+                          f"got {type(splits).__name__}.")
+    if splits.annotation not in ANNOTATIONS:
+        raise ConfigError(f"{dataset_cfg._target_} declares annotation {splits.annotation!r}; use one of {ANNOTATIONS}.")
+    return splits
+
+
+def data_contract(splits: Splits) -> dict[str, int]:
+    """Model arguments the data fixes: class count, input channels or features, vocabulary size."""
+    known = {"num_classes": splits.num_classes}
+    if splits.input_shape:
+        known["in_channels"] = known["in_features"] = splits.input_shape[0]
+    if splits.vocab is not None:
+        known["vocab_size"] = len(splits.vocab)
+    return known
 
 
 def build_model(model_cfg: DictConfig, splits: Splits) -> torch.nn.Module:
-    """Instantiate the model, filling in what only the data knows: a text model's vocabulary
-    size (`vocab_size: ???`, written back so the run record shows it) and its word vectors
-    (`embeddings`: a `word_vectors` source; `embed_dim` is set to its dimension)."""
-    vocab = getattr(splits.train, "vocab", None)
-    if "vocab_size" in model_cfg.keys() and OmegaConf.is_missing(model_cfg, "vocab_size"):
-        if vocab is None:
-            raise ConfigError("model.vocab_size is unset and the dataset has no vocabulary; set model.vocab_size.")
-        model_cfg.vocab_size = len(vocab)
+    """Instantiate the model, filling each `???` key that the data fixes (`data_contract`:
+    num_classes, in_channels, in_features, vocab_size; written back so the run record shows
+    them) and its word vectors for text (`embeddings`: a `word_vectors` source; `embed_dim` is set to
+    the vectors' dimension)."""
+    contract = data_contract(splits)
+    for key in model_cfg.keys():
+        if OmegaConf.is_missing(model_cfg, key):
+            if key not in contract:
+                raise ConfigError(f"model.{key} is unset and the dataset does not fix it; set model.{key}=...")
+            model_cfg[key] = contract[key]
     if model_cfg.get("embeddings") in (None, "random"):
         return instantiate(model_cfg, embeddings=None) if "embeddings" in model_cfg else instantiate(model_cfg)
-    if vocab is None:
+    if splits.vocab is None:
         raise ConfigError("model.embeddings (word vectors) needs a text dataset with a vocabulary.")
-    loaded = word_vectors(vocab, model_cfg.embeddings)
+    loaded = word_vectors(splits.vocab, model_cfg.embeddings)
     if loaded.dim is not None:
         model_cfg.embed_dim = loaded.dim
     return instantiate(model_cfg, embeddings=loaded.vectors)
 
 
+def build_penalty(method_cfg: DictConfig) -> Penalty:
+    penalty = instantiate(method_cfg.penalty)
+    if not isinstance(penalty, Penalty):
+        raise ConfigError(f"method.penalty._target_ must build a cdep_exp.penalties.Penalty, got {type(penalty).__name__}.")
+    return penalty
+
+
+def use_feature_cache(model: torch.nn.Module, penalty: Penalty, settings: CacheSettings, method: str) -> bool:
+    """Whether to train the head of a frozen-backbone model on cached backbone outputs."""
+    if settings.enabled is False or frozen_backbone(model) is None:
+        return False
+    if "relevant" not in penalty.annotations:
+        if settings.enabled is True:
+            raise ConfigError(f"method={method} needs input gradients, which cached features do not have: "
+                              f"set feature_cache.enabled=auto or false.")
+        log.info("Feature cache off: method=%s needs gradients with respect to the inputs, so the whole "
+                 "%s runs on them.", method, type(model).__name__)
+        return False
+    return True
+
+
+def check_model_fits(model: torch.nn.Module, splits: Splits, device: torch.device) -> None:
+    """One eval-mode forward of two validation samples; a model that does not fit the data fails
+    here with one line instead of a shape traceback inside training. Draws no random numbers."""
+    items = [splits.val[i] for i in range(min(2, len(splits.val)))]
+    if not items:
+        raise ConfigError("The validation split is empty; check the dataset's split settings.")
+    x = (splits.collate_fn or default_collate)(items)[0].to(device)
+    mode = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    except (RuntimeError, ValueError, IndexError) as err:
+        raise ConfigError(f"{type(model).__name__} does not fit this data (input {tuple(x.shape)}): "
+                          f"{str(err).splitlines()[0]}") from err
+    finally:
+        model.train(mode)
+    if logits.shape != (len(items), splits.num_classes):
+        raise ConfigError(f"{type(model).__name__} gives outputs {tuple(logits.shape)} for {len(items)} samples "
+                          f"of a {splits.num_classes}-class dataset; set model.num_classes={splits.num_classes}.")
+
+
+def make_loaders(splits: Splits, cfg: DictConfig, device: torch.device, generator: torch.Generator):
+    """(train loader, factory of evaluation loaders)."""
+    loader = partial(DataLoader, num_workers=cfg.trainer.num_workers, collate_fn=splits.collate_fn,
+                     pin_memory=device.type == "cuda")
+    if splits.batch_sampler is None:
+        train = loader(splits.train, batch_size=cfg.trainer.batch_size, shuffle=True, generator=generator)
+    else:
+        train = loader(splits.train, batch_sampler=splits.batch_sampler(cfg.trainer.batch_size, generator))
+    return train, partial(loader, batch_size=cfg.trainer.eval_batch_size, shuffle=False)
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """Shuffling seed of one epoch, so a resumed run sees the same batches it would have seen."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
-def archive_previous(run_dir: Path) -> None:
-    """Move a finished run's outputs aside (never delete them) before it is run again."""
-    target = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
-    target.mkdir(parents=True)
-    for name in ARTIFACTS:
-        if (run_dir / name).exists():
-            shutil.move(run_dir / name, target / name)
-    log.info("Earlier outputs moved to %s", target)
-
-
-def write_json(obj: dict[str, Any], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def scores(
-    evaluation: Evaluation,
-    metric_names: list[str],
-    groups: list[str] | None,
-    thresholds: dict[str, float] | None = None,
-) -> dict[str, float]:
-    metrics = compute_metrics(metric_names, evaluation.probs, evaluation.labels, groups, thresholds)
-    return {"loss": evaluation.loss, **metrics}
-
-
-def evaluate_splits(
-    model: torch.nn.Module,
-    splits: Splits,
-    make_loader: Callable[[Dataset], DataLoader],
-    device: torch.device,
-    metric_names: list[str],
-    val_weights: torch.Tensor | None,
-) -> dict[str, dict[str, float]]:
-    """Loss and the dataset's metrics on validation and on every test set it declares, and the
-    shortcut reliance (`cdep_exp.shortcut`) under each counterfactual, as split `cf_<name>`.
-
-    Decision thresholds (e.g. F1's, recorded as `f1_threshold`) are chosen on validation and
-    reused on the test sets.
-    """
-    results = {"val": scores(evaluate(model, make_loader(splits.val), device, val_weights),
-                             metric_names, splits.groups.get("val"))}
-    thresholds = {m: results["val"][f"{m}_threshold"] for m in metric_names if f"{m}_threshold" in results["val"]}
-    factual = {}
-    for name, dataset in splits.tests.items():
-        factual[name] = evaluate(model, make_loader(dataset), device)
-        results[name] = scores(factual[name], metric_names, splits.groups.get(name), thresholds)
-    for name, cf in splits.counterfactuals.items():
-        changed = evaluate(model, make_loader(cf.dataset), device)
-        if not np.array_equal(changed.labels, factual[cf.test].labels):
-            raise ValueError(f"counterfactual {name!r} does not hold the samples of {cf.test!r} in order")
-        results[f"cf_{name}"] = shortcut_reliance(factual[cf.test].probs, changed.probs, changed.labels)
-    return results
 
 
 def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
@@ -159,12 +172,11 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     """
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
     lam = validate(cfg)
-    metrics_path = run_dir / "metrics.json"
-    if metrics_path.exists():
+    previous = read_record(run_dir)
+    if previous is not None:
         if not cfg.trainer.force:
-            record = json.loads(metrics_path.read_text())
-            log.info("Already finished: %s (trainer.force=true runs it again)", metrics_path)
-            return record["best_val_loss"]
+            log.info("Already finished: %s (trainer.force=true runs it again)", run_dir / "metrics.json")
+            return previous["best_val_loss"]
         archive_previous(run_dir)
 
     seed_everything(cfg.seed, cfg.trainer.deterministic)
@@ -172,35 +184,40 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     reset_peak_memory(device)
     splits = build_splits(cfg.dataset)
     model = build_model(cfg.model, splits).to(device)
-    penalty = instantiate(cfg.method.penalty)
+    penalty = build_penalty(cfg.method)
+    cache = CacheSettings(**OmegaConf.to_container(cfg.feature_cache, resolve=True))
+    if use_feature_cache(model, penalty, cache, cfg.method.name):
+        backbone, model = frozen_backbone(model)
+        cache_dir = Path(cache.dir) if cache.dir else Path(cfg.paths.data_dir) / "cache" / "features"
+        splits = cache_splits(splits, backbone, cache, cache_dir, device, cfg.trainer.progress)
+    try:
+        penalty.bind(splits.annotation)
+    except ValueError as err:
+        raise ConfigError(f"method={cfg.method.name} on dataset {cfg.dataset.name}: {err}.") from err
+    check_model_fits(model, splits, device)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     scheduler = instantiate(cfg.scheduler)(optimizer) if cfg.get("scheduler") else None
     log.info("%s | %s λ=%g | %s on %s | run dir %s", splits.description or cfg.dataset.name,
              cfg.method.name, lam, type(model).__name__, device, run_dir)
 
     generator = torch.Generator()
-    loader = partial(DataLoader, num_workers=cfg.trainer.num_workers, collate_fn=splits.collate_fn,
-                     pin_memory=device.type == "cuda")
-    if splits.batch_sampler is None:
-        train_loader = loader(splits.train, batch_size=cfg.trainer.batch_size, shuffle=True, generator=generator)
-    else:
-        train_loader = loader(splits.train, batch_sampler=splits.batch_sampler(cfg.trainer.batch_size, generator))
-    eval_loader = partial(loader, batch_size=cfg.trainer.eval_batch_size, shuffle=False)
+    train_loader, eval_loader = make_loaders(splits, cfg, device, generator)
     weights = None if splits.class_weights is None else splits.class_weights.to(device)
     val_weights = weights if cfg.trainer.weighted_val_loss else None
     metric_names = list(cfg.dataset.metrics)
     checkpointer = Checkpointer(run_dir / "checkpoints", resume=cfg.trainer.resume)
+    settings = TrainerSettings(
+        max_epochs=cfg.trainer.max_epochs, patience=cfg.trainer.patience, two_step=cfg.trainer.two_step,
+        max_steps_per_epoch=cfg.trainer.max_steps_per_epoch, progress=cfg.trainer.progress,
+    )
 
     with SummaryWriter(run_dir / "tensorboard") as writer:
         state = fit(
             model, penalty, lam, train_loader, eval_loader(splits.val), optimizer,
             task_loss=partial(F.cross_entropy, weight=weights), device=device,
-            checkpointer=checkpointer, writer=writer, scheduler=scheduler,
-            max_epochs=cfg.trainer.max_epochs, patience=cfg.trainer.patience,
+            checkpointer=checkpointer, writer=writer, settings=settings, scheduler=scheduler,
             val_class_weights=val_weights,
             val_metrics=lambda ev: compute_metrics(metric_names, ev.probs, ev.labels, splits.groups.get("val")),
-            two_step=cfg.trainer.two_step, max_steps_per_epoch=cfg.trainer.max_steps_per_epoch,
-            progress=cfg.trainer.progress,
             on_epoch_start=lambda epoch: generator.manual_seed(epoch_seed(cfg.seed, epoch)),
         )
         if cfg.trainer.restore_best:
@@ -210,7 +227,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
             for key, value in values.items():
                 writer.add_scalar(f"{split}/{key}", value, state.epoch)
 
-    record = {
+    write_record({
         "dataset": cfg.dataset.name,
         "data": splits.description,
         "method": cfg.method.name,
@@ -228,8 +245,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         "history": state.history,
         "git": git_revision(Path(__file__).parent),
         "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-    write_json(record, metrics_path)
+    }, run_dir)
     summary = ", ".join(f"{split} {k}={v:.4g}" for split, vals in results.items() for k, v in vals.items())
     log.info("Done: %s", summary)
     return state.best_val_loss

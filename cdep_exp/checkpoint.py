@@ -1,7 +1,6 @@
 """Per-epoch checkpoints, so a run that dies resumes where it stopped instead of starting over."""
 import dataclasses
 import math
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
+
+from cdep_exp.atomic import atomic_path
 
 
 @dataclass
@@ -27,9 +28,8 @@ class TrainState:
 
 def _atomic_save(obj: Any, path: Path) -> None:
     """Write to a temporary file and rename, so a crash never leaves a half-written checkpoint."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _rng_state() -> dict[str, Any]:

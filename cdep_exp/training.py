@@ -1,21 +1,20 @@
-"""One training loop for every dataset and method: fit with early stopping, then evaluate.
+"""One training loop for every dataset and method: fit with early stopping and checkpoints.
 
 The loop knows nothing of datasets or penalties: a batch is (x, y, annotation), the penalty
 returns (logits, value), and the loss is task_loss + λ·value.
 """
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from cdep_exp.checkpoint import Checkpointer, TrainState
+from cdep_exp.evaluation import Evaluation, evaluate, to_device
 from cdep_exp.penalties.base import Penalty
 
 
@@ -23,11 +22,21 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the run stops instead of training on garbage."""
 
 
-@dataclass
-class Evaluation:
-    loss: float
-    probs: np.ndarray
-    labels: np.ndarray
+@dataclass(frozen=True)
+class TrainerSettings:
+    """The loop's protocol, from the `trainer` config group.
+
+    max_epochs: epochs at most. patience: stop after `patience` + 1 epochs without a lower
+    validation loss (None: never stop early). two_step: the original RRR/EG protocol (one
+    optimizer step on λ·penalty, then one on the task loss). max_steps_per_epoch: cap on
+    batches per epoch (None: all). progress: tqdm bars.
+    """
+
+    max_epochs: int
+    patience: int | None = None
+    two_step: bool = False
+    max_steps_per_epoch: int | None = None
+    progress: bool = True
 
 
 def _check_finite(value: torch.Tensor, what: str) -> None:
@@ -36,10 +45,6 @@ def _check_finite(value: torch.Tensor, what: str) -> None:
             f"{what} is {value.item()}. Lower method.lam or optimizer.lr; "
             "the last finished epoch is checkpointed in the run directory."
         )
-
-
-def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> Iterator[torch.Tensor]:
-    return (t.to(device, non_blocking=True) for t in batch)
 
 
 def train_one_epoch(
@@ -90,33 +95,6 @@ def train_one_epoch(
     return {k: v / max(steps, 1) for k, v in totals.items()}
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    class_weights: torch.Tensor | None = None,
-) -> Evaluation:
-    """Task loss (mean over samples), class probabilities and labels of a whole dataset."""
-    model.eval()
-    probs, labels, loss_sum, weight_sum = [], [], 0.0, 0.0
-    weight = None if class_weights is None else class_weights.to(device)
-    for batch in loader:
-        x, y, _ = to_device(batch, device)
-        logits = model(x)
-        per_sample = F.cross_entropy(logits, y, weight=weight, reduction="none")
-        w = torch.ones_like(per_sample) if weight is None else weight[y]
-        loss_sum += per_sample.sum().item()
-        weight_sum += w.sum().item()
-        probs.append(logits.softmax(dim=1).cpu())
-        labels.append(y.cpu())
-    return Evaluation(
-        loss=loss_sum / max(weight_sum, 1e-12),
-        probs=torch.cat(probs).numpy(),
-        labels=torch.cat(labels).numpy(),
-    )
-
-
 def fit(
     model: nn.Module,
     penalty: Penalty,
@@ -128,14 +106,10 @@ def fit(
     device: torch.device,
     checkpointer: Checkpointer,
     writer: SummaryWriter,
-    max_epochs: int,
-    patience: int | None,
+    settings: TrainerSettings,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     val_class_weights: torch.Tensor | None = None,
     val_metrics: Callable[[Evaluation], dict[str, float]] | None = None,
-    two_step: bool = False,
-    max_steps_per_epoch: int | None = None,
-    progress: bool = True,
     on_epoch_start: Callable[[int], None] | None = None,
 ) -> TrainState:
     """Train until `max_epochs` or early stopping; checkpoints every epoch and resumes from one.
@@ -144,16 +118,17 @@ def fit(
     the best epoch's validation accuracy).
     """
     state = checkpointer.resume(model, optimizer, scheduler) or TrainState()
-    epochs = range(state.epoch, max_epochs)
-    for epoch in tqdm(epochs, desc="epochs", disable=not progress, initial=state.epoch, total=max_epochs):
-        if patience is not None and state.bad_epochs > patience:
+    epochs = range(state.epoch, settings.max_epochs)
+    bar = tqdm(epochs, desc="epochs", disable=not settings.progress, initial=state.epoch, total=settings.max_epochs)
+    for epoch in bar:
+        if settings.patience is not None and state.bad_epochs > settings.patience:
             break
         if on_epoch_start is not None:
             on_epoch_start(epoch)
         start = time.perf_counter()
         train_stats = train_one_epoch(
             model, penalty, lam, train_loader, optimizer, task_loss, device,
-            two_step=two_step, max_steps=max_steps_per_epoch, progress=progress,
+            two_step=settings.two_step, max_steps=settings.max_steps_per_epoch, progress=settings.progress,
             desc=f"epoch {epoch}",
         )
         val = evaluate(model, val_loader, device, val_class_weights)

@@ -8,8 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cdep_exp import sweeps, tables
-from cdep_exp.results import aggregate, best_over_epochs, collect, find_records, select_lam, summarise
+from cdep_exp.reporting import sweeps, tables
+from cdep_exp.reporting.records import aggregate, collect, find_records, summarise
+from cdep_exp.reporting.selection import best_mean_validation as select_lam
+from cdep_exp.reporting.selection import max_over_epochs as best_over_epochs
 
 OUTPUTS = "outputs"
 

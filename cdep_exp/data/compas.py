@@ -1,6 +1,6 @@
 """COMPAS recidivism (Rieger et al. Table 3): 17 tabular features, label `two_year_recid`.
 
-Follows `compas/CDEP on COMPAS.ipynb` of the original code (REFERENCE.md §6.1): the ProPublica
+Follows `compas/CDEP on COMPAS.ipynb` of the original code (docs/reference.md §6.1): the ProPublica
 filter, the same 17 feature columns in the same order, and the same fixed 80/10/10 permutation.
 Two choices of the original are options here: the charge-keyword bug (`keyword_bug`) and which
 races are kept (`races`; the original trained on all, the paper text says black and white only).
@@ -166,7 +166,7 @@ def race_annotation() -> torch.Tensor:
 
     1 marks what the penalty pushes importance away from. Penalising the isolated contribution
     of the non-race features moves importance onto race and its interactions, which is what the
-    original did (REFERENCE.md §2.1, "blob_norace"): it is not a "race must not matter" mask.
+    original did (docs/reference.md §2.1, "blob_norace"): it is not a "race must not matter" mask.
     """
     annotation = torch.ones(NUM_FEATURES)
     annotation[RACE_COLUMNS] = 0
@@ -234,6 +234,7 @@ def build_compas(
         val=subset(val_idx, zero_race(x) if race_zeroed_eval else x),
         tests=tests,
         num_classes=2,
+        input_shape=tuple(x.shape[1:]),
         class_weights=class_weights(y[torch.as_tensor(train_idx)]),
         groups=groups,
         description=f"COMPAS ({races} races, {len(df):,} rows after the ProPublica filter)",

@@ -139,5 +139,6 @@ def build_decoymnist(
         val=dataset(x[va], y[va], annotation),
         tests={"test": dataset(xt, yt, annotation)},
         num_classes=10,
+        input_shape=(1, 28, 28),
         description=f"DecoyMNIST ({variant}) on {mnist.description}",
     )

@@ -47,6 +47,8 @@ class RRR(Penalty):
     over the annotated positions and all D coordinates (`sum_channels` does not apply).
     """
 
+    annotations = ("mask", "weights")
+
     def __init__(self, target: str = "log_prob_sum", sum_channels: bool = False) -> None:
         if target not in TARGETS:
             raise ValueError(f"RRR target must be one of {TARGETS}, got {target!r}")
