@@ -25,7 +25,7 @@ from cdep_exp.checkpoint import Checkpointer
 from cdep_exp.config_schema import check_target, check_trainer
 from cdep_exp.data.base import ANNOTATIONS, Splits
 from cdep_exp.data.fingerprint import splits_fingerprint
-from cdep_exp.data.word_vectors import load_glove
+from cdep_exp.data.word_vectors import word_vectors
 from cdep_exp.errors import ConfigError
 from cdep_exp.evaluation import evaluate_splits
 from cdep_exp.feature_cache import CacheSettings, cache_splits, frozen_backbone
@@ -121,18 +121,22 @@ def data_contract(splits: Splits) -> dict[str, int]:
 def build_model(model_cfg: DictConfig, splits: Splits) -> torch.nn.Module:
     """Instantiate the model, filling each `???` key that the data fixes (`data_contract`:
     num_classes, in_channels, in_features, vocab_size; written back so the run record shows
-    them) and its word vectors (`embeddings`: a GloVe file path) for text."""
+    them) and its word vectors for text (`embeddings`: a `word_vectors` source; `embed_dim` is set to
+    the vectors' dimension)."""
     contract = data_contract(splits)
     for key in model_cfg.keys():
         if OmegaConf.is_missing(model_cfg, key):
             if key not in contract:
                 raise ConfigError(f"model.{key} is unset and the dataset does not fix it; set model.{key}=...")
             model_cfg[key] = contract[key]
-    if not model_cfg.get("embeddings"):
-        return instantiate_plain(model_cfg)
+    if model_cfg.get("embeddings") in (None, "random"):
+        return instantiate_plain(model_cfg, embeddings=None) if "embeddings" in model_cfg else instantiate_plain(model_cfg)
     if splits.vocab is None:
         raise ConfigError("model.embeddings (word vectors) needs a text dataset with a vocabulary.")
-    return instantiate(model_cfg, embeddings=load_glove(model_cfg.embeddings, splits.vocab, model_cfg.embed_dim))
+    loaded = word_vectors(splits.vocab, model_cfg.embeddings)
+    if loaded.dim is not None:
+        model_cfg.embed_dim = loaded.dim
+    return instantiate_plain(model_cfg, embeddings=loaded.vectors)
 
 
 def build_penalty(method_cfg: DictConfig) -> Penalty:
