@@ -90,8 +90,11 @@ def instantiate_plain(node: DictConfig, **kwargs):
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
-        if isinstance(err.__cause__, ConfigError | FileNotFoundError):
-            raise err.__cause__ from None
+        cause = err.__cause__
+        if isinstance(cause, ConfigError | FileNotFoundError):
+            raise cause from None
+        if type(cause) in (ValueError, TypeError):  # a builder refusing an argument's value
+            raise ConfigError(f"{node.get('_target_')}: {cause}") from cause
         raise
 
 
@@ -193,6 +196,13 @@ def make_loaders(splits: Splits, cfg: DictConfig, device: torch.device, generato
     return train, partial(loader, batch_size=cfg.trainer.eval_batch_size, shuffle=False)
 
 
+def build_scheduler(scheduler_cfg: DictConfig, optimizer: torch.optim.Optimizer, max_epochs: int):
+    """The learning-rate schedule; `T_max: ???` (cosine) becomes the run's epoch count."""
+    if "T_max" in scheduler_cfg.keys() and OmegaConf.is_missing(scheduler_cfg, "T_max"):
+        scheduler_cfg.T_max = max_epochs
+    return instantiate_plain(scheduler_cfg)(optimizer)
+
+
 def progress_bars(setting: bool | str) -> bool:
     """trainer.progress: true / false, or auto: bars in a terminal, one log line per epoch otherwise."""
     return sys.stderr.isatty() if setting == "auto" else bool(setting)
@@ -226,7 +236,7 @@ def recorded_config(cfg: DictConfig) -> dict:
             return {k: relative(v) for k, v in node.items()}
         if isinstance(node, list):
             return [relative(v) for v in node]
-        return relative_to_data(node, cfg.paths.data_dir) if isinstance(node, str) else node
+        return relative_to_data(node, cfg.paths.data_dir) if isinstance(node, str) else node  # see with_data_root
 
     paths = config.pop("paths", None)
     return {**relative(config), "paths": paths}
@@ -322,7 +332,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, lam: float) -> float:
     except ValueError as err:
         raise ConfigError(f"{err}.") from err
     optimizer = instantiate(cfg.optimizer)(model.parameters())
-    scheduler = instantiate(cfg.scheduler)(optimizer) if cfg.get("scheduler") else None
+    scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.trainer.max_epochs) if cfg.get("scheduler") else None
     log.info("%s | %s λ=%g | %s on %s | run dir %s", description, cfg.method.name, lam,
              type(model).__name__, device, run_dir)
 
@@ -359,7 +369,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, lam: float) -> float:
         "data": description,
         "run_id": identity["config_hash"],
         "data_fingerprint": identity["data"],
-        "overrides": overrides(),
+        "overrides": [relative_to_data(o, cfg.paths.data_dir) for o in overrides()],
         "method": cfg.method.name,
         "lam": lam,
         "seed": cfg.seed,

@@ -61,7 +61,8 @@ def matches(value: Any, hint: Any) -> bool:
         return len(args) != 1 or all(matches(v, args[0]) for v in value)
     if container in (dict, Mapping) or (isinstance(container, type) and issubclass(container, Mapping)):
         return isinstance(value, dict | DictConfig)
-    return True  # tensors, modules and other objects the config cannot hold: not checked
+    # Tensors, modules and other objects: a config cannot write one as a number, string or bool.
+    return not isinstance(value, str | int | float | bool)
 
 
 def check_target(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:

@@ -176,6 +176,8 @@ def fit(
     """
     precision = Precision(settings.precision, device)
     state = checkpointer.resume(model, optimizer, scheduler) or TrainState()
+    if state.epoch:
+        log.info("Resuming after epoch %d of %d from %s", state.epoch, settings.max_epochs, checkpointer.last)
     epochs = range(state.epoch, settings.max_epochs)
     bar = tqdm(epochs, desc="epochs", disable=not settings.progress, initial=state.epoch, total=settings.max_epochs)
     for epoch in bar:
