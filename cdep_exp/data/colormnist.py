@@ -20,7 +20,7 @@ import colorsys
 import numpy as np
 import torch
 
-from cdep_exp.data.base import Splits
+from cdep_exp.data.base import Counterfactual, Splits
 from cdep_exp.data.decoymnist import dataset, split_indices, subsample
 from cdep_exp.data.mnist_source import load_mnist
 
@@ -93,6 +93,11 @@ def build_colormnist(
         have; "train" gives a same-distribution validation set, so test accuracy measures
         robustness to a shift that was never seen while selecting.
     max_test: use only this many test images.
+
+    Counterfactuals of "test" (`cdep_exp.shortcut`), the same digits recoloured:
+    "recoloured_train", in their training colour colour[y] (the shortcut now names the true
+    class), and "recoloured_random", in a colour drawn uniformly from the ten, independently of
+    the label (seeded by `split_seed`).
     """
     if val_colors not in ("inverted", "train"):
         raise ValueError(f"val_colors must be 'inverted' or 'train', got {val_colors!r}")
@@ -115,6 +120,10 @@ def build_colormnist(
         return colorize(d, c).sub_(mean_t).div_(std_t)
 
     annotation = sampling_weights(digits[tr])
+    test_y = torch.from_numpy(test_labels.copy())
+    random_colors = np.random.default_rng([int(split_seed), 2]).integers(0, 10, size=len(test_labels))
+    recoloured = lambda c, what: Counterfactual(  # noqa: E731
+        "test", dataset(standardised(test_digits, colors[c]), test_y, annotation), what)
     return Splits(
         train=dataset(standardised(digits[tr], train_colors), torch.from_numpy(labels[tr]), annotation),
         val=dataset(standardised(digits[va], val_colors_arr), torch.from_numpy(labels[va]), annotation),
@@ -127,4 +136,8 @@ def build_colormnist(
         },
         num_classes=10,
         description=f"ColorMNIST (val colours {val_colors}) on {mnist.description}",
+        counterfactuals={
+            "recoloured_train": recoloured(test_labels, "test digits in their training colour colour[y]"),
+            "recoloured_random": recoloured(random_colors, "test digits in a random colour, independent of y"),
+        },
     )

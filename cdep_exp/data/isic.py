@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cdep_exp.app import ConfigError
-from cdep_exp.data.base import Splits
+from cdep_exp.data.base import Counterfactual, Splits
 from cdep_exp.data.isic_cache import CacheSpec, FeatureCache, ensure_feature_cache, load_image, load_mask
 from cdep_exp.data.isic_synthetic import generate_isic_like
 from cdep_exp.models.vgg import vgg16_features, weights_name
@@ -85,6 +85,15 @@ def scan_counterfactuals(root: Path, malignant: Sequence[Record]) -> dict[str, R
         raise FileNotFoundError(f"{len(missing)} malignant image(s) lack a counterfactual image or mask in "
                                 f"{root / COUNTERFACTUAL}, e.g. {missing[:5]}; generate the set again.")
     return {r.id: Record(r.id, 1, images[r.id], masks / f"{r.id}.png") for r in malignant}
+
+
+def scan_unpatched(root: Path, patched_benign: Sequence[Record]) -> dict[str, Record]:
+    """Patch-free version of each patched benign image, by id (generated roots only); empty
+    when the root has none or lacks any of them."""
+    images = _images(root / COUNTERFACTUAL / "benign_unpatched")
+    if not images or any(r.id not in images for r in patched_benign):
+        return {}
+    return {r.id: Record(r.id, 0, images[r.id], None) for r in patched_benign}
 
 
 def split_records(
@@ -195,7 +204,10 @@ def build_isic(
     cache_dir: where feature caches live (default `root`/cache); cache_dtype float16|float32.
     Tests: "test", "test_no_patches" (images without a patch), and on generated data
     "test_malignant_patched" (benign test images plus the patched versions of the malignant ones).
-    Class weights come from the whole data set, as in the original.
+    Counterfactuals of "test" (`cdep_exp.shortcut`), generated data only: "patch_pasted" (that
+    same set: patches pasted onto the malignant images, the benign ones unchanged) and
+    "patch_removed" (the patched benign images rendered without their patches, the rest
+    unchanged). Class weights come from the whole data set, as in the original.
     """
     check_input(input, method, penalty_annotation)
     root = Path(root)
@@ -205,15 +217,18 @@ def build_isic(
         raise ConfigError(f"dataset.source must be 'processed' or 'generated', got {source!r}")
     records = scan_root(root, mask_dir)
     counterfactual = scan_counterfactuals(root, [r for r in records if r.label == 1])
+    unpatched = scan_unpatched(root, [r for r in records if r.label == 0 and r.mask is not None])
     train, val, test = split_records(records, fractions, split_seed)
     if drop_patch_images:
         train = [r for r in train if r.mask is None]
     sets = {"train": train, "val": val, "test": test, "test_no_patches": [r for r in test if r.mask is None]}
     if counterfactual:
         sets["test_malignant_patched"] = [counterfactual[r.id] if r.label else r for r in test]
+    if unpatched:
+        sets["cf_patch_removed"] = [unpatched.get(r.id, r) for r in test]
 
     if input == "features":
-        items = records + sorted(counterfactual.values(), key=lambda r: r.id)
+        items = records + sorted([*counterfactual.values(), *unpatched.values()], key=lambda r: (r.id, r.label))
         spec = CacheSpec(image_size, weights_name(pretrained, init_seed), dilation, cache_dtype)
         cache = ensure_feature_cache(
             root, [(r.image, r.mask) for r in items], spec, lambda: vgg16_features(pretrained, init_seed),
@@ -224,6 +239,13 @@ def build_isic(
     else:
         make = lambda recs: ImageDataset(recs, image_size)
     datasets = {name: make(recs) for name, recs in sets.items()}
+    counterfactuals = {}
+    if "test_malignant_patched" in datasets:
+        counterfactuals["patch_pasted"] = Counterfactual(
+            "test", datasets["test_malignant_patched"], "patches pasted onto the malignant images")
+    if "cf_patch_removed" in datasets:
+        counterfactuals["patch_removed"] = Counterfactual(
+            "test", datasets.pop("cf_patch_removed"), "the patched benign images without their patches")
     n_patch = sum(r.mask is not None for r in records)
     n_malignant = sum(r.label for r in records)
     return Splits(
@@ -232,6 +254,7 @@ def build_isic(
         tests=datasets,
         num_classes=2,
         class_weights=class_weights(records),
+        counterfactuals=counterfactuals,
         description=(
             f"ISIC {source} ({root}): {len(records) - n_malignant} benign, {n_malignant} malignant, "
             f"{n_patch} with patches, {image_size} px, input {input}"
