@@ -39,10 +39,14 @@ $(VENV)/.installed: requirements.txt
 
 setup: $(VENV)/.installed
 
-## The default experiment (DecoyMNIST), vanilla next to CDEP, offline on CPU.
+## The default experiment (ColorMNIST, where vanilla takes the colour shortcut): vanilla, the
+## original CDEP (softmax form) and the corrected CDEP, accuracy next to the shortcut metric.
+DEMO_CDEP := method=cdep method.penalty.mask_samples=1
 run: setup
-	$(FAST_MALLOC) $(PY) train.py -m experiment=demo paths.data_dir=$(DATA_DIR)
-	$(PY) -m cdep_exp.results --glob 'outputs/demo/**/metrics.json'
+	$(FAST_MALLOC) $(PY) train.py experiment=demo method=vanilla paths.data_dir=$(DATA_DIR)
+	$(FAST_MALLOC) $(PY) train.py experiment=demo $(DEMO_CDEP) method.penalty.form=softmax method.lam=5000 paths.data_dir=$(DATA_DIR)
+	$(FAST_MALLOC) $(PY) train.py experiment=demo $(DEMO_CDEP) method.penalty.form=normalised method.lam=1000 paths.data_dir=$(DATA_DIR)
+	$(PY) -m cdep_exp.shortcut_report --glob 'outputs/demo/**/metrics.json'
 
 ## Fast CPU tests; slow ones are skipped (see test-all).
 test: setup

@@ -77,3 +77,39 @@ def test_app_refuses_a_counterfactual_in_another_order() -> None:
     with pytest.raises(ValueError, match="in order"):
         evaluate_splits(ReadsOne(0), splits, lambda ds: DataLoader(ds, batch_size=16), torch.device("cpu"),
                         ["accuracy"], None)
+
+
+def test_report_rows_split_cdep_by_form_and_pick_lambda_on_validation() -> None:
+    import pandas as pd
+
+    from cdep_exp.shortcut_report import shortcut_table, variant
+
+    def run(method: str, form: str | None, lam: float, seed: int, val: float, change: float) -> dict:
+        config = {"method": {"name": method, **({"penalty": {"form": form}} if form else {})}}
+        return {"dataset": "colormnist", "lam": lam, "seed": seed, "config": config, "val/accuracy": val,
+                "test/accuracy": val, "cf_recoloured_train/prob_change": change, "cf_recoloured_train/flip_rate": 0.0}
+
+    runs = pd.DataFrame([
+        run("vanilla", None, 0, 0, 10, 0.9), run("vanilla", None, 0, 1, 12, 0.7),
+        run("cdep", "softmax", 10, 0, 20, 0.5), run("cdep", "softmax", 100, 0, 15, 0.1),
+        run("cdep", "normalised", 1, 0, 30, 0.2),
+    ])
+    assert variant(runs["config"][2]) == "cdep original (softmax)" and variant(runs["config"][4]) == "cdep normalised"
+    table = shortcut_table(runs, select="val/accuracy")
+    assert list(table["method"]) == ["vanilla", "cdep original (softmax)", "cdep normalised"]
+    assert list(table["λ"]) == ["0", "10", "1"]  # softmax: λ 10 has the better validation accuracy
+    assert table["Δp_y recoloured_train"].iloc[0] == "0.800 ± 0.141"
+
+
+def test_diagnosis_of_a_linear_model_finds_no_interactions() -> None:
+    from cdep_exp.shortcut_diagnose import interaction_energies
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4, bias=False))
+    x = torch.randn(8, 3)
+    annotation = torch.tensor([1.0, 0.0, 0.0]).expand(8, 3)
+    out = interaction_energies(model, DataLoader(TensorDataset(x, torch.zeros(8), annotation), batch_size=4), False)
+    assert out["gap"] < 1e-10 and out["effect"] == pytest.approx(out["rel"]) and out["samples"] == 8
+    relu = nn.Sequential(nn.Linear(3, 6, bias=False), nn.ReLU(), nn.Linear(6, 4, bias=False))
+    out = interaction_energies(relu, DataLoader(TensorDataset(x, torch.zeros(8), annotation), batch_size=4), False)
+    assert out["gap"] > 0 and out["rel_share"] < 1
