@@ -44,7 +44,9 @@ def variant(config: dict) -> str:
     form = penalty.get("form", "?")
     label = f"cdep original ({form})" if form in ORIGINAL_FORMS else f"cdep {form}"
     gap = penalty.get("gap") or 0
-    return f"{label} + gap {gap:g}" if gap else label
+    label = f"{label} + gap {gap:g}" if gap else label
+    annotation = config.get("dataset", {}).get("annotation")
+    return f"{label} [{annotation} annotation]" if annotation not in (None, "pixels") else label
 
 
 def shortcut_table(

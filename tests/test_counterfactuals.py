@@ -142,3 +142,20 @@ def test_isic_generated_counterfactuals_paste_and_remove_patches(tmp_path: Path)
         assert (x[i] != removed[i]).any()
         # Away from the soft plaster edge the pixels are those of the unpatched render.
         assert (x[i][outside] - removed[i][outside]).abs().float().median() == 0
+
+
+def test_colormnist_colour_annotation_is_x_minus_its_grey_version(fake_mnist_dir: Path) -> None:
+    pixels = build_colormnist(str(fake_mnist_dir), source="idx")
+    colour = build_colormnist(str(fake_mnist_dir), source="idx", annotation="colour")
+    x, _ = stacked(colour.train)
+    part = torch.stack([item[2] for item in colour.train])
+    assert torch.equal(x, stacked(pixels.train)[0]) and part.shape == x.shape
+    background = x[:, :, :1, :1]  # fake digits have no ink at (0, 0)
+    grey = (x - part - background).double()  # digit · mean colour / std_c: one image up to 1/std_c
+    ink = grey.abs().amin(1) > 1e-3
+    for a, b in ((0, 1), (1, 2)):
+        ratio = grey[:, a][ink] / grey[:, b][ink]  # std_b / std_a at every inked pixel of every image
+        assert ratio.std() / ratio.mean().abs() < 1e-4
+    assert (part != 0).any()
+    with pytest.raises(ValueError):
+        build_colormnist(str(fake_mnist_dir), source="idx", annotation="hue")
