@@ -95,7 +95,7 @@ def interpretation(table: pd.DataFrame) -> str:
         column = next((c for c in rows.columns if c.startswith("Δp_y")), None)
         if column is None:
             continue
-        values = {m: float(v.split(" ")[0]) for m, v in zip(rows["method"], rows[column]) if v}
+        values = {m: float(v.split(" ")[0]) for m, v in zip(rows["method"], rows[column]) if isinstance(v, str) and v}
         parts = ", ".join(f"{m} {v:.2f}" for m, v in values.items())
         lines.append(
             f"{dataset}: changing only the annotated feature ({column.removeprefix('Δp_y ')}) moves the "
@@ -114,8 +114,10 @@ def main() -> None:
     if not paths:
         raise SystemExit(f"No run records match {args.glob!r}; train something first (see README).")
     table = shortcut_table(collect(paths), args.select, args.all_counterfactuals)
-    print(table.to_markdown(index=False))
-    print(interpretation(table))
+    for _, rows in table.groupby("dataset", sort=False):
+        rows = rows.dropna(axis=1, how="all")
+        print(rows.to_markdown(index=False))
+        print(interpretation(rows), end="\n\n")
 
 
 if __name__ == "__main__":

@@ -159,3 +159,17 @@ def test_colormnist_colour_annotation_is_x_minus_its_grey_version(fake_mnist_dir
     assert (part != 0).any()
     with pytest.raises(ValueError):
         build_colormnist(str(fake_mnist_dir), source="idx", annotation="hue")
+
+
+def test_isic_counterfactual_relevant_part_is_the_feature_change() -> None:
+    from types import SimpleNamespace
+
+    from cdep_exp.data.isic import FeatureDataset
+
+    features = np.arange(12, dtype=np.float16).reshape(4, 3)  # rows 0–3; row 3: image 0 without patch
+    cache = SimpleNamespace(features=features, relevant=np.full((1, 3), 9, np.float16), relevant_row=[0, -1, -1, -1])
+    cd = FeatureDataset(cache, [0, 1], [0, 1])
+    cf = FeatureDataset(cache, [0, 1], [0, 1], clean_rows=[3, -1])
+    assert cd[0][2].tolist() == [9.0] * 3 and cd[1][2].tolist() == [0.0] * 3
+    assert cf[0][2].tolist() == (features[0] - features[3]).astype(np.float32).tolist()
+    assert cf[1][2].tolist() == [0.0] * 3 and torch.equal(cf[0][0], cd[0][0])

@@ -115,10 +115,18 @@ def split_records(
 
 
 class FeatureDataset(Dataset):
-    """(cached features, label, relevant part of the patch — zeros without a patch)."""
+    """(cached features, label, relevant part of the patch — zeros without a patch).
 
-    def __init__(self, cache: FeatureCache, rows: Sequence[int], labels: Sequence[int]) -> None:
+    `clean_rows` (research option, `build_isic(relevant="counterfactual")`): per sample the cache
+    row of the same image without its patch, or −1; where given, the relevant part is the
+    patch's true effect on the features, features(x) − features(x without patch), instead of
+    CD's relevant part.
+    """
+
+    def __init__(self, cache: FeatureCache, rows: Sequence[int], labels: Sequence[int],
+                 clean_rows: Sequence[int] | None = None) -> None:
         self.cache, self.rows, self.labels = cache, list(rows), list(labels)
+        self.clean_rows = None if clean_rows is None else list(clean_rows)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -128,6 +136,9 @@ class FeatureDataset(Dataset):
         x = torch.from_numpy(self.cache.features[row].astype(np.float32))
         rel_row = self.cache.relevant_row[row]
         rel = torch.from_numpy(self.cache.relevant[rel_row].astype(np.float32)) if rel_row >= 0 else torch.zeros_like(x)
+        if self.clean_rows is not None:
+            clean = self.clean_rows[i]
+            rel = x - torch.from_numpy(self.cache.features[clean].astype(np.float32)) if clean >= 0 else torch.zeros_like(x)
         return x, self.labels[i], rel
 
 
@@ -190,6 +201,7 @@ def build_isic(
     device: str = "auto",
     progress: bool = True,
     generate: dict | None = None,
+    relevant: str = "cd",
 ) -> Splits:
     """ISIC splits of (x, y, annotation) samples.
 
@@ -235,7 +247,11 @@ def build_isic(
             Path(cache_dir) if cache_dir else root / "cache", cache_batch_size, resolve_device(device), progress,
         )
         row = {r.image: i for i, r in enumerate(items)}
-        make = lambda recs: FeatureDataset(cache, [row[r.image] for r in recs], [r.label for r in recs])
+        if relevant == "counterfactual" and not unpatched:
+            raise ConfigError("dataset.relevant=counterfactual needs generated data with benign_unpatched renders.")
+        clean = (lambda recs: [row[unpatched[r.id].image] if r.mask is not None and r.id in unpatched else -1
+                               for r in recs]) if relevant == "counterfactual" else (lambda recs: None)
+        make = lambda recs: FeatureDataset(cache, [row[r.image] for r in recs], [r.label for r in recs], clean(recs))
     else:
         make = lambda recs: ImageDataset(recs, image_size)
     datasets = {name: make(recs) for name, recs in sets.items()}
