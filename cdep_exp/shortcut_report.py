@@ -45,8 +45,12 @@ def variant(config: dict) -> str:
     label = f"cdep original ({form})" if form in ORIGINAL_FORMS else f"cdep {form}"
     gap = penalty.get("gap") or 0
     label = f"{label} + gap {gap:g}" if gap else label
-    annotation = config.get("dataset", {}).get("annotation")
-    return f"{label} [{annotation} annotation]" if annotation not in (None, "pixels") else label
+    dataset = config.get("dataset", {})
+    if dataset.get("annotation") not in (None, "pixels"):  # ColorMNIST's colour-part annotation
+        label += f" [{dataset['annotation']} annotation]"
+    if dataset.get("relevant") not in (None, "cd"):  # ISIC's counterfactual relevant part
+        label += f" [{dataset['relevant']} rel]"
+    return label
 
 
 def shortcut_table(
