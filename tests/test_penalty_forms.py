@@ -27,14 +27,14 @@ def test_centred_form_by_hand() -> None:
 
 
 def test_normalised_form_by_hand() -> None:
-    # Sample 0: logits (1, −1, 6), centred (−1, −3, 4) → 26; share 18 / 26.
+    # Sample 0: rel centred (0, −3, 3) → 18, irrel centred (−1, 0, 1) → 2; share 18 / 20.
     # Sample 1: rel centred is 0 → 0 whatever the denominator.
-    torch.testing.assert_close(penalty_form("normalised", REL, IRREL, Y), torch.tensor([18 / 26, 0.0]))
+    torch.testing.assert_close(penalty_form("normalised", REL, IRREL, Y), torch.tensor([18 / 20, 0.0]))
 
 
 def test_normalised_floor_keeps_a_constant_prediction_bounded() -> None:
     rel = torch.tensor([[0.1, -0.1]])
-    irrel = torch.tensor([[-0.1, 0.1]])  # logits exactly 0: the share has no denominator
+    irrel = torch.tensor([[-0.1, 0.1]])  # energies 0.02 + 0.02, below the floor
     value = penalty_form("normalised", rel, irrel, torch.tensor([0]))
     torch.testing.assert_close(value, torch.tensor([0.02 / NORMALISED_FLOOR]))
 
@@ -43,9 +43,9 @@ def test_normalised_denominator_is_detached() -> None:
     rel = REL.clone().requires_grad_(True)
     irrel = IRREL.clone().requires_grad_(True)
     penalty_form("normalised", rel, irrel, Y).sum().backward()
-    assert irrel.grad is None  # no gain from inflating the rest of the logits
+    assert irrel.grad is None  # no gain from inflating irrel
     # d/d rel of Σ c(rel)² / D = 2·c(rel) / D (centring is a projection).
-    expected = 2 * (REL - REL.mean(1, keepdim=True)) / 26.0
+    expected = 2 * (REL - REL.mean(1, keepdim=True)) / 20.0
     expected[1] = 0  # rel equal over classes: centred 0
     torch.testing.assert_close(rel.grad, expected)
 
@@ -177,3 +177,12 @@ def test_gap_on_text_and_tables_reaches_every_parameter(form: str) -> None:
 def test_bad_form_arguments_fail_early(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         CDEP(**kwargs)
+
+
+def test_normalised_form_is_a_bounded_share() -> None:
+    torch.manual_seed(0)
+    rel, irrel = 100 * torch.randn(50, 4), 100 * torch.randn(50, 4)
+    value = penalty_form("normalised", rel, irrel, torch.zeros(50, dtype=torch.long))
+    assert (value >= 0).all() and (value <= 1).all()
+    # Opposite parts that cancel in the logits: the share is still at most 1 (the centred form is not).
+    assert penalty_form("normalised", 1e3 * rel, -1e3 * rel, torch.zeros(50, dtype=torch.long)).max() <= 0.5 + 1e-6

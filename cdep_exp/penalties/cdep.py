@@ -58,6 +58,13 @@ def centred(values: torch.Tensor) -> torch.Tensor:
     return values - values.mean(1, keepdim=True)
 
 
+def normaliser(rel: torch.Tensor, irrel: torch.Tensor) -> torch.Tensor:
+    """The normalised form's per-sample denominator (B,), detached: Σ_c c(rel)² + Σ_c c(irrel)²,
+    at least NORMALISED_FLOOR."""
+    both = centred(rel.detach()).pow(2).sum(1) + centred(irrel.detach()).pow(2).sum(1)
+    return both.clamp_min(NORMALISED_FLOOR)
+
+
 def penalty_form(form: str, rel: torch.Tensor, irrel: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-sample penalty (B,) of one form, from CD's parts rel, irrel (B, C) of the logits.
 
@@ -68,11 +75,14 @@ def penalty_form(form: str, rel: torch.Tensor, irrel: torch.Tensor, y: torch.Ten
       amount, i.e. cannot change the softmax; it does not depend on irrel, so no shift of
       irrel (or of rel) changes it, and a contribution against the true class costs as much as
       one for it.
-    * ``normalised``: Σ_c r_c² / max(Σ_c z_c², 1) with z the class-centred logits rel + irrel,
-      the denominator detached: the share of the prediction's (centred) squared contrast that
-      comes from the annotated features, a pure number whatever the scale of the logits. The
-      gradient is that of the centred form, rescaled per sample, so the model gains nothing by
-      inflating its logits; the floor of 1 logit² keeps it bounded near a constant prediction.
+    * ``normalised``: Σ_c r_c² / max(Σ_c r_c² + Σ_c q_c², 1) with q = irrel − mean_c irrel,
+      the denominator detached: the share of the two parts' centred energy that belongs to the
+      annotated features, a pure number in [0, 1] whatever the scale of the logits, so that
+      one λ can serve datasets whose logits differ by orders of magnitude. Detaching keeps the
+      model from lowering it by inflating irrel (a ratio it could differentiate would reward
+      exactly that); the gradient is the centred form's, divided per sample by the energy, so
+      it stays bounded (≤ 2/|r|) where rel and irrel grow in opposite directions; the floor of
+      1 logit² keeps it bounded near a constant prediction.
     """
     if form == "softmax":
         return torch.sigmoid(rel - irrel).mean(1)
@@ -83,8 +93,7 @@ def penalty_form(form: str, rel: torch.Tensor, irrel: torch.Tensor, y: torch.Ten
     if form == "centred":
         return energy
     if form == "normalised":
-        total = centred(rel + irrel).detach().pow(2).sum(1)
-        return energy / total.clamp_min(NORMALISED_FLOOR)
+        return energy / normaliser(rel, irrel)
     raise ValueError(f"CDEP form must be one of {FORMS}, got {form!r}")
 
 
@@ -224,7 +233,7 @@ class CDEP(Penalty):
         form (normalised: by the same detached logit contrast)."""
         gap = centred(irrel - model(x_without)).pow(2).sum(1)
         if self.form == "normalised":
-            gap = gap / centred(rel + irrel).detach().pow(2).sum(1).clamp_min(NORMALISED_FLOOR)
+            gap = gap / normaliser(rel, irrel)
         return gap
 
     def _sampled_masks(
