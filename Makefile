@@ -31,10 +31,11 @@ threads_for = $(if $(filter basic,$(call launcher_for,$(1))),$(OMP_NUM_THREADS),
 
 .PHONY: setup run test test-all bench-cost clean tables $(TABLES) figures notebooks
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 setup: $(VENV)/.installed
@@ -43,7 +44,7 @@ setup: $(VENV)/.installed
 ## original CDEP (softmax form on sampled pixels) and the corrected CDEP (class-centred form on
 ## the colour part of each image, plus the interaction gap), accuracy next to the shortcut metric.
 DEMO_ORIGINAL := method=cdep method.penalty.mask_samples=1 method.penalty.form=softmax method.lam=5000
-DEMO_CORRECTED := +dataset.annotation=colour method=cdep method.penalty.annotation=relevant \
+DEMO_CORRECTED := +dataset.annotation=colour method=cdep \
 	method.penalty.mask_samples=null method.penalty.form=centred +method.penalty.gap=1 method.lam=1
 run: setup
 	$(FAST_MALLOC) $(PY) train.py experiment=demo method=vanilla paths.data_dir=$(DATA_DIR)
@@ -77,7 +78,7 @@ define table_recipe
 	  OMP_NUM_THREADS=$(call threads_for,$(1)) $(FAST_MALLOC) $(PY) train.py -m experiment=$(1)/$$preset \
 	    scale=$(SCALE) paths.data_dir=$(2) $(call launcher_args,$(1)) $(3) $(ARGS) || status=1; \
 	done; \
-	$(PY) -m cdep_exp.results --table $(1) --scale $(SCALE) || status=1; \
+	$(PY) -m cdep_exp.reporting --table $(1) --scale $(SCALE) || status=1; \
 	exit $$status
 endef
 
@@ -89,7 +90,7 @@ table2 table3 table4 tableS1: setup
 
 ## Accuracy against λ per method (paper Fig. S2) from the runs so far: results/figures/<scale>/.
 figures: setup
-	$(PY) -m cdep_exp.figures --scale $(SCALE)
+	$(PY) -m cdep_exp.reporting --figures --scale $(SCALE)
 
 ## Re-run the analysis notebooks in place (their outputs are committed) on the tables at SCALE.
 notebooks: setup

@@ -1,13 +1,27 @@
 """Train one model with an explanation penalty: `python train.py dataset=decoymnist method=cdep`."""
+import os
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from cdep_exp.app import run
+from cdep_exp.errors import ConfigError
+from cdep_exp.training import NonFiniteLossError
+
+# Errors whose message says what to do: printed as one line. HYDRA_FULL_ERROR=1 keeps the traceback.
+USER_ERRORS = (ConfigError, FileNotFoundError, NonFiniteLossError)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    return run(cfg)
+    try:
+        return run(cfg)
+    except USER_ERRORS as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"Error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

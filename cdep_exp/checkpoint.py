@@ -1,7 +1,6 @@
 """Per-epoch checkpoints, so a run that dies resumes where it stopped instead of starting over."""
 import dataclasses
 import math
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
+
+from cdep_exp.atomic import atomic_path
+from cdep_exp.errors import ConfigError
 
 
 @dataclass
@@ -27,9 +29,8 @@ class TrainState:
 
 def _atomic_save(obj: Any, path: Path) -> None:
     """Write to a temporary file and rename, so a crash never leaves a half-written checkpoint."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -84,7 +85,11 @@ class Checkpointer:
         """Load `last.pt` when resuming is allowed and one exists; else None (fresh start)."""
         if not (self.allow_resume and self.last.exists()):
             return None
-        ckpt = torch.load(self.last, map_location="cpu", weights_only=False)
+        try:
+            ckpt = torch.load(self.last, map_location="cpu", weights_only=False)
+        except Exception as err:  # truncated or foreign file: pickle, zip and torch errors alike
+            raise ConfigError(f"Cannot read the checkpoint {self.last} ({type(err).__name__}); start the run "
+                              f"over with trainer.resume=false (or trainer.force=true to archive it).") from err
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scheduler is not None and ckpt["scheduler"] is not None:

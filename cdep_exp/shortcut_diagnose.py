@@ -68,9 +68,7 @@ def diagnose(run_dir: Path, split: str | None = None) -> dict[str, float]:
         dataset = cf.dataset if cf is not None else splits.tests["test"]
     else:
         dataset = splits.counterfactuals[split].dataset if split in splits.counterfactuals else splits.tests[split]
-    relevant = OmegaConf.select(cfg, "method.penalty.annotation", default=None) == "relevant" or (
-        OmegaConf.select(cfg, "dataset.cdep_annotation", default="mask") == "relevant"
-        and OmegaConf.select(cfg, "dataset.input", default="images") == "features")
+    relevant = splits.annotation == "relevant"
     loader = DataLoader(dataset, batch_size=250, collate_fn=splits.collate_fn)
     return interaction_energies(model, loader, relevant)
 

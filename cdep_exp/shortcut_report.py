@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from cdep_exp.results import collect, find_records, select_lam
+from cdep_exp.reporting.records import collect, find_records
+from cdep_exp.reporting.selection import best_mean_validation
 
 # The counterfactual each dataset's table reports (the others stay in metrics.json).
 PRIMARY = {
@@ -62,7 +63,7 @@ def shortcut_table(
     runs = runs.copy()
     runs["variant"] = [variant(c) for c in runs["config"]]
     if select:
-        runs = select_lam(runs, ["dataset", "variant"], select)
+        runs = best_mean_validation(runs, ["dataset", "variant"], select)
     rows = []
     for (dataset, name, lam), group in runs.groupby(["dataset", "variant", "lam"], sort=False):
         accuracy = ACCURACY.get(dataset, "accuracy")

@@ -1,33 +1,49 @@
-"""One training loop for every dataset and method: fit with early stopping, then evaluate.
+"""One training loop for every dataset and method: fit with early stopping and checkpoints.
 
 The loop knows nothing of datasets or penalties: a batch is (x, y, annotation), the penalty
 returns (logits, value), and the loss is task_loss + λ·value.
 """
+import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from cdep_exp.checkpoint import Checkpointer, TrainState
+from cdep_exp.evaluation import Evaluation, evaluate, to_device
 from cdep_exp.penalties.base import Penalty
+
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the run stops instead of training on garbage."""
 
 
-@dataclass
-class Evaluation:
-    loss: float
-    probs: np.ndarray
-    labels: np.ndarray
+@dataclass(frozen=True)
+class TrainerSettings:
+    """The loop's protocol, from the `trainer` config group.
+
+    max_epochs: epochs at most. patience: stop after `patience` + 1 epochs without a lower
+    validation loss (None: never stop early). two_step: the original RRR/EG protocol (one
+    optimizer step on λ·penalty, then one on the task loss). max_steps_per_epoch: cap on
+    batches per epoch (None: all). progress: tqdm bars (a terminal), else one log line per
+    epoch (log files, SLURM). step_scheduler_per_batch: the scheduler steps after every batch
+    (one-cycle, cyclic); otherwise once per epoch, and ReduceLROnPlateau on the validation loss.
+    """
+
+    max_epochs: int
+    patience: int | None = None
+    two_step: bool = False
+    max_steps_per_epoch: int | None = None
+    progress: bool = True
+    step_scheduler_per_batch: bool = False
 
 
 def _check_finite(value: torch.Tensor, what: str) -> None:
@@ -36,10 +52,6 @@ def _check_finite(value: torch.Tensor, what: str) -> None:
             f"{what} is {value.item()}. Lower method.lam or optimizer.lr; "
             "the last finished epoch is checkpointed in the run directory."
         )
-
-
-def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> Iterator[torch.Tensor]:
-    return (t.to(device, non_blocking=True) for t in batch)
 
 
 def train_one_epoch(
@@ -54,8 +66,12 @@ def train_one_epoch(
     max_steps: int | None = None,
     progress: bool = True,
     desc: str = "train",
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> dict[str, float]:
-    """One pass over the training data; returns mean task loss and penalty.
+    """One pass over the training data; returns mean task loss, penalty and steps taken.
+
+    `scheduler`, when given, steps after every batch. Raises ValueError when the loader yields
+    no batch (nothing would be trained).
 
     `two_step` reproduces the original RRR/EG protocol: an optimizer step on λ·penalty, then a
     fresh forward and a step on the task loss.
@@ -84,37 +100,14 @@ def train_one_epoch(
             _check_finite(loss + lam * value, f"{desc} step {step}: loss")
             (loss + lam * value).backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         totals["task_loss"] += loss.item()
         totals["penalty"] += value.item()
         bar.set_postfix(loss=f"{loss.item():.3f}", pen=f"{value.item():.3g}")
-    return {k: v / max(steps, 1) for k, v in totals.items()}
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    class_weights: torch.Tensor | None = None,
-) -> Evaluation:
-    """Task loss (mean over samples), class probabilities and labels of a whole dataset."""
-    model.eval()
-    probs, labels, loss_sum, weight_sum = [], [], 0.0, 0.0
-    weight = None if class_weights is None else class_weights.to(device)
-    for batch in loader:
-        x, y, _ = to_device(batch, device)
-        logits = model(x)
-        per_sample = F.cross_entropy(logits, y, weight=weight, reduction="none")
-        w = torch.ones_like(per_sample) if weight is None else weight[y]
-        loss_sum += per_sample.sum().item()
-        weight_sum += w.sum().item()
-        probs.append(logits.softmax(dim=1).cpu())
-        labels.append(y.cpu())
-    return Evaluation(
-        loss=loss_sum / max(weight_sum, 1e-12),
-        probs=torch.cat(probs).numpy(),
-        labels=torch.cat(labels).numpy(),
-    )
+    if steps == 0:
+        raise ValueError(f"{desc}: the training loader gives no batch; check the training split and batch size")
+    return {k: v / steps for k, v in totals.items()}
 
 
 def fit(
@@ -128,14 +121,10 @@ def fit(
     device: torch.device,
     checkpointer: Checkpointer,
     writer: SummaryWriter,
-    max_epochs: int,
-    patience: int | None,
+    settings: TrainerSettings,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     val_class_weights: torch.Tensor | None = None,
     val_metrics: Callable[[Evaluation], dict[str, float]] | None = None,
-    two_step: bool = False,
-    max_steps_per_epoch: int | None = None,
-    progress: bool = True,
     on_epoch_start: Callable[[int], None] | None = None,
 ) -> TrainState:
     """Train until `max_epochs` or early stopping; checkpoints every epoch and resumes from one.
@@ -144,26 +133,33 @@ def fit(
     the best epoch's validation accuracy).
     """
     state = checkpointer.resume(model, optimizer, scheduler) or TrainState()
-    epochs = range(state.epoch, max_epochs)
-    for epoch in tqdm(epochs, desc="epochs", disable=not progress, initial=state.epoch, total=max_epochs):
-        if patience is not None and state.bad_epochs > patience:
+    epochs = range(state.epoch, settings.max_epochs)
+    bar = tqdm(epochs, desc="epochs", disable=not settings.progress, initial=state.epoch, total=settings.max_epochs)
+    for epoch in bar:
+        if settings.patience is not None and state.bad_epochs > settings.patience:
             break
         if on_epoch_start is not None:
             on_epoch_start(epoch)
         start = time.perf_counter()
         train_stats = train_one_epoch(
             model, penalty, lam, train_loader, optimizer, task_loss, device,
-            two_step=two_step, max_steps=max_steps_per_epoch, progress=progress,
-            desc=f"epoch {epoch}",
+            two_step=settings.two_step, max_steps=settings.max_steps_per_epoch, progress=settings.progress,
+            desc=f"epoch {epoch}", scheduler=scheduler if settings.step_scheduler_per_batch else None,
         )
         val = evaluate(model, val_loader, device, val_class_weights)
         state.seconds += time.perf_counter() - start
         record = {"epoch": epoch, **train_stats, "val_loss": val.loss}
         if val_metrics is not None:
             record.update({f"val_{k}": v for k, v in val_metrics(val).items()})
-        if scheduler is not None:
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(val.loss)
+        elif scheduler is not None and not settings.step_scheduler_per_batch:
             scheduler.step()
         state.history.append(record)
+        if not settings.progress:
+            log.info("epoch %d/%d: %s, %.1f s", epoch + 1, settings.max_epochs,
+                     ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"),
+                     time.perf_counter() - start)
         for key, value in record.items():
             if key != "epoch":
                 writer.add_scalar(key, value, epoch)

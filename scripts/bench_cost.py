@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cdep_exp.data.decoymnist import corner_mask  # noqa: E402
-from cdep_exp.models import MNISTCNN  # noqa: E402
-from cdep_exp.penalties import CDEP, RRR, ExpectedGradients, Penalty, Vanilla  # noqa: E402
+from cdep_exp.data.decoymnist import corner_mask
+from cdep_exp.models import MNISTCNN
+from cdep_exp.penalties import CDEP, RRR, ExpectedGradients, Penalty, Vanilla
 
 METHODS = {
     "vanilla": Vanilla,

@@ -11,7 +11,6 @@ back from the cache; the whole-network one decomposes the image with the dilated
 """
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,16 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cdep_exp.data.isic import FeatureDataset, class_weights, scan_root, split_records  # noqa: E402
-from cdep_exp.data.isic_cache import (  # noqa: E402
-    CacheSpec, dilate, dilation_width, ensure_feature_cache, load_image, load_mask,
-)
-from cdep_exp.data.isic_synthetic import generate_isic_like  # noqa: E402
-from cdep_exp.models.vgg import VGG16Classifier, VGG16Head, vgg16_features, weights_name  # noqa: E402
-from cdep_exp.penalties import CDEP  # noqa: E402
-from cdep_exp.provenance import resolve_device  # noqa: E402
+from cdep_exp.data.images import dilate, dilation_width, load_image, load_mask
+from cdep_exp.data.isic import ImageDataset, class_weights, scan_root, split_records
+from cdep_exp.data.isic_synthetic import generate_isic_like
+from cdep_exp.feature_cache import CacheSettings, CachedFeatures, ensure_cache
+from cdep_exp.models.vgg import VGG16Classifier, VGG16Head, vgg16_features
+from cdep_exp.penalties import CDEP
+from cdep_exp.provenance import resolve_device
 
 # Relative tolerance of the penalty check per cache dtype (float16 rounds the cached features).
 TOLERANCE = {"float16": 1e-2, "float32": 1e-5}
@@ -83,13 +79,13 @@ def main() -> None:
         generate_isic_like(args.root, size=args.size)
     records = scan_root(args.root, args.mask_dir)
     train = split_records(records)[0]
-    spec = CacheSpec(args.size, weights_name(args.pretrained, 0), args.dilation, args.dtype)
     features = vgg16_features(args.pretrained).to(device).eval()
+    width = dilation_width(args.dilation, args.size)
 
     with tempfile.TemporaryDirectory() as cache_dir:
         start = time.perf_counter()
-        cache = ensure_feature_cache(args.root, [(r.image, r.mask) for r in records], spec,
-                                     lambda: features, Path(cache_dir), device=device)
+        cache = ensure_cache(ImageDataset(records, args.size, width), features, CacheSettings(dtype=args.dtype),
+                             Path(cache_dir), device)
         build = time.perf_counter() - start
         print(f"cache: {len(records)} images ({sum(r.mask is not None for r in records)} with patches), "
               f"{args.size} px, {args.dtype}, {device}: built in {build:.1f} s")
@@ -99,14 +95,13 @@ def main() -> None:
         weights = class_weights(records).to(device)
         optimizer = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)
         row = {r.image: i for i, r in enumerate(records)}
-        train_set = FeatureDataset(cache, [row[r.image] for r in train], [r.label for r in train])
+        train_set = CachedFeatures(cache, [row[r.image] for r in train])
         loader = DataLoader(train_set, batch_size=args.batch, shuffle=True)
         start = time.perf_counter()
         timed_steps(head, CDEP(annotation="relevant"), loader, optimizer, weights, device)
         cached_epoch = time.perf_counter() - start
 
         full = VGG16Classifier(features, head)
-        width = dilation_width(args.dilation, args.size)
         chunks = [train[i : i + args.batch] for i in range(0, (args.steps + 1) * args.batch, args.batch)]
         steps = timed_steps(full, CDEP(), (image_batch(c, args.size, width) for c in chunks), optimizer, weights, device)
         full_epoch = statistics.median(steps[1:]) * len(loader)  # the first step warms up
@@ -119,7 +114,7 @@ def main() -> None:
         full.eval()
         with torch.no_grad():
             _, whole = CDEP()(full, x.to(device), y.to(device), mask.to(device))
-            cached = FeatureDataset(cache, [row[r.image] for r in patched], [r.label for r in patched])
+            cached = CachedFeatures(cache, [row[r.image] for r in patched])
             fx, fy, rel = next(iter(DataLoader(cached, batch_size=len(cached))))
             _, from_cache = CDEP(annotation="relevant")(head, fx.to(device), fy.to(device), rel.to(device))
     gap = abs(whole.item() - from_cache.item()) / max(abs(whole.item()), 1e-12)

@@ -12,7 +12,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from cdep_exp import training
-from cdep_exp.app import ConfigError, run
+from cdep_exp.app import build_model, run
+from cdep_exp.data.base import Splits
+from cdep_exp.errors import ConfigError
 from cdep_exp.penalties import CDEP, RRR, ExpectedGradients, Vanilla
 from test_data_compas import write_csv
 from test_data_sst import write_trees
@@ -21,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Each dataset with the input shape and class count of its default model.
 DATASETS = {"decoymnist": ((1, 28, 28), 10), "colormnist": ((3, 28, 28), 10), "compas": ((17,), 2)}
 METHODS = {"vanilla": Vanilla, "cdep": CDEP, "rrr": RRR, "eg": ExpectedGradients}
+# λ of the pairs that differ from the method's default of 100 (conf/pair/).
+LAMBDAS = {"decoymnist": {}, "colormnist": {"cdep": 5000}, "compas": {"cdep": 1, "rrr": 1, "eg": 1}}
 
 
 def make_cfg(tmp_path: Path, overrides: list[str]) -> DictConfig:
@@ -41,10 +45,11 @@ def tiny(data_dir: Path, *overrides: str) -> list[str]:
 def test_every_dataset_method_pair_composes(tmp_path: Path, dataset: str, method: str) -> None:
     cfg = make_cfg(tmp_path, [f"dataset={dataset}", f"method={method}"])
     assert isinstance(instantiate(cfg.method.penalty), METHODS[method])
-    model = instantiate(cfg.model)
     shape, classes = DATASETS[dataset]
+    splits = Splits(train=[], val=[], tests={}, num_classes=classes, input_shape=shape)
+    model = build_model(cfg.model, splits)
     assert model(torch.zeros(2, *shape)).shape == (2, classes)
-    assert cfg.method.lam == (0 if method == "vanilla" else cfg.dataset.lam[method])
+    assert cfg.method.lam == (0 if method == "vanilla" else LAMBDAS[dataset].get(method, 100))
 
 
 def test_dataset_chooses_model_and_recipe_but_user_overrides_win(tmp_path: Path) -> None:

@@ -125,8 +125,8 @@ def test_sst_articles_counterfactuals_exchange_the_articles(tmp_path: Path) -> N
 
 def test_isic_generated_counterfactuals_paste_and_remove_patches(tmp_path: Path) -> None:
     root = generate_isic_like(tmp_path / "isic", n_benign=12, n_malignant=6, size=16, patch_fraction=0.5, seed=0)
-    splits = build_isic(str(root), source="processed", input="images", image_size=16, mask_dir="true_masks",
-                        fractions=(0.34, 0.33, 0.33))
+    splits = build_isic(str(root), source="processed", image_size=16, mask_dir="true_masks",
+                        fractions=(0.34, 0.33, 0.33), dilation=0)
     assert set(splits.counterfactuals) == {"patch_pasted", "patch_removed"}
     assert splits.counterfactuals["patch_pasted"].dataset is splits.tests["test_malignant_patched"]
     pairs = check_pairs(splits)
@@ -159,17 +159,3 @@ def test_colormnist_colour_annotation_is_x_minus_its_grey_version(fake_mnist_dir
     assert (part != 0).any()
     with pytest.raises(ValueError):
         build_colormnist(str(fake_mnist_dir), source="idx", annotation="hue")
-
-
-def test_isic_counterfactual_relevant_part_is_the_feature_change() -> None:
-    from types import SimpleNamespace
-
-    from cdep_exp.data.isic import FeatureDataset
-
-    features = np.arange(12, dtype=np.float16).reshape(4, 3)  # rows 0–3; row 3: image 0 without patch
-    cache = SimpleNamespace(features=features, relevant=np.full((1, 3), 9, np.float16), relevant_row=[0, -1, -1, -1])
-    cd = FeatureDataset(cache, [0, 1], [0, 1])
-    cf = FeatureDataset(cache, [0, 1], [0, 1], clean_rows=[3, -1])
-    assert cd[0][2].tolist() == [9.0] * 3 and cd[1][2].tolist() == [0.0] * 3
-    assert cf[0][2].tolist() == (features[0] - features[3]).astype(np.float32).tolist()
-    assert cf[1][2].tolist() == [0.0] * 3 and torch.equal(cf[0][0], cd[0][0])

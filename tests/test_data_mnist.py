@@ -27,7 +27,7 @@ from cdep_exp.data.mnist_source import (
 N_TRAIN, N_TEST = 300, 120
 SHARED_RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "MNIST" / "raw"
 
-# §4.1 of docs/REFERENCE.md
+# §4.1 of docs/reference.md
 COLOR_TABLE = np.array([
     (1.000, 0.000, 0.000), (0.945, 0.525, 0.000), (0.791, 0.889, 0.000), (0.278, 0.834, 0.000),
     (0.000, 0.779, 0.173), (0.000, 0.723, 0.563), (0.000, 0.445, 0.668), (0.000, 0.068, 0.613),

@@ -263,8 +263,8 @@ def test_lstm_config_builds_a_model_that_cd_splits_on_the_annotation(data_dir: P
     assert OmegaConf.is_missing(model_cfg, "vocab_size") and model_cfg.embeddings is None
     glove = tmp_path / "glove.txt"
     glove.write_text("fine 1 2 3 4\nfilm 0.5 0 0 0\n")
-    vocab = splits.train.vocab
-    model = instantiate(model_cfg, vocab_size=len(vocab), embed_dim=4, hidden=3,
+    vocab = splits.vocab
+    model = instantiate(model_cfg, vocab_size=len(vocab), num_classes=splits.num_classes, embed_dim=4, hidden=3,
                         embeddings=load_glove(glove, vocab, dim=4))
     assert model.embedding.weight[vocab.index("fine")].tolist() == [1, 2, 3, 4]
     x, y, annotation = pad_collate([splits.train[i] for i in range(len(splits.train))])

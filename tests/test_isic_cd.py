@@ -9,8 +9,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cdep_exp.cd import decompose
-from cdep_exp.data.isic import FeatureDataset, scan_root
-from cdep_exp.data.isic_cache import CacheSpec, dilate, dilation_width, ensure_feature_cache, load_image, load_mask
+from cdep_exp.data.images import dilate, dilation_width, load_image, load_mask
+from cdep_exp.data.isic import ImageDataset, scan_root
+from cdep_exp.feature_cache import CacheSettings, CachedFeatures, ensure_cache
 from cdep_exp.models import MLP, LSTMClassifier, MNISTCNN
 from cdep_exp.penalties import CDEP
 from isic_layout import TinyFrozen, write_isic_root
@@ -82,15 +83,14 @@ def test_cached_cdep_penalty_equals_whole_network_penalty(tmp_path: Path) -> Non
     """The bench script's check on a VGG-like net: cache (float32) → head vs image → whole net."""
     root = write_isic_root(tmp_path / "root", n_benign=4, n_malignant=2, size=SIZE, n_patch=3)
     records = scan_root(root)
-    spec = CacheSpec(SIZE, "tiny", dilation=40, dtype="float32")
-    cache = ensure_feature_cache(root, [(r.image, r.mask) for r in records], spec, TinyFrozen,
-                                 tmp_path / "cache", progress=False)
+    width = dilation_width(40, SIZE)
+    cache = ensure_cache(ImageDataset(records, SIZE, width), TinyFrozen(), CacheSettings(dtype="float32"),
+                         tmp_path / "cache", torch.device("cpu"), progress=False)
     rest = head().eval()
-    cached = FeatureDataset(cache, range(len(records)), [r.label for r in records])
+    cached = CachedFeatures(cache, list(range(len(records))))
     features, y, rel = next(iter(DataLoader(cached, batch_size=len(cached))))
     _, from_cache = CDEP(annotation="relevant")(rest, features, y, rel)
 
-    width = dilation_width(spec.dilation, SIZE)
     x = torch.stack([load_image(r.image, SIZE) for r in records])
     masks = [dilate(load_mask(r.mask, SIZE), width) if r.mask else np.zeros((SIZE, SIZE), bool) for r in records]
     mask = torch.from_numpy(np.stack(masks)).float().unsqueeze(1)

@@ -9,10 +9,14 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from cdep_exp.app import ConfigError, run
-from cdep_exp.data import isic_cache
-from cdep_exp.data.isic import build_isic, scan_root, split_records
-from cdep_exp.data.isic_cache import load_mask
+from cdep_exp import feature_cache
+from cdep_exp.app import run, use_feature_cache
+from cdep_exp.data import isic
+from cdep_exp.data.images import dilation_width, load_mask
+from cdep_exp.data.isic import ImageDataset, build_isic, scan_root, split_records
+from cdep_exp.errors import ConfigError
+from cdep_exp.models.vgg import VGG16Classifier, VGG16Features, VGG16Head
+from cdep_exp.penalties import CDEP, RRR, Vanilla
 from isic_layout import TinyFrozen, write_isic_root
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,14 +29,16 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def build(root: Path, **kwargs):
-    args = dict(root=str(root), image_size=SIZE, pretrained=False, device="cpu", progress=False,
-                mask_dir="masks", cache_dir=str(root / "cache"))
-    return build_isic(**{**args, **kwargs})
+    return build_isic(**{**dict(root=str(root), image_size=SIZE, mask_dir="masks"), **kwargs})
+
+
+def records(dataset) -> list:
+    """The records behind a split (a Subset of the dataset of all images)."""
+    return [dataset.dataset.records[i] for i in dataset.indices]
 
 
 def ids(dataset) -> list[str]:
-    records = getattr(dataset, "records", None)
-    return [r.id for r in records]
+    return [r.id for r in records(dataset)]
 
 
 def test_split_is_fixed_by_sorted_ids_and_split_seed_only(root: Path) -> None:
@@ -52,39 +58,44 @@ def test_split_is_fixed_by_sorted_ids_and_split_seed_only(root: Path) -> None:
 
 def test_run_seed_does_not_change_the_split(root: Path) -> None:
     torch.manual_seed(0)
-    a = build(root, input="images")
+    a = build(root)
     torch.manual_seed(99)
-    b = build(root, input="images")
+    b = build(root)
     assert ids(a.tests["test"]) == ids(b.tests["test"]) and ids(a.train) == ids(b.train)
 
 
 def test_test_sets_and_dropping_patch_images(root: Path) -> None:
-    splits = build(root, input="images")
-    test = splits.tests["test"].records
-    assert [r.id for r in splits.tests["test_no_patches"].records] == [r.id for r in test if r.mask is None]
-    patched = splits.tests["test_malignant_patched"].records
+    splits = build(root)
+    test = records(splits.tests["test"])
+    assert ids(splits.tests["test_no_patches"]) == [r.id for r in test if r.mask is None]
+    patched = records(splits.tests["test_malignant_patched"])
     assert [r.id for r in patched] == [r.id for r in test]
     for before, after in zip(test, patched):
         assert ("counterfactual" in after.image.parts) == (before.label == 1) and after.label == before.label
-    assert any(r.mask is not None for r in splits.train.records)
+    assert any(r.mask is not None for r in records(splits.train))
 
-    dropped = build(root, input="images", drop_patch_images=True)
-    assert [r.id for r in dropped.train.records] == [r.id for r in splits.train.records if r.mask is None]
+    dropped = build(root, drop_patch_images=True)
+    assert ids(dropped.train) == [r.id for r in records(splits.train) if r.mask is None]
     assert ids(dropped.val) == ids(splits.val) and ids(dropped.tests["test"]) == ids(splits.tests["test"])
 
 
 def test_class_weights_come_from_the_whole_data(root: Path) -> None:
-    splits = build(root, input="images")
+    splits = build(root)
     r = 10 / 20
     assert torch.allclose(splits.class_weights, torch.tensor([r, 1 - r]))
 
 
-def test_image_items_carry_the_undilated_mask(root: Path) -> None:
-    splits = build(root, input="images")
-    record = next(r for r in splits.train.records if r.mask is not None)
-    x, y, annotation = splits.train[splits.train.records.index(record)]
-    assert x.shape == (3, SIZE, SIZE) and annotation.shape == (1, SIZE, SIZE) and y == 0
-    assert torch.equal(annotation[0].bool(), torch.from_numpy(load_mask(record.mask, SIZE)))
+def test_image_items_carry_the_mask_dilated_as_configured(root: Path) -> None:
+    for dilation in (0, 60):
+        splits = build(root, dilation=dilation)
+        record = next(r for r in records(splits.train) if r.mask is not None)
+        x, y, annotation = splits.train[records(splits.train).index(record)]
+        assert x.shape == (3, SIZE, SIZE) and annotation.shape == (1, SIZE, SIZE) and y == 0
+        undilated = torch.from_numpy(load_mask(record.mask, SIZE))
+        if dilation == 0:
+            assert torch.equal(annotation[0].bool(), undilated)
+        else:  # grown around the patch, never shrunk
+            assert annotation[0].sum() > undilated.sum() and annotation[0].bool()[undilated].all()
 
 
 @pytest.fixture(scope="module")
@@ -93,32 +104,36 @@ def small_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_isic_root(tmp_path_factory.mktemp("isic_small"), n_benign=4, n_malignant=4, size=SIZE, n_patch=2)
 
 
-def test_feature_items_carry_the_relevant_part_only_for_patch_images(small_root: Path, tmp_path: Path) -> None:
-    splits = build(small_root, cache_dir=str(tmp_path), fractions=[0.5, 0.25, 0.25])
-    assert isinstance(splits.train.cache.features, np.memmap) and splits.train.cache.features.dtype == np.float16
-    for name, dataset in {"train": splits.train, **splits.tests}.items():
-        for i, record_row in enumerate(dataset.rows):
+def test_cached_splits_carry_the_relevant_part_only_for_patch_images(small_root: Path, tmp_path: Path) -> None:
+    splits = build(small_root, fractions=[0.5, 0.25, 0.25])
+    settings = feature_cache.CacheSettings()
+    cached = feature_cache.cache_splits(splits, VGG16Features(None, 0), settings, tmp_path, torch.device("cpu"), False)
+    assert cached.annotation == "relevant" and cached.input_shape == (25088,)
+    assert isinstance(cached.train.cache.features, np.memmap) and cached.train.cache.features.dtype == np.float16
+    assert len({id(ds.cache) for ds in [cached.train, cached.val, *cached.tests.values()]}) == 1
+    for name, dataset in {"train": cached.train, **cached.tests}.items():
+        for i, row in enumerate(dataset.rows):
             x, y, rel = dataset[i]
             assert x.shape == rel.shape == (25088,) and x.dtype == rel.dtype == torch.float32
-            has_patch = dataset.cache.relevant_row[record_row] >= 0
+            has_patch = dataset.cache.relevant_row[row] >= 0
             assert bool(rel.abs().sum() > 0) == has_patch
             assert has_patch == (name == "test_malignant_patched" and y == 1 or rel.any().item())
-    patched = splits.tests["test_malignant_patched"]
+    patched = cached.tests["test_malignant_patched"]
     assert sum(patched[i][1] for i in range(len(patched))) == 1  # the malignant test image, patched
 
 
-def tiny_cache(root: Path, cache_dir: Path, dilation: int = 20, batch_size: int = 16) -> isic_cache.FeatureCache:
-    items = [(r.image, r.mask) for r in scan_root(root)]
-    spec = isic_cache.CacheSpec(SIZE, "tiny", dilation, "float32")
-    return isic_cache.ensure_feature_cache(root, items, spec, TinyFrozen, cache_dir, batch_size, progress=False)
+def tiny_cache(root: Path, cache_dir: Path, dilation: int = 20, batch_size: int = 16) -> feature_cache.FeatureCache:
+    images = ImageDataset(scan_root(root), SIZE, dilation_width(dilation, SIZE))
+    settings = feature_cache.CacheSettings(dtype="float32", batch_size=batch_size)
+    return feature_cache.ensure_cache(images, TinyFrozen(), settings, cache_dir, torch.device("cpu"), progress=False)
 
 
 def test_cache_is_reused_and_rebuilt_when_its_inputs_change(
     root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writes = []
-    real_write = isic_cache._write_cache
-    monkeypatch.setattr(isic_cache, "_write_cache", lambda out, *a, **k: (writes.append(out), real_write(out, *a, **k)))
+    real_write = feature_cache._write_cache
+    monkeypatch.setattr(feature_cache, "_write_cache", lambda out, *a, **k: (writes.append(out), real_write(out, *a, **k)))
     first = tiny_cache(root, tmp_path)
     again = tiny_cache(root, tmp_path)
     assert len(writes) == 1 and first.path == again.path
@@ -132,7 +147,7 @@ def test_cache_is_reused_and_rebuilt_when_its_inputs_change(
 
 def test_crash_while_caching_leaves_no_cache(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real_load = isic_cache.load_image
+    real_load = isic.load_image
 
     def crash_late(*args, **kwargs):
         calls.append(1)
@@ -140,11 +155,11 @@ def test_crash_while_caching_leaves_no_cache(root: Path, tmp_path: Path, monkeyp
             raise KeyboardInterrupt
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(isic_cache, "load_image", crash_late)
+    monkeypatch.setattr(isic, "load_image", crash_late)
     with pytest.raises(KeyboardInterrupt):
         tiny_cache(root, tmp_path, batch_size=4)
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(isic_cache, "load_image", real_load)
+    monkeypatch.setattr(isic, "load_image", real_load)
     assert tiny_cache(root, tmp_path).features.shape == (20, TinyFrozen.out_features)
 
 
@@ -159,18 +174,18 @@ def test_missing_images_and_masks_say_what_to_run(root: Path, tmp_path: Path) ->
         build(stray)
 
 
-@pytest.mark.parametrize(
-    ("input", "method", "annotation", "message"),
-    [
-        ("features", "rrr", None, "dataset.input=images"),
-        ("features", "eg", None, "dataset.input=images"),
-        ("images", "cdep", "mask", "dataset.input=features"),
-        ("features", "cdep", "mask", "annotation=relevant"),
-    ],
-)
-def test_inputs_a_method_cannot_use_fail_early(root: Path, input: str, method: str, annotation, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        build(root, input=input, method=method, penalty_annotation=annotation)
+def test_feature_cache_is_used_only_where_the_method_can_train_on_it() -> None:
+    model = VGG16Classifier(TinyFrozen().requires_grad_(False), VGG16Head(hidden=4))
+    auto, on, off = (feature_cache.CacheSettings(enabled=e) for e in ("auto", True, False))
+    assert use_feature_cache(model, CDEP(), auto, "cdep") and use_feature_cache(model, Vanilla(), auto, "vanilla")
+    assert not use_feature_cache(model, RRR(), auto, "rrr")
+    assert not use_feature_cache(model, CDEP(), off, "cdep")
+    with pytest.raises(ConfigError, match="feature_cache.enabled=auto or false"):
+        use_feature_cache(model, RRR(), on, "rrr")
+    model.features.requires_grad_(True)  # a backbone that trains is not frozen: nothing to cache
+    assert not use_feature_cache(model, CDEP(), auto, "cdep")
+    with pytest.raises(ConfigError, match="feature_cache.enabled"):
+        feature_cache.CacheSettings(enabled="sometimes")
 
 
 def make_cfg(tmp_path: Path, overrides: list[str]):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cdep_exp.app import evaluate_splits
+from cdep_exp.evaluation import evaluate_splits
 from cdep_exp.data.base import Splits
 from cdep_exp.gradcam import grad_cam, last_conv_activation
 from cdep_exp.metrics import compute_metrics
@@ -20,18 +20,19 @@ from cdep_exp.models.vgg import PretrainedWeightsError
 @pytest.fixture(scope="module")
 def classifier() -> VGG16Classifier:
     torch.manual_seed(0)
-    return build_vgg16("images", pretrained=False, hidden=8).eval()
+    return build_vgg16(pretrained=False, hidden=8).eval()
 
 
 def test_one_checkpoint_serves_head_and_whole_network(classifier: VGG16Classifier) -> None:
-    head = build_vgg16("features", pretrained=False, hidden=8).eval()
+    head = build_vgg16(pretrained=False, hidden=8).head.eval()
     assert isinstance(head, VGG16Head) and isinstance(classifier.head, VGG16Head)
+    assert classifier.backbone is classifier.features
     x = torch.randn(2, 3, 32, 32)
     before = classifier(x)
     classifier.load_trained(head.state_dict())
     assert torch.equal(classifier(x), head(classifier.features(x)))
     assert not torch.equal(classifier(x), before)
-    whole = build_vgg16("images", pretrained=False, hidden=8).eval()
+    whole = build_vgg16(pretrained=False, hidden=8).eval()
     whole.load_trained(classifier.state_dict())
     assert torch.equal(whole(x), classifier(x))
 
@@ -58,7 +59,7 @@ def test_missing_imagenet_weights_say_where_to_put_them(tmp_path: Path, monkeypa
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "urlopen", offline)
     with pytest.raises(PretrainedWeightsError) as err:
-        build_vgg16("features", pretrained=True)
+        build_vgg16(pretrained=True)
     message = str(err.value)
     assert "vgg16-397923af.pth" in message and str(tmp_path) in message and "model.pretrained=false" in message
 
@@ -66,8 +67,6 @@ def test_missing_imagenet_weights_say_where_to_put_them(tmp_path: Path, monkeypa
 def test_imagenet_head_needs_4096_units() -> None:
     with pytest.raises(ValueError, match="model.hidden=4096"):
         VGG16Head(hidden=8).load_imagenet({})
-    with pytest.raises(ValueError, match="'features' or 'images'"):
-        build_vgg16("pixels", pretrained=False)
 
 
 def test_grad_cam_lights_up_what_the_score_rests_on() -> None:

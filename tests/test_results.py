@@ -8,8 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cdep_exp import sweeps, tables
-from cdep_exp.results import aggregate, best_over_epochs, collect, find_records, select_lam, summarise
+from cdep_exp.reporting import sweeps, tables
+from cdep_exp.reporting.records import aggregate, collect, find_records, summarise
+from cdep_exp.reporting.selection import best_mean_validation as select_lam
+from cdep_exp.reporting.selection import max_over_epochs as best_over_epochs
 
 OUTPUTS = "outputs"
 
@@ -64,8 +66,11 @@ def test_mean_and_sample_std_over_seeds() -> None:
 
 def test_summarise_keeps_the_cli_format() -> None:
     runs = pd.DataFrame({"dataset": ["d", "d"], "method": ["m", "m"], "lam": [0, 0], "settings": ["s", "s"],
+                         "seed": [0, 1], "overrides": ["method.lam=1.0 seed=0", "seed=1"],
                          "test/accuracy": [1.0, 3.0]})
-    assert summarise(runs, ["test/accuracy"]).loc[0, "test/accuracy"] == "2.00 ± 1.41"
+    summary = summarise(runs, ["test/accuracy"])
+    assert summary.loc[0, "test/accuracy"] == "2.00 ± 1.41"
+    assert summary.loc[0, "seeds"] == 2 and summary.loc[0, "overrides"] == "seed=1"
 
 
 def test_lambda_is_chosen_on_validation_not_on_test() -> None:

@@ -25,12 +25,17 @@ class Splits:
     """Datasets of one experiment.
 
     Each item is `(x, y, annotation)`: `annotation` has x's shape, or one broadcastable to it,
-    and is 1 where a feature must not matter. `tests` maps a name (e.g. "test",
+    and is 1 where a feature must not matter. `annotation` names what it holds: "mask" (1 = must
+    not matter; soft values allowed), "weights" (a sampling distribution over feature
+    positions, ColorMNIST) or "relevant" (the relevant part of x itself, as a frozen backbone's
+    cached decomposition yields it); penalties check that they can read it. `tests` maps a name (e.g. "test",
     "test_no_patches") to a dataset evaluated after training. `groups` maps a test name to
     per-sample group labels that fairness metrics read (e.g. race for COMPAS). `description`
     says where the data came from (recorded in every run's metrics.json). `batch_sampler`,
     when set, makes the training batches: called with (batch_size, generator) it returns a
     sampler of index lists (e.g. length buckets for text); otherwise batches are shuffled.
+    What a model needs to fit the data: `num_classes`, `input_shape` (one sample's x shape;
+    None for variable-length token ids) and `vocab` (token id → word, for text).
     `counterfactuals` maps a name (e.g. "patch_removed") to a `Counterfactual` of a test set;
     the app measures how far predictions move between the two (`cdep_exp.shortcut`).
     """
@@ -39,9 +44,15 @@ class Splits:
     val: Dataset
     tests: dict[str, Dataset]
     num_classes: int
+    input_shape: tuple[int, ...] | None = None
+    vocab: list[str] | None = None
+    annotation: str = "mask"
     class_weights: torch.Tensor | None = None
     groups: dict[str, list[str]] = field(default_factory=dict)
     collate_fn: Callable | None = None
     description: str = ""
     batch_sampler: Callable[[int, torch.Generator], Sampler[list[int]]] | None = None
     counterfactuals: dict[str, Counterfactual] = field(default_factory=dict)
+
+
+ANNOTATIONS = ("mask", "weights", "relevant")

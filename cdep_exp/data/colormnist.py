@@ -7,7 +7,7 @@ spurious feature is not confined to a region: it is spread over every inked pixe
 no mask to hand over. The CDEP penalty instead draws 8 single pixels per batch (all three
 channels) from a sampling distribution that favours pixels where digits have ink, and penalises
 their contribution; that distribution is the annotation here (Rieger et al. 2020, §4.1–4.2 of
-docs/REFERENCE.md; RRR and EG use it as a soft mask).
+docs/reference.md; RRR and EG use it as a soft mask).
 
 Colours: `Color("red").range_to(Color("purple"), 10)` of the original (package `colour`), i.e.
 linear interpolation in HSL from red (h 0, s 1, l 0.5) to purple #800080, computed here with
@@ -150,6 +150,8 @@ def build_colormnist(
             "test": make(test_digits, colors[9 - test_labels], test_y)
         },
         num_classes=10,
+        input_shape=(3, 28, 28),
+        annotation="weights" if annotation == "pixels" else "relevant",
         description=f"ColorMNIST (val colours {val_colors}, annotation {annotation}) on {mnist.description}",
         counterfactuals={
             "recoloured_train": recoloured(test_labels, "test digits in their training colour colour[y]"),

@@ -1,6 +1,6 @@
 """COMPAS recidivism (Rieger et al. Table 3): 17 tabular features, label `two_year_recid`.
 
-Follows `compas/CDEP on COMPAS.ipynb` of the original code (REFERENCE.md §6.1): the ProPublica
+Follows `compas/CDEP on COMPAS.ipynb` of the original code (docs/reference.md §6.1): the ProPublica
 filter, the same 17 feature columns in the same order, and the same fixed 80/10/10 permutation.
 Two choices of the original are options here: the charge-keyword bug (`keyword_bug`) and which
 races are kept (`races`; the original trained on all, the paper text says black and white only).
@@ -16,6 +16,7 @@ from torch.utils.data import TensorDataset
 
 from cdep_exp.data.base import Counterfactual, Splits
 from cdep_exp.data.download import fetch, write_atomic
+from cdep_exp.errors import ConfigError
 
 COMPAS_URL = (
     "https://raw.githubusercontent.com/propublica/compas-analysis/master/"
@@ -82,6 +83,10 @@ def read_compas(path: str | os.PathLike) -> pd.DataFrame:
     missing = [c for c in RAW_COLUMNS if c not in raw.columns]
     if missing:
         raise ValueError(f"{path} lacks the COMPAS column(s) {missing}; is it {FILE_NAME}?")
+    unlabelled = raw.index[raw["two_year_recid"].isna()]
+    if len(unlabelled):
+        # pandas fills a row cut short (a truncated download) with NaN instead of failing.
+        raise ValueError(f"row {unlabelled[0] + 2} has no two_year_recid label (a truncated file?)")
     return raw
 
 
@@ -175,7 +180,7 @@ def race_annotation() -> torch.Tensor:
 
     1 marks what the penalty pushes importance away from. Penalising the isolated contribution
     of the non-race features moves importance onto race and its interactions, which is what the
-    original did (REFERENCE.md §2.1, "blob_norace"): it is not a "race must not matter" mask.
+    original did (docs/reference.md §2.1, "blob_norace"): it is not a "race must not matter" mask.
     """
     annotation = torch.ones(NUM_FEATURES)
     annotation[RACE_COLUMNS] = 0
@@ -222,14 +227,21 @@ def build_compas(
     """
     if races not in ("all", "black_white"):
         raise ValueError(f"races must be 'all' or 'black_white', not {races!r}")
-    df = filter_propublica(read_compas(ensure_compas_csv(data_dir, url)))
-    if races == "black_white":
-        df = df[df["race"].isin(["African-American", "Caucasian"])].reset_index(drop=True)
-
-    x = torch.tensor(compas_features(df, keyword_bug).to_numpy(), dtype=torch.float32)
+    path = ensure_compas_csv(data_dir, url)
+    try:
+        df = filter_propublica(read_compas(path))
+        if races == "black_white":
+            df = df[df["race"].isin(["African-American", "Caucasian"])].reset_index(drop=True)
+        if df.empty:
+            raise ValueError("no row is left after ProPublica's filter")
+        x = torch.tensor(compas_features(df, keyword_bug).to_numpy(dtype=np.float32), dtype=torch.float32)
+        y = torch.tensor(df["two_year_recid"].to_numpy(dtype=np.int64), dtype=torch.long)
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"{path} is not a readable COMPAS file ({reason}); delete it to download it again, or "
+                          f"put ProPublica's {FILE_NAME} there.") from err
     if hide_race:
         x = zero_race(x)
-    y = torch.tensor(df["two_year_recid"].to_numpy(), dtype=torch.long)
     race = df["race"].tolist()
     annotation = race_annotation()
 
@@ -248,6 +260,7 @@ def build_compas(
         val=subset(val_idx, zero_race(x) if race_zeroed_eval else x),
         tests=tests,
         num_classes=2,
+        input_shape=tuple(x.shape[1:]),
         class_weights=class_weights(y[torch.as_tensor(train_idx)]),
         counterfactuals={
             "race_flipped": Counterfactual("test", subset(test_idx, swap_black_white(x)),

@@ -156,6 +156,7 @@ def build_decoymnist(
         val=dataset(x[va], y[va], annotation),
         tests={"test": dataset(xt, yt, annotation)},
         num_classes=10,
+        input_shape=(1, 28, 28),
         description=f"DecoyMNIST ({variant}) on {mnist.description}",
         counterfactuals={
             "patch_removed": counterfactual(mnist.test_x, "test digits without their patch"),

@@ -6,30 +6,33 @@ and R/<mask_dir>/<id>.png, a 0/255 patch mask for exactly the images that carry 
 Generated roots (cdep_exp.data.isic_synthetic) also hold R/counterfactual/malignant_patched/
 <id>.png and R/counterfactual/masks/<id>.png: every malignant image with a patch pasted on.
 
+Items are (ImageNet-normalised image, label, patch mask (1, H, W), zeros without a patch), the
+mask dilated by `dilation`. Every split is a `torch.utils.data.Subset` of one dataset of all
+images (the counterfactual ones included), so a frozen backbone's features are computed once
+per image (`cdep_exp.feature_cache`).
+
 The split is 80/10/10 per class over sorted ids, drawn from `split_seed` alone, so neither the
 run seed nor the file system's listing order changes it (the original used `os.listdir` order
 and one unstratified `random_split`; it cannot be replayed).
 """
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
-from cdep_exp.app import ConfigError
 from cdep_exp.data.base import Counterfactual, Splits
-from cdep_exp.data.isic_cache import CacheSpec, FeatureCache, ensure_feature_cache, load_image, load_mask
+from cdep_exp.data.images import dilate, dilation_width, load_image, load_mask
 from cdep_exp.data.isic_synthetic import generate_isic_like
-from cdep_exp.models.vgg import vgg16_features, weights_name
-from cdep_exp.provenance import resolve_device
+from cdep_exp.errors import ConfigError
 
 CLASSES = ("benign", "malignant")
 SUFFIXES = (".png", ".jpg", ".jpeg")
 COUNTERFACTUAL = Path("counterfactual")
-# Penalties that differentiate the input image, so they need the whole network on images.
-GRADIENT_METHODS = ("rrr", "eg")
 PREPARE_HINT = (
     "Prepare the archive with scripts/isic/download.py and scripts/isic/prepare.py, then the patch "
     "masks with scripts/isic/segment.py; offline, dataset=isic_synthetic generates a small ISIC-like set."
@@ -114,39 +117,12 @@ def split_records(
     return tuple(sorted(part, key=lambda r: r.id) for part in parts)
 
 
-class FeatureDataset(Dataset):
-    """(cached features, label, relevant part of the patch — zeros without a patch).
-
-    `clean_rows` (research option, `build_isic(relevant="counterfactual")`): per sample the cache
-    row of the same image without its patch, or −1; where given, the relevant part is the
-    patch's true effect on the features, features(x) − features(x without patch), instead of
-    CD's relevant part.
-    """
-
-    def __init__(self, cache: FeatureCache, rows: Sequence[int], labels: Sequence[int],
-                 clean_rows: Sequence[int] | None = None) -> None:
-        self.cache, self.rows, self.labels = cache, list(rows), list(labels)
-        self.clean_rows = None if clean_rows is None else list(clean_rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor]:
-        row = self.rows[i]
-        x = torch.from_numpy(self.cache.features[row].astype(np.float32))
-        rel_row = self.cache.relevant_row[row]
-        rel = torch.from_numpy(self.cache.relevant[rel_row].astype(np.float32)) if rel_row >= 0 else torch.zeros_like(x)
-        if self.clean_rows is not None:
-            clean = self.clean_rows[i]
-            rel = x - torch.from_numpy(self.cache.features[clean].astype(np.float32)) if clean >= 0 else torch.zeros_like(x)
-        return x, self.labels[i], rel
-
-
 class ImageDataset(Dataset):
-    """(ImageNet-normalised image, label, undilated patch mask (1, H, W) — zeros without a patch)."""
+    """(ImageNet-normalised image, label, patch mask (1, H, W) dilated by `dilation` px — zeros
+    without a patch) of each record, read from its files on access."""
 
-    def __init__(self, records: Sequence[Record], size: int) -> None:
-        self.records, self.size = list(records), size
+    def __init__(self, records: Sequence[Record], size: int, dilation: int = 0) -> None:
+        self.records, self.size, self.dilation = list(records), size, dilation
 
     def __len__(self) -> int:
         return len(self.records)
@@ -154,25 +130,17 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor]:
         record = self.records[i]
         x = load_image(record.image, self.size)
-        mask = load_mask(record.mask, self.size) if record.mask else np.zeros(x.shape[1:], bool)
+        if record.mask is None:
+            mask = np.zeros(x.shape[1:], bool)
+        else:
+            mask = dilate(load_mask(record.mask, self.size), self.dilation)
         return x, record.label, torch.from_numpy(mask).float().unsqueeze(0)
 
-
-def check_input(input: str, method: str | None, penalty_annotation: str | None = None) -> None:
-    """Fail early on an input the method cannot use, or a CDEP that would read the cached
-    relevant part as a mask."""
-    if input not in ("features", "images"):
-        raise ConfigError(f"dataset.input must be 'features' or 'images', got {input!r}")
-    if input == "features" and method in GRADIENT_METHODS:
-        raise ConfigError(f"method={method} penalises input gradients of the images, which the cached "
-                          f"features do not have: add dataset.input=images.")
-    if input == "images" and method == "cdep":
-        raise ConfigError("CDEP on ISIC continues the frozen layers' cached decomposition, which equals "
-                          "CDEP through the whole network (scripts/bench_isic_cache.py checks it) at a "
-                          "fraction of the cost: use dataset.input=features.")
-    if input == "features" and method == "cdep" and penalty_annotation != "relevant":
-        raise ConfigError("CDEP on the cached features must start from their relevant part, not a mask: "
-                          "set method.penalty.annotation=relevant.")
+    def fingerprint(self) -> str:
+        """Hash of what the items depend on: the files (names and sizes, in order), size, dilation."""
+        files = [[p.name, p.parent.name, p.stat().st_size] for r in self.records for p in (r.image, r.mask) if p]
+        payload = json.dumps({"size": self.size, "dilation": self.dilation, "files": files})
+        return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def class_weights(records: Sequence[Record]) -> torch.Tensor:
@@ -184,44 +152,30 @@ def class_weights(records: Sequence[Record]) -> torch.Tensor:
 def build_isic(
     root: str,
     source: str = "processed",
-    input: str = "features",
-    method: str | None = None,
-    penalty_annotation: str | None = None,
     image_size: int = 299,
     mask_dir: str = "masks",
     drop_patch_images: bool = False,
     split_seed: int = 0,
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
     dilation: int = 20,
-    pretrained: bool = True,
-    init_seed: int = 0,
-    cache_dir: str | None = None,
-    cache_dtype: str = "float16",
-    cache_batch_size: int = 16,
-    device: str = "auto",
-    progress: bool = True,
     generate: dict | None = None,
-    relevant: str = "cd",
 ) -> Splits:
-    """ISIC splits of (x, y, annotation) samples.
+    """ISIC splits of (image, label, patch mask) samples.
 
     source: processed (a prepared archive at `root`) or generated (`root` is made by
         isic_synthetic.generate_isic_like(root, size=image_size, **generate) if missing).
-    input: features (cached frozen-VGG16 features; annotation = their CD relevant part with the
-        mask dilated by a `dilation`-px square at 299 px, scaled to `image_size`) or images
-        (whole network; annotation = the undilated mask, for RRR/EG). `method` (the run's
-        method name) and `penalty_annotation` (its CDEP annotation setting) are only checked.
+    dilation: side in px at 299 px of the square the masks are dilated by, scaled to
+        `image_size` (CDEP's masks; 0 keeps them as segmented, as RRR used them).
     drop_patch_images: leave patch images out of training (the paper's "excluded" baseline).
-    pretrained, init_seed: the frozen layers' weights, as the model's (model.pretrained).
-    cache_dir: where feature caches live (default `root`/cache); cache_dtype float16|float32.
     Tests: "test", "test_no_patches" (images without a patch), and on generated data
     "test_malignant_patched" (benign test images plus the patched versions of the malignant ones).
     Counterfactuals of "test" (`cdep_exp.shortcut`), generated data only: "patch_pasted" (that
     same set: patches pasted onto the malignant images, the benign ones unchanged) and
     "patch_removed" (the patched benign images rendered without their patches, the rest
-    unchanged). Class weights come from the whole data set, as in the original.
+    unchanged; sets generated before these renders existed lack it).
+    Class weights come from the whole data set, as in the original.
+    Raises ConfigError for an unknown source, FileNotFoundError for missing images or masks.
     """
-    check_input(input, method, penalty_annotation)
     root = Path(root)
     if source == "generated":
         generate_isic_like(root, size=image_size, **dict(generate or {}))
@@ -239,22 +193,10 @@ def build_isic(
     if unpatched:
         sets["cf_patch_removed"] = [unpatched.get(r.id, r) for r in test]
 
-    if input == "features":
-        items = records + sorted([*counterfactual.values(), *unpatched.values()], key=lambda r: (r.id, r.label))
-        spec = CacheSpec(image_size, weights_name(pretrained, init_seed), dilation, cache_dtype)
-        cache = ensure_feature_cache(
-            root, [(r.image, r.mask) for r in items], spec, lambda: vgg16_features(pretrained, init_seed),
-            Path(cache_dir) if cache_dir else root / "cache", cache_batch_size, resolve_device(device), progress,
-        )
-        row = {r.image: i for i, r in enumerate(items)}
-        if relevant == "counterfactual" and not unpatched:
-            raise ConfigError("dataset.relevant=counterfactual needs generated data with benign_unpatched renders.")
-        clean = (lambda recs: [row[unpatched[r.id].image] if r.mask is not None and r.id in unpatched else -1
-                               for r in recs]) if relevant == "counterfactual" else (lambda recs: None)
-        make = lambda recs: FeatureDataset(cache, [row[r.image] for r in recs], [r.label for r in recs], clean(recs))
-    else:
-        make = lambda recs: ImageDataset(recs, image_size)
-    datasets = {name: make(recs) for name, recs in sets.items()}
+    items = records + sorted([*counterfactual.values(), *unpatched.values()], key=lambda r: (r.id, r.label))
+    images = ImageDataset(items, image_size, dilation_width(dilation, image_size))
+    row = {r.image: i for i, r in enumerate(items)}
+    datasets = {name: Subset(images, [row[r.image] for r in recs]) for name, recs in sets.items()}
     counterfactuals = {}
     if "test_malignant_patched" in datasets:
         counterfactuals["patch_pasted"] = Counterfactual(
@@ -269,11 +211,12 @@ def build_isic(
         val=datasets.pop("val"),
         tests=datasets,
         num_classes=2,
+        input_shape=(3, image_size, image_size),
         class_weights=class_weights(records),
         counterfactuals=counterfactuals,
         description=(
             f"ISIC {source} ({root}): {len(records) - n_malignant} benign, {n_malignant} malignant, "
-            f"{n_patch} with patches, {image_size} px, input {input}"
+            f"{n_patch} with patches, {image_size} px"
             + (", patch images left out of training" if drop_patch_images else "")
         ),
     )

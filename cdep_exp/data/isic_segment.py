@@ -1,7 +1,7 @@
 """Masks of coloured patches (plasters) in skin images, the annotation CDEP penalises on ISIC.
 
 The original masks came from SLIC superpixels whose colour differs strongly from skin
-(REFERENCE.md §3.1 item 4), but no code for them was published. Here: SLIC, then the mean
+(docs/reference.md §3.1 item 4), but no code for them was published. Here: SLIC, then the mean
 colour of each superpixel against the image's skin tone (its median colour). A superpixel is
 patch when its hue is far from the skin's and it is saturated enough for its hue to mean
 something; lesions are dark but skin-hued, and dark or grey regions (lesion cores, hairs,

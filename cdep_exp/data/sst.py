@@ -1,4 +1,4 @@
-"""SST sentiment with a planted bias word (Rieger et al. Table 4; REFERENCE.md §7).
+"""SST sentiment with a planted bias word (Rieger et al. Table 4; docs/reference.md §7).
 
 Binary labels: NEGATIVE = 0 (SST labels 0–1) and POSITIVE = 1 (3–4); neutral (2) is dropped.
 The original wrote 0 = positive, 1 = negative; the swap changes nothing, because each bias word
@@ -17,7 +17,7 @@ Variants (train set only; dev and test keep their text):
 The annotation (1 = the token CDEP must take importance away from) marks exactly the planted
 word; samples without one are all zero, and so are dev and test. `original_annotation=True`
 reproduces the original's marks instead: the first of its penalised words and the next token
-(it penalised "a"/"the" in the gender variant too; REFERENCE.md §1.9, §7.6).
+(it penalised "a"/"the" in the gender variant too; docs/reference.md §1.9, §7.6).
 """
 import logging
 from collections import Counter
@@ -248,7 +248,7 @@ def build_sst(
 
     Splits: train (sentences, or all labelled phrases for articles/gender), val = SST dev,
     tests["test"] = SST test. The vocabulary (on train + dev + test, as the original) is
-    `splits.train.vocab`; batches need `splits.collate_fn`.
+    `splits.vocab`; batches need `splits.collate_fn`.
 
     Counterfactuals (`cdep_exp.shortcut`; none for `none`). decoy: tests["test_decoy"] is the
     test set with the true class's decoy inserted as in training (position drawn with
@@ -295,6 +295,7 @@ def build_sst(
         tests={"test": TokenDataset(test, vocab),
                **{name: TokenDataset(samples, vocab) for name, samples in extra_tests.items()}},
         num_classes=2,
+        vocab=vocab,
         counterfactuals={
             name: Counterfactual(of, TokenDataset(samples, vocab), what)
             for name, (of, samples, what) in counterfactual_sets.items()

@@ -1,9 +1,9 @@
 """VGG16 for ISIC (Rieger et al. §4.1): frozen ImageNet conv layers, a trained classifier head.
 
-Only the head is trained. It runs alone on the frozen part's cached 25088-d features
-(`VGG16Head`: vanilla, CDEP) or behind the frozen part on images (`VGG16Classifier`: RRR,
-Grad-CAM). The classifier holds the very same head module, so a checkpoint of either loads
-into the other (`VGG16Classifier.load_trained`).
+Only the head is trained. `VGG16Classifier` exposes its frozen part as `backbone`, so the app
+can train the head alone on the backbone's cached 25088-d features (`cdep_exp.feature_cache`:
+vanilla, CDEP) or the whole network on images (RRR, EG, Grad-CAM). A checkpoint of either the
+head or the whole network loads into the classifier (`VGG16Classifier.load_trained`).
 """
 import urllib.error
 from pathlib import Path
@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from torchvision.models import VGG16_Weights
 from torchvision.models.vgg import cfgs, make_layers
 
+from cdep_exp.errors import ConfigError
+
 IMAGENET = VGG16_Weights.IMAGENET1K_V1
 POOLED = 7
 FEATURES = 512 * POOLED * POOLED
@@ -21,7 +23,7 @@ IMAGENET_HIDDEN = 4096
 IMAGENET_HEAD_LAYERS = (0, 3)
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(ConfigError):
     """The ImageNet weights are neither cached nor downloadable; the message says what to do."""
 
 
@@ -119,6 +121,11 @@ class VGG16Classifier(nn.Module):
         self.features = features
         self.head = head
 
+    @property
+    def backbone(self) -> VGG16Features:
+        """The frozen part, whose outputs the feature cache stores."""
+        return self.features
+
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
 
@@ -135,26 +142,21 @@ def vgg16_features(pretrained: bool, init_seed: int = 0) -> VGG16Features:
 
 
 def build_vgg16(
-    input: str = "features",
     pretrained: bool = True,
     num_classes: int = 2,
     hidden: int = IMAGENET_HIDDEN,
     dropout: float = 0.5,
     init_seed: int = 0,
     input_norm: bool = False,
-) -> VGG16Head | VGG16Classifier:
-    """The model for ISIC inputs: `features` (cached) → VGG16Head, `images` → VGG16Classifier.
+) -> VGG16Classifier:
+    """VGG16 for ISIC images (B, 3, H, W): the frozen conv layers (`backbone`) and a trained head.
 
     `pretrained`: ImageNet weights for the conv layers and the first two head layers (the
     paper); false: random ones (offline), the conv layers seeded by `init_seed`.
-    `input_norm`: see VGG16Head.
+    `input_norm`: see VGG16Head. Raises PretrainedWeightsError when the weights cannot be had.
     """
-    if input not in ("features", "images"):
-        raise ValueError(f"model input must be 'features' or 'images', got {input!r}")
     state = imagenet_state_dict() if pretrained else None
     head = VGG16Head(num_classes, hidden, dropout, input_norm)
     if state is not None:
         head.load_imagenet(state)
-    if input == "features":
-        return head
     return VGG16Classifier(VGG16Features(state, init_seed), head)

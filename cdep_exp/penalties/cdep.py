@@ -186,6 +186,18 @@ class CDEP(Penalty):
         self.annotation = annotation
         self.gap = float(gap)
 
+    annotations = ("mask", "weights", "relevant")
+
+    def bind(self, annotation: str) -> None:
+        """Read `annotation` kind: a mask, sampling weights (needs `mask_samples`) or the relevant part."""
+        super().bind(annotation)
+        if annotation == "weights" and self.mask_samples is None:
+            raise ValueError("this dataset's annotation is a sampling distribution over features: set "
+                             "method.penalty.mask_samples (e.g. 8)")
+        if annotation == "relevant" and self.mask_samples is not None:
+            raise ValueError("CDEP mask_samples draws masks, so it cannot read a relevant-part annotation")
+        self.annotation = "relevant" if annotation == "relevant" else "mask"
+
     def __call__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, annotation: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,8 @@ class ExpectedGradients(Penalty):
     backprop would also run over the rows of x, which costs more than the pass it saves.
     """
 
+    annotations = ("mask", "weights")
+
     def __init__(self, references: int = 1, faithful: bool = False) -> None:
         if references < 1:
             raise ValueError(f"ExpectedGradients needs references >= 1, got {references}")

@@ -26,6 +26,8 @@ class RRR(Penalty):
     (ColorMNIST); the annotation is then reduced to one channel with a max.
     """
 
+    annotations = ("mask", "weights")
+
     def __init__(self, target: str = "log_prob_sum", sum_channels: bool = False) -> None:
         if target not in TARGETS:
             raise ValueError(f"RRR target must be one of {TARGETS}, got {target!r}")

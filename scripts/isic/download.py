@@ -9,7 +9,7 @@ licenses/. Each step is skipped when its output is complete; an interrupted imag
 resumed by running this again (isic-cli keeps the images it already has). --metadata-only
 fetches just the CSV, to check the label counts before the large download.
 
-The paper used the archive of 2019 (21,654 benign or malignant images; REFERENCE.md §3.1); the
+The paper used the archive of 2019 (21,654 benign or malignant images; docs/reference.md §3.1); the
 archive is much larger now, so narrow it with --search (e.g. 'image_type:dermoscopic') or
 --collections (`isic collection list` shows ids). The patch images all come from the SONIC
 study (issue #1), so keep its collection for the patch bias. Next: scripts/isic/prepare.py.

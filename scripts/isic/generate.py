@@ -6,12 +6,10 @@ pipeline offline. Then find its patches as on real data: scripts/isic/segment.py
 Run it from the repository root (or as `python -m scripts.isic.generate`).
 """
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from cdep_exp.data.isic_synthetic import generate_isic_like  # noqa: E402
+from cdep_exp.data.isic_synthetic import generate_isic_like
 
 
 def main(argv: list[str] | None = None) -> Path:

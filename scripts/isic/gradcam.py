@@ -10,32 +10,30 @@ images with one pasted on), the image and each model's heat map of the class it 
 import argparse
 import inspect
 import json
-import sys
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from cdep_exp.data.isic import CLASSES, build_isic  # noqa: E402
-from cdep_exp.data.isic_cache import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from cdep_exp.gradcam import grad_cam, last_conv_activation  # noqa: E402
-from cdep_exp.models.vgg import VGG16Classifier, build_vgg16  # noqa: E402
+from cdep_exp.data.isic import CLASSES, build_isic
+from cdep_exp.data.images import IMAGENET_MEAN, IMAGENET_STD
+from cdep_exp.gradcam import grad_cam, last_conv_activation
+from cdep_exp.models.vgg import VGG16Classifier, build_vgg16
 
 # Settings that fix the frozen layers and the images; both runs must share them.
-SHARED = ("root", "image_size", "pretrained", "init_seed", "split_seed", "mask_dir")
+SHARED = ("root", "image_size", "split_seed", "mask_dir")
 
 
 def load_run(run_dir: Path) -> tuple[dict, VGG16Classifier]:
     """The run's resolved config and its best weights in a whole-network VGG16."""
     config = json.loads((run_dir / "metrics.json").read_text())["config"]
     settings = {k: v for k, v in config["model"].items() if k != "_target_"}
-    model = build_vgg16(**{**settings, "input": "images"})
+    model = build_vgg16(**settings)
     model.load_trained(torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=True))
     return config, model.eval()
 
@@ -44,7 +42,7 @@ def pick_images(dataset_cfg: dict, n: int) -> list[tuple[str, torch.Tensor]]:
     """Up to n test images with a patch, then up to n patched malignant ones, as (title, image)."""
     accepted = inspect.signature(build_isic).parameters  # the builder's arguments, not the app's meta keys
     args = {k: v for k, v in dataset_cfg.items() if k in accepted}
-    splits = build_isic(**{**args, "input": "images", "method": None, "penalty_annotation": None})
+    splits = build_isic(**args)
     chosen = [("benign, patch", x) for x, y, mask in splits.tests["test"] if mask.any()][:n]
     patched = splits.tests.get("test_malignant_patched", [])
     chosen += [("malignant, patch pasted", x) for x, y, mask in patched if y == 1][:n]
@@ -69,6 +67,7 @@ def main() -> None:
 
     (cfg_v, vanilla), (cfg_c, cdep) = load_run(args.vanilla), load_run(args.cdep)
     differ = [k for k in SHARED if cfg_v["dataset"].get(k) != cfg_c["dataset"].get(k)]
+    differ += [f"model.{k}" for k in ("pretrained", "init_seed") if cfg_v["model"].get(k) != cfg_c["model"].get(k)]
     if differ:
         raise SystemExit(f"The runs differ in dataset settings {differ}; compare runs on the same data.")
     images = pick_images(cfg_v["dataset"], args.n)

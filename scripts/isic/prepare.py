@@ -1,4 +1,4 @@
-"""Sort downloaded ISIC images into benign/ and malignant/ and resize them (REFERENCE.md §3.1
+"""Sort downloaded ISIC images into benign/ and malignant/ and resize them (docs/reference.md §3.1
 item 3), giving the root that scripts/isic/segment.py and `dataset=isic` read.
 
     python scripts/isic/prepare.py --data-dir data [--size 299] [--workers 2]
@@ -15,7 +15,6 @@ Existing outputs are kept, so an interrupted run resumes where it stopped.
 """
 import argparse
 import io
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -23,9 +22,8 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from cdep_exp.data.download import write_atomic  # noqa: E402
+from cdep_exp.data.download import write_atomic
 
 LABELS = ("benign", "malignant")
 RAW_SUFFIXES = {".jpg", ".jpeg", ".png"}

@@ -1,4 +1,4 @@
-"""Find the coloured patches of an ISIC-style root and write its patch masks (REFERENCE.md §3.1
+"""Find the coloured patches of an ISIC-style root and write its patch masks (docs/reference.md §3.1
 item 4: the original's masks were made by hand-run code that was never published).
 
     python scripts/isic/segment.py --root data/isic/processed_299 [--all] [--workers 2]
@@ -13,7 +13,6 @@ segmentation defaults were tuned on generated images. Where <root>/true_masks ex
 import argparse
 import json
 import shutil
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, fields
@@ -25,9 +24,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from cdep_exp.data.isic_segment import SegmentParams, iou, segment_patches  # noqa: E402
+from cdep_exp.data.isic_segment import SegmentParams, iou, segment_patches
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 MARKER = "segmentation.json"

@@ -1,18 +1,17 @@
 """Accuracy against λ per method (paper Fig. S2) from the table runs, written under results/figures/.
 
-    python -m cdep_exp.figures --scale quick     # results/figures/quick/*.png
+    python -m cdep_exp.reporting --figures --scale quick     # results/figures/quick/*.png
 
 One figure per Table 2 dataset (ColorMNIST is the paper's Fig. S2) and per Table 4 SST variant.
 Other scripts (e.g. ISIC heatmaps) write their figures into results/figures/ too; the notebooks
 show them all.
 """
-import argparse
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-from cdep_exp.tables import TABLES, load, scored
+from cdep_exp.reporting.tables import TABLES, load, scored
 
 # (table, column that splits it into figures, rows kept, y label)
 FIGURES = (
@@ -64,17 +63,3 @@ def write_figures(scale: str, outputs: Path, out_dir: Path) -> list[Path]:
         fig.savefig(out_dir / f"{stem}.png", dpi=120)
         written.append(out_dir / f"{stem}.png")
     return written
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", default="quick", choices=["quick", "paper"])
-    parser.add_argument("--outputs", type=Path, default=Path("outputs/tables"), help="root of the table runs")
-    parser.add_argument("--results", type=Path, default=Path("results"), help="figures go to <results>/figures/<scale>/")
-    args = parser.parse_args()
-    written = write_figures(args.scale, args.outputs, args.results / "figures" / args.scale)
-    print("\n".join(map(str, written)) or "No finished runs to plot yet (run `make tables` first).")
-
-
-if __name__ == "__main__":
-    main()

@@ -5,17 +5,17 @@ A table's sweeps are the presets in `conf/experiment/<table>/`; each sweeps at l
 basic sweeper does gives the expected grid, so a table lists exactly the runs `make` would
 launch, and the ones without a `metrics.json` are reported as missing.
 """
+import itertools
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from hydra import compose, initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Every preset sweeps these (a single value is fine), so each expected run has a method, λ and seed.
 REQUIRED = ("method", "method.lam", "seed")
 # Swept keys that metrics.json records at its top level, and the column each becomes.
@@ -55,12 +55,14 @@ def normalise(key: str, value: Any) -> Any:
 
 
 def expand(params: dict[str, str]) -> list[dict[str, Any]]:
-    """Every job of the sweep as {key: value}, in the basic sweeper's order."""
+    """Every job of the sweep as {key: value}, in the basic sweeper's order (the Cartesian
+    product of the keys' values, the last key varying fastest)."""
     parser = OverridesParser.create()
     overrides = parser.parse_overrides([f"{key}={value}" for key, value in params.items()])
-    [jobs] = BasicSweeper.split_arguments(overrides, max_batch_size=None)
-    return [{o.key_or_group: normalise(o.key_or_group, o.value()) for o in parser.parse_overrides(job)}
-            for job in jobs]
+    choices = [[f"{o.key_or_group}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+               else [f"{o.key_or_group}={o.get_value_element_as_str()}"] for o in overrides]
+    return [{o.key_or_group: normalise(o.key_or_group, o.value()) for o in parser.parse_overrides(list(job))}
+            for job in itertools.product(*choices)]
 
 
 def column(key: str) -> str:

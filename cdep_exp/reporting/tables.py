@@ -1,8 +1,8 @@
 """The paper's tables (1–4, S1) from the runs their presets launched.
 
-For each table: the runs its presets expect (cdep_exp.sweeps) → a row label per run → λ chosen
+For each table: the runs its presets expect (reporting.sweeps) → a row label per run → λ chosen
 per row on validation, as the paper did → mean ± std over seeds, beside the paper's numbers
-(cdep_exp.paper_numbers) → Markdown, CSV and LaTeX. Expected runs without a record are listed.
+(reporting.paper_numbers) → Markdown, CSV and LaTeX. Expected runs without a record are listed.
 """
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cdep_exp import sweeps
-from cdep_exp.paper_numbers import paper_number
-from cdep_exp.results import aggregate, collect, find_records, select_lam
+from cdep_exp.reporting import sweeps
+from cdep_exp.reporting.paper_numbers import paper_number
+from cdep_exp.reporting.records import aggregate, collect, find_records, format_mean_std
+from cdep_exp.reporting.selection import best_mean_validation
 
 METHODS = {"vanilla": "Vanilla", "cdep": "CDEP", "rrr": "RRR", "eg": "EG"}
 SST_VARIANTS = {"decoy": "Random words", "articles": "Articles", "gender": "Gender"}
@@ -175,7 +176,7 @@ TABLES: dict[str, Spec] = {
         metrics=(Metric("accuracy", "Accuracy"),),
         label=label_sst, score=score_sst, block="protocol",
         notes=("faithful: what the paper reported, int(max over epochs of dev accuracy) with λ "
-               "chosen on the same dev set (REFERENCE.md §7.6); corrected: test accuracy of the "
+               "chosen on the same dev set (docs/reference.md §7.6); corrected: test accuracy of the "
                "best-dev-loss epoch with λ chosen on dev accuracy. Both from the same runs.",),
     ),
     "tableS1": Spec(
@@ -219,7 +220,7 @@ class Table:
                 means, stds = cells[f"{metric.key}{source} mean"], cells[f"{metric.key}{source} std"]
                 if source and means.isna().all():
                     continue
-                shown[header] = [fmt(m, s, metric.digits) for m, s in zip(means, stds)]
+                shown[header] = [format_mean_std(m, s, metric.digits, empty="–") for m, s in zip(means, stds)]
         if cells["missing"].any():
             shown["missing runs"] = cells["missing"].astype(int)
         return shown
@@ -255,12 +256,6 @@ class Table:
         return paths
 
 
-def fmt(mean: float, std: float, digits: int) -> str:
-    if pd.isna(mean):
-        return "–"
-    return f"{mean:.{digits}f}" if pd.isna(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def fmt_lam(lam: float) -> str:
     return "–" if pd.isna(lam) else f"{lam:g}"
 
@@ -281,7 +276,7 @@ def score_rows(spec: Spec, runs: pd.DataFrame, missing: pd.DataFrame) -> pd.Data
     many expected runs of the row are missing."""
     labels = list(spec.labels)
     metrics = [m.key for m in spec.metrics]
-    cells = aggregate(select_lam(scored(spec, runs), labels, "select"), labels, metrics)
+    cells = aggregate(best_mean_validation(scored(spec, runs), labels, "select"), labels, metrics)
     cells = pd.DataFrame(spec.rows, columns=labels).merge(cells, on=labels, how="left")
     if spec.finish:
         cells = spec.finish(cells)

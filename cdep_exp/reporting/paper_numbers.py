@@ -1,7 +1,7 @@
 """The numbers the CDEP paper (Rieger et al., ICML 2020) reports, beside which our tables are shown.
 
-Keyed by table, then by the table's row labels (as cdep_exp.tables names them), then by metric.
-Where each number came from (script, setting, runs) is in shared/docs/REFERENCE.md §12;
+Keyed by table, then by the table's row labels (as cdep_exp.reporting.tables names them), then by metric.
+Where each number came from (script, setting, runs) is in docs/reference.md §12;
 the comments below give the short version. Accuracies are in %, the rest are fractions.
 """
 from dataclasses import dataclass

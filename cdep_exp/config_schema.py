@@ -1,0 +1,127 @@
+"""Checks of config values against what will read them, before any data loads.
+
+The groups whose nodes build an object (`dataset`, `model`, `method.penalty`, `optimizer`,
+`scheduler`) are checked against the signature and type hints of their `_target_`: an
+unknown key or a value of the wrong type fails with one line naming the key. The trainer's
+keys have a fixed schema (`TRAINER_SCHEMA`).
+"""
+import inspect
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from cdep_exp.errors import ConfigError
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def matches(value: Any, hint: Any) -> bool:
+    """Whether a config value can be passed where `hint` is expected (unknown hints pass)."""
+    if hint is Any or hint is inspect.Parameter.empty:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(matches(value, a) for a in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, Real) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint in (Path, os.PathLike) or origin is os.PathLike:
+        return isinstance(value, str | Path)
+    container = origin or hint
+    if container in (list, tuple, Sequence) or (isinstance(container, type) and issubclass(container, Sequence)
+                                               and container is not str):
+        if not isinstance(value, list | tuple | ListConfig):
+            return False
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return len(args) != 1 or all(matches(v, args[0]) for v in value)
+    if container in (dict, Mapping) or (isinstance(container, type) and issubclass(container, Mapping)):
+        return isinstance(value, dict | DictConfig)
+    return True  # tensors, modules and other objects the config cannot hold: not checked
+
+
+def check_target(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:
+    """Check every argument of `node` (a config with `_target_`) against its target's signature.
+
+    Raises ConfigError naming `<key>.<argument>` for an unknown argument or a mistyped value.
+    Missing values (`???`, filled in later) and the keys in `skip` are not checked.
+    """
+    try:
+        target = get_object(node._target_)
+    except Exception as err:
+        raise ConfigError(f"{key}._target_={node._target_} cannot be imported ({err}); check the module path.") from err
+    fn = target.__init__ if inspect.isclass(target) else target
+    signature = inspect.signature(fn)
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # hints that do not evaluate (forward references): check names only
+        hints = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    for name in node:
+        if name.startswith("_") or name in skip or OmegaConf.is_missing(node, name):
+            continue
+        if name not in signature.parameters:
+            if takes_any:
+                continue
+            known = ", ".join(p for p in signature.parameters if p != "self")
+            raise ConfigError(f"{key}.{name} is not an argument of {node._target_} (it takes: {known}).")
+        value = OmegaConf.to_container(node, resolve=True)[name] if OmegaConf.is_config(node[name]) else node[name]
+        hint = hints.get(name, inspect.Parameter.empty)
+        if not matches(value, hint):
+            raise ConfigError(f"{key}.{name}={value!r} must be {_describe(hint)}.")
+
+
+# key: (type(s), minimum or None, nullable)
+TRAINER_SCHEMA: dict[str, tuple[type | tuple[type, ...], int | None, bool]] = {
+    "batch_size": (int, 1, False), "eval_batch_size": (int, 1, False), "max_epochs": (int, 1, False),
+    "patience": (int, 0, True), "max_steps_per_epoch": (int, 1, True), "num_workers": (int, 0, False),
+    "restore_best": (bool, None, False), "weighted_val_loss": (bool, None, False),
+    "two_step": (bool, None, False), "resume": (bool, None, False), "force": (bool, None, False),
+    "progress": ((bool, str), None, False), "deterministic": (bool, None, False),
+}
+
+
+def check_trainer(trainer: DictConfig) -> None:
+    """Every trainer key against TRAINER_SCHEMA; raises ConfigError naming the first bad key."""
+    unknown = sorted(set(trainer) - set(TRAINER_SCHEMA))
+    if unknown:
+        raise ConfigError(f"trainer.{unknown[0]} is not a trainer setting (known: {', '.join(TRAINER_SCHEMA)}).")
+    for name, (kind, minimum, nullable) in TRAINER_SCHEMA.items():
+        if name not in trainer:
+            continue
+        value = trainer[name]
+        if value is None and nullable:
+            continue
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        is_bool = isinstance(value, bool)
+        if not isinstance(value, kinds) or (is_bool and bool not in kinds):
+            what = " or ".join(k.__name__ for k in kinds) + (" or null" if nullable else "")
+            raise ConfigError(f"trainer.{name}={value!r} must be {what}.")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"trainer.{name}={value} must be >= {minimum}" + (" or null." if nullable else "."))
+    if trainer.get("progress") not in (True, False, "auto"):
+        raise ConfigError(f"trainer.progress={trainer.get('progress')!r} must be true, false or auto.")

@@ -1,0 +1,52 @@
+"""Reports from run records.
+
+    python -m cdep_exp.reporting --glob 'outputs/**/metrics.json'    # mean ± std per setting
+    python -m cdep_exp.reporting --table table2 --scale quick        # one paper table → results/quick/
+    python -m cdep_exp.reporting --table all --scale paper           # every paper table
+    python -m cdep_exp.reporting --figures --scale quick             # accuracy against λ → results/figures/
+"""
+import argparse
+from pathlib import Path
+
+from cdep_exp.reporting.records import collect, glob_records, summarise
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--glob", default="outputs/**/metrics.json", help="run records to summarise")
+    parser.add_argument("--metric", default="test/accuracy", help="column(s) to summarise, comma-separated")
+    parser.add_argument("--table", action="append", help="paper table(s) to build (table1 … tableS1, or all)")
+    parser.add_argument("--figures", action="store_true", help="plot accuracy against λ per method (Fig. S2)")
+    parser.add_argument("--scale", default="quick", choices=["quick", "paper"])
+    parser.add_argument("--outputs", type=Path, default=Path("outputs/tables"), help="root of the table runs")
+    parser.add_argument("--results", type=Path, default=Path("results"), help="where tables and figures are written")
+    args = parser.parse_args(argv)
+    if args.table:
+        from cdep_exp.reporting.tables import TABLES, build  # composing presets needs Hydra: import on use
+
+        for name in TABLES if "all" in args.table else args.table:
+            table = build(name, args.scale, args.outputs)
+            if len(table.missing) >= table.expected:
+                raise SystemExit(f"{name}: no finished run under {args.outputs / args.scale / name}; the "
+                                 f"tables in {args.results / args.scale} are left as they are. Train first "
+                                 f"(make {name}).")
+            written = table.write(args.results / args.scale)
+            print(table.markdown(), f"\nWritten: {', '.join(map(str, written))}\n")
+        return
+    if args.figures:
+        from cdep_exp.reporting.figures import write_figures
+
+        written = write_figures(args.scale, args.outputs, args.results / "figures" / args.scale)
+        print("\n".join(map(str, written)) or "No finished runs to plot yet (run `make tables` first).")
+        return
+    paths = glob_records(args.glob)
+    if not paths:
+        raise SystemExit(f"No run records match {args.glob!r}; train something first (see README).")
+    runs = collect(paths)
+    columns = [c for c in args.metric.split(",") if c in runs.columns]
+    print(summarise(runs, columns).to_markdown(index=False))
+
+
+if __name__ == "__main__":
+    main()

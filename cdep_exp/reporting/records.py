@@ -1,0 +1,111 @@
+"""Collect run records (metrics.json) into one DataFrame and summarise them over seeds."""
+import glob
+import hashlib
+import json
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from cdep_exp.reporting.selection import max_over_epochs
+
+# A run is identified by these plus its seed; `settings` is the hash of its normalised config
+# without the seed (cdep_exp.run_identity; the run directory's last component), and
+# `overrides` its command-line overrides, for reading.
+KEYS = ["dataset", "method", "lam", "settings"]
+RECORD_FIELDS = ("dataset", "data", "method", "lam", "seed", "device", "device_name", "epochs_run", "best_epoch",
+                 "seconds_per_epoch", "peak_memory_gib", "peak_memory_kind")
+
+
+def flatten_record(record: dict, path: Path) -> dict:
+    """One row per run: identifying keys, `<split>/<metric>` and `val_max/<metric>` columns, and
+    the resolved config (`config`), whose `sweep` names the table preset that launched it."""
+    config = record.get("config", {})
+    row = {key: record.get(key) for key in RECORD_FIELDS}
+    identity = {k: v for k, v in config.items() if k != "seed"}
+    row.update(settings=settings_key(identity), path=str(path.parent), mtime=path.stat().st_mtime,
+               sweep=config.get("sweep"), config=config, overrides=" ".join(record.get("overrides", [])))
+    for split, values in record["metrics"].items():
+        for name, value in values.items():
+            row[f"{split}/{name}"] = value
+    for name, value in max_over_epochs(record.get("history", [])).items():
+        row[f"val_max/{name}"] = value
+    return row
+
+
+# Config keys that differ between seeds of one setting or never change its numbers.
+SETTINGS_IGNORED = ("seed", "paths", "device", "hydra", "sweep", "grid", "scale", "table")
+
+
+def settings_key(config: dict) -> str:
+    """A short hash of a run's recorded config without the seed and bookkeeping keys: the runs
+    of one setting (all its seeds) share it, whatever spelling their overrides used."""
+    def normal(v):
+        if isinstance(v, dict):
+            return {k: normal(x) for k, x in sorted(v.items()) if k not in ("force", "resume", "progress", "num_workers")}
+        if isinstance(v, list):
+            return [normal(x) for x in v]
+        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+    kept = {k: normal(v) for k, v in config.items() if k not in SETTINGS_IGNORED}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def collect(paths: Iterable[Path]) -> pd.DataFrame:
+    """One row per readable record; unreadable ones (truncated, not JSON) are skipped with a
+    warning that names each file."""
+    rows, unreadable = [], []
+    for path in sorted(paths):
+        try:
+            rows.append(flatten_record(json.loads(Path(path).read_text()), Path(path)))
+        except (OSError, ValueError, KeyError) as err:
+            unreadable.append(f"{path} ({type(err).__name__})")
+    if unreadable:
+        warnings.warn(f"Skipped {len(unreadable)} unreadable run record(s): {'; '.join(unreadable)}")
+    return pd.DataFrame(rows)
+
+
+def find_records(root: Path, pattern: str = "**/metrics.json") -> list[Path]:
+    """Run records under `root`, leaving out the earlier outputs that trainer.force archived."""
+    return [p for p in Path(root).glob(pattern) if "previous" not in p.relative_to(root).parts]
+
+
+def glob_records(pattern: str) -> list[Path]:
+    """Run records matching a glob pattern, relative or absolute, without archived ones."""
+    return [Path(p) for p in glob.glob(pattern, recursive=True) if "previous" not in Path(p).parts]
+
+
+def format_mean_std(mean: float, std: float, digits: int = 2, empty: str = "") -> str:
+    """'mean ± std' with `digits` decimals; the mean alone when std is NaN (one seed); `empty`
+    when the mean is NaN. The one formatter of every summary and table."""
+    if pd.isna(mean):
+        return empty
+    return f"{mean:.{digits}f}" if pd.isna(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def mean_std(values: pd.Series) -> str:
+    """'mean ± std' (ddof 1) over the runs that have the value; blank when none has it."""
+    values = values.dropna()
+    return format_mean_std(values.mean(), values.std() if len(values) > 1 else float("nan"))
+
+
+def summarise(runs: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Mean ± std (ddof 1, as the papers' pandas aggregation), the number of seeds and the
+    overrides of the setting (its shortest spelling) per setting."""
+    grouped = runs.groupby(KEYS)
+    table = grouped[columns].agg(mean_std)
+    table["seeds"] = grouped["seed"].nunique()
+    table["overrides"] = grouped["overrides"].agg(lambda spellings: min(spellings, key=len))
+    return table.reset_index()
+
+
+def aggregate(runs: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.DataFrame:
+    """Per group: λ, the number of seeds, and mean and std (ddof 1) of each metric."""
+    runs = runs.reindex(columns=list(dict.fromkeys([*runs.columns, *metrics])))
+    grouped = runs.groupby(by, dropna=False, sort=False)
+    table = grouped.agg(lam=("lam", "first"), seeds=("seed", "nunique"))
+    for metric in metrics:
+        table[f"{metric} mean"] = grouped[metric].mean()
+        table[f"{metric} std"] = grouped[metric].std()
+    return table.reset_index()

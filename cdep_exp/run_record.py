@@ -1,0 +1,68 @@
+"""A run's record on disk: metrics.json (written atomically) and the archive of earlier outputs."""
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from cdep_exp.atomic import write_atomic
+
+log = logging.getLogger(__name__)
+
+RECORD = "metrics.json"
+IDENTITY = "identity.json"
+# What a run writes into its directory; `trainer.force` moves these aside before running again.
+ARTIFACTS = (RECORD, IDENTITY, "checkpoints", "tensorboard")
+
+
+def write_record(record: dict[str, Any], run_dir: Path) -> Path:
+    """Write `record` as run_dir/metrics.json (indented JSON); returns the path."""
+    path = Path(run_dir) / RECORD
+    write_atomic(path, json.dumps(record, indent=2))
+    return path
+
+
+def read_record(run_dir: Path) -> dict[str, Any] | None:
+    """The finished run's record, or None when the run has not finished.
+
+    An unreadable record (e.g. truncated by a full disk) is moved aside to
+    previous/<time>/metrics.json with a warning naming it, and counts as not finished: the run
+    then resumes from its last checkpoint and writes a new one.
+    """
+    path = Path(run_dir) / RECORD
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        target = Path(run_dir) / "previous" / time.strftime("%Y%m%d-%H%M%S")
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.move(path, target / RECORD)
+        log.warning("%s is unreadable (%s); moved to %s, the run is evaluated again", path, err, target)
+        return None
+
+
+def has_outputs(run_dir: Path) -> bool:
+    """Whether the run directory holds anything a run writes (finished or interrupted)."""
+    return any((Path(run_dir) / name).exists() for name in ARTIFACTS)
+
+
+def read_identity(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / IDENTITY
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_identity(identity: dict[str, Any], run_dir: Path) -> None:
+    write_atomic(Path(run_dir) / IDENTITY, json.dumps(identity, indent=2))
+
+
+def archive_previous(run_dir: Path) -> Path:
+    """Move a run's outputs aside to previous/<time>/ (never delete them); returns that folder."""
+    target = Path(run_dir) / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ARTIFACTS:
+        if (Path(run_dir) / name).exists():
+            shutil.move(Path(run_dir) / name, target / name)
+    log.info("Earlier outputs moved to %s", target)
+    return target

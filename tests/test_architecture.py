@@ -1,0 +1,110 @@
+"""The seams: layering of the package's imports, and extending it with a new method or dataset
+from outside the package (two files each), composed and trained through train.py."""
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "cdep_exp"
+PLUGINS = Path(__file__).parent / "plugins"
+
+# Which top-level parts of the package each part may import (besides itself). Data flows
+# forward: config → data → model → penalty → loop → metrics → reporting.
+LOWER = {"errors", "atomic", "provenance"}
+ALLOWED = {
+    "data": LOWER,
+    "models": LOWER,
+    "cd": LOWER | {"models"},
+    "penalties": LOWER | {"cd", "models"},
+    "metrics": LOWER,
+    "shortcut": LOWER,
+    "feature_cache": LOWER | {"cd", "data"},
+    "checkpoint": LOWER,
+    "evaluation": LOWER | {"data", "metrics", "shortcut"},
+    "training": LOWER | {"checkpoint", "evaluation", "penalties"},
+    "run_record": LOWER,
+    "run_identity": LOWER,
+    "config_schema": LOWER,
+    "gradcam": LOWER | {"models"},
+    "app": LOWER | {"data", "models", "cd", "penalties", "metrics", "feature_cache", "checkpoint",
+                    "evaluation", "training", "run_record", "run_identity", "config_schema"},
+    "reporting": LOWER,
+    # Shortcut tables (read records) and the interaction diagnosis (rebuilds a run, like train.py).
+    "shortcut_report": LOWER | {"reporting"},
+    "shortcut_diagnose": LOWER | {"app", "cd", "penalties", "shortcut_report"},
+    **{part: set() for part in LOWER},
+}
+
+
+def imported_parts(path: Path) -> set[str]:
+    """Top-level parts of cdep_exp that a module imports (cdep_exp.<part>...)."""
+    parts = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        parts |= {n.split(".")[1] for n in names if n.startswith("cdep_exp.") and n.count(".") >= 1}
+    return parts
+
+
+def part_of(path: Path) -> str:
+    rel = path.relative_to(PACKAGE)
+    return rel.parts[0].removesuffix(".py")
+
+
+def test_every_module_imports_only_lower_layers() -> None:
+    offences = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        part = part_of(path)
+        if part == "__init__":
+            continue
+        assert part in ALLOWED, f"{path.relative_to(ROOT)}: a new part of the package; add it to ALLOWED"
+        for target in imported_parts(path) - {part}:
+            if target not in ALLOWED[part]:
+                offences.append(f"{path.relative_to(ROOT)} imports cdep_exp.{target}")
+    assert not offences, offences
+
+
+def test_layer_rules_catch_an_upward_import(tmp_path: Path) -> None:
+    module = tmp_path / "bad.py"
+    module.write_text("from cdep_exp.app import run\nimport cdep_exp.models.vgg\n")
+    assert imported_parts(module) == {"app", "models"}
+    assert "app" not in ALLOWED["data"] and "models" not in ALLOWED["data"]
+
+
+def train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "train.py"), f"hydra.searchpath=[file://{PLUGINS / 'conf'}]",
+               f"paths.root_dir={tmp_path}", "trainer.progress=false", "trainer.max_epochs=1", *overrides]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{PLUGINS.parent}"}
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_a_new_dataset_and_a_new_method_are_two_files_each(tmp_path: Path) -> None:
+    assert sorted(p.name for p in PLUGINS.rglob("*") if p.is_file() and p.suffix in {".py", ".yaml"}
+                  and p.name != "__init__.py") == ["blobs.yaml", "dummy.yaml", "dummy_data.py", "dummy_penalty.py"]
+    done = train(tmp_path, "dataset=blobs", "method=dummy")
+    assert done.returncode == 0, done.stderr[-2000:]
+    [record_path] = (tmp_path / "outputs").rglob("metrics.json")
+    record = json.loads(record_path.read_text())
+    assert record["method"] == "dummy" and record["lam"] == 0.5 and record["dataset"] == "blobs"
+    assert record["config"]["model"]["in_features"] == 5 and record["config"]["model"]["num_classes"] == 2
+    assert record["history"][0]["penalty"] > 0
+
+
+@pytest.mark.parametrize("method", ["vanilla", "cdep", "rrr", "eg"])
+def test_the_new_dataset_trains_with_every_built_in_method(tmp_path: Path, method: str) -> None:
+    done = train(tmp_path, "dataset=blobs", f"method={method}")
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_model_that_does_not_fit_the_data_fails_in_one_line(tmp_path: Path) -> None:
+    done = train(tmp_path, "dataset=blobs", "method=vanilla", "model.num_classes=3")
+    assert done.returncode != 0
+    assert "model.num_classes=2" in done.stderr and "Traceback" not in done.stderr
