@@ -59,7 +59,10 @@ def interaction_energies(model: torch.nn.Module, loader: DataLoader, relevant: b
 def diagnose(run_dir: Path, split: str | None = None) -> dict[str, float]:
     """Energies of the run's best checkpoint on `split` (see the module docstring)."""
     record = json.loads((run_dir / "metrics.json").read_text())
-    cfg = OmegaConf.create(record["config"])
+    config = record["config"]
+    # Records write data paths as <data_dir> (cdep_exp.app.recorded_config); put the root back.
+    data_dir = (config.get("paths") or {}).get("data_dir", "data")
+    cfg = OmegaConf.create(json.loads(json.dumps(config).replace("<data_dir>", data_dir)))
     splits = build_splits(cfg.dataset)
     model = build_model(cfg.model, splits)
     model.load_state_dict(torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=True))
