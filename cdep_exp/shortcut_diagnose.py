@@ -17,14 +17,16 @@ On a linear model without bias gap = 0 and effect = rel. Needs mask-type or rele
 annotations (not ColorMNIST's sampled masks).
 """
 import argparse
+import inspect
 import json
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from hydra._internal.utils import _locate
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from cdep_exp.app import build_model, build_splits
+from cdep_exp.app import DATASET_META_KEYS, build_model, build_splits
 from cdep_exp.cd import decompose
 from cdep_exp.penalties.cdep import annotated_samples, centred, eval_mode, without_annotated
 from cdep_exp.shortcut_report import primary_counterfactual
@@ -56,14 +58,26 @@ def interaction_energies(model: torch.nn.Module, loader: DataLoader, relevant: b
     return out
 
 
-def diagnose(run_dir: Path, split: str | None = None) -> dict[str, float]:
-    """Energies of the run's best checkpoint on `split` (see the module docstring)."""
+def current_dataset_keys(dataset: DictConfig) -> DictConfig:
+    """The dataset config without keys its builder no longer takes (records of older code)."""
+    accepted = set(inspect.signature(_locate(dataset._target_)).parameters)
+    return OmegaConf.create({k: v for k, v in dataset.items()
+                             if k in accepted or k in DATASET_META_KEYS or k.startswith("_")})
+
+
+def diagnose(run_dir: Path, split: str | None = None, dataset_overrides: dict | None = None) -> dict[str, float]:
+    """Energies of the run's best checkpoint on `split` (see the module docstring), with the
+    dataset config changed by `dataset_overrides` (e.g. {"annotation": "colour"} to read a
+    vanilla ColorMNIST run through the colour-part annotation)."""
     record = json.loads((run_dir / "metrics.json").read_text())
     config = record["config"]
     # Records write data paths as <data_dir> (cdep_exp.app.recorded_config); put the root back.
     data_dir = (config.get("paths") or {}).get("data_dir", "data")
     cfg = OmegaConf.create(json.loads(json.dumps(config).replace("<data_dir>", data_dir)))
-    splits = build_splits(cfg.dataset)
+    dataset = current_dataset_keys(cfg.dataset)
+    for key, value in (dataset_overrides or {}).items():
+        dataset[key] = value
+    splits = build_splits(dataset)
     model = build_model(cfg.model, splits)
     model.load_state_dict(torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=True))
     if split is None:
@@ -80,9 +94,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--split", help="a test or counterfactual name (default: the primary counterfactual)")
+    parser.add_argument("--dataset", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a dataset setting, e.g. annotation=colour")
     args = parser.parse_args()
+    overrides = dict(item.split("=", 1) for item in args.dataset)
     for run_dir in args.run_dirs:
-        out = diagnose(run_dir, args.split)
+        out = diagnose(run_dir, args.split, overrides)
         print(run_dir, " ".join(f"{k}={v:.4g}" for k, v in out.items()))
 
 
