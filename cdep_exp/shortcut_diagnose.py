@@ -79,7 +79,12 @@ def diagnose(run_dir: Path, split: str | None = None, dataset_overrides: dict | 
         dataset[key] = value
     splits = build_splits(dataset)
     model = build_model(cfg.model, splits)
-    model.load_state_dict(torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=True))
+    state = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+    # A frozen-backbone model trained on cached features checkpoints its head only.
+    head = getattr(model, "head", None)
+    target = head if head is not None and not any(k.startswith("backbone.") for k in state) and \
+        set(state) <= set(head.state_dict()) else model
+    target.load_state_dict(state)
     if split is None:
         cf = splits.counterfactuals.get(primary_counterfactual(cfg.dataset.name))
         dataset = cf.dataset if cf is not None else splits.tests["test"]
