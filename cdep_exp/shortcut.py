@@ -7,6 +7,13 @@ removed or pasted, a colour changed, a bias word swapped or removed, a protected
 flipped) isolates the shortcut's effect on the prediction, in the spirit of the counterfactual
 invariance tests of Veitch et al. (NeurIPS 2021) and the prediction-flip rate used in
 counterfactual fairness audits (e.g. Garg et al., AIES 2019).
+
+Names used in reports: `prob_change` is the counterfactual sensitivity of the true-class
+probability (an average treatment effect of the edit on p_y, in absolute value, so effects of
+opposite sign do not cancel); `flip_rate` is the counterfactual flip rate. Both are means over
+every sample of the test set, so samples the edit leaves unchanged (e.g. benign ISIC images
+under "patch pasted onto the malignant ones") count as 0. A model that predicts the same
+distribution for every input scores 0 on both: read them next to accuracy, never alone.
 """
 import numpy as np
 

@@ -34,6 +34,9 @@ ALLOWED = {
     "app": LOWER | {"data", "models", "cd", "penalties", "metrics", "feature_cache", "checkpoint",
                     "evaluation", "training", "run_record", "run_identity", "config_schema"},
     "reporting": LOWER,
+    # Shortcut tables (read records) and the interaction diagnosis (rebuilds a run, like train.py).
+    "shortcut_report": LOWER | {"reporting"},
+    "shortcut_diagnose": LOWER | {"app", "cd", "penalties", "shortcut_report"},
     **{part: set() for part in LOWER},
 }
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 import colorsys
 import numpy as np
 import torch
+from torch.utils.data import TensorDataset
 
-from cdep_exp.data.base import Splits
+from cdep_exp.data.base import Counterfactual, Splits
 from cdep_exp.data.decoymnist import dataset, split_indices, subsample
 from cdep_exp.data.mnist_source import load_mnist
 
@@ -78,6 +79,7 @@ def build_colormnist(
     max_train: int | None = None,
     val_colors: str = "inverted",
     max_test: int | None = None,
+    annotation: str = "pixels",
 ) -> Splits:
     """ColorMNIST splits: train colour[y]; val and test colour[9 − y] (see `val_colors`).
 
@@ -93,6 +95,17 @@ def build_colormnist(
         have; "train" gives a same-distribution validation set, so test accuracy measures
         robustness to a shift that was never seen while selecting.
     max_test: use only this many test images.
+    annotation: "pixels" (the original: the pixel-sampling distribution above, shared by all
+        samples) or "colour" (research option): per sample, the colour part of x itself,
+        d·(colour − mean_c colour)/std per channel, i.e. x minus the same digit in grey of equal
+        mean intensity. With it CDEP decomposes colour from intensity (shape) instead of pixels
+        from pixels: `method.penalty.annotation=relevant method.penalty.mask_samples=null`.
+        RRR and EG cannot use it (it is not a mask).
+
+    Counterfactuals of "test" (`cdep_exp.shortcut`), the same digits recoloured:
+    "recoloured_train", in their training colour colour[y] (the shortcut now names the true
+    class), and "recoloured_random", in a colour drawn uniformly from the ten, independently of
+    the label (seeded by `split_seed`).
     """
     if val_colors not in ("inverted", "train"):
         raise ValueError(f"val_colors must be 'inverted' or 'train', got {val_colors!r}")
@@ -114,19 +127,34 @@ def build_colormnist(
     def standardised(d: np.ndarray, c: np.ndarray) -> torch.Tensor:
         return colorize(d, c).sub_(mean_t).div_(std_t)
 
-    annotation = sampling_weights(digits[tr])
+    if annotation not in ("pixels", "colour"):
+        raise ValueError(f"annotation must be 'pixels' or 'colour', got {annotation!r}")
+    weights = sampling_weights(digits[tr])
+
+    def make(d: np.ndarray, c: np.ndarray, y: torch.Tensor) -> TensorDataset:
+        x = standardised(d, c)
+        if annotation == "pixels":
+            return dataset(x, y, weights)
+        chroma = np.asarray(c, dtype=np.float64) - np.asarray(c, dtype=np.float64).mean(1, keepdims=True)
+        colour_part = colorize(d, chroma).div_(std_t)
+        return TensorDataset(x, y, colour_part)
+
+    test_y = torch.from_numpy(test_labels.copy())
+    random_colors = np.random.default_rng([int(split_seed), 2]).integers(0, 10, size=len(test_labels))
+    recoloured = lambda c, what: Counterfactual(  # noqa: E731
+        "test", make(test_digits, colors[c], test_y), what)
     return Splits(
-        train=dataset(standardised(digits[tr], train_colors), torch.from_numpy(labels[tr]), annotation),
-        val=dataset(standardised(digits[va], val_colors_arr), torch.from_numpy(labels[va]), annotation),
+        train=make(digits[tr], train_colors, torch.from_numpy(labels[tr])),
+        val=make(digits[va], val_colors_arr, torch.from_numpy(labels[va])),
         tests={
-            "test": dataset(
-                standardised(test_digits, colors[9 - test_labels]),
-                torch.from_numpy(test_labels.copy()),
-                annotation,
-            )
+            "test": make(test_digits, colors[9 - test_labels], test_y)
         },
         num_classes=10,
         input_shape=(3, 28, 28),
-        annotation="weights",
-        description=f"ColorMNIST (val colours {val_colors}) on {mnist.description}",
+        annotation="weights" if annotation == "pixels" else "relevant",
+        description=f"ColorMNIST (val colours {val_colors}, annotation {annotation}) on {mnist.description}",
+        counterfactuals={
+            "recoloured_train": recoloured(test_labels, "test digits in their training colour colour[y]"),
+            "recoloured_random": recoloured(random_colors, "test digits in a random colour, independent of y"),
+        },
     )

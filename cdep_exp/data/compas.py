@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch.utils.data import TensorDataset
 
-from cdep_exp.data.base import Splits
+from cdep_exp.data.base import Counterfactual, Splits
 from cdep_exp.data.download import fetch, write_atomic
 from cdep_exp.errors import ConfigError
 
@@ -166,6 +166,15 @@ def zero_race(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def swap_black_white(x: torch.Tensor) -> torch.Tensor:
+    """A copy of feature rows `x` (..., 17) with the African-American and Caucasian one-hot
+    columns exchanged: each black defendant becomes white and vice versa, other races stay."""
+    x = x.clone()
+    black, white = RACES.index("African-American"), RACES.index("Caucasian")
+    x[..., [black, white]] = x[..., [white, black]]
+    return x
+
+
 def race_annotation() -> torch.Tensor:
     """The CDEP annotation of every sample: 1 on the 11 non-race columns, 0 on race (17,).
 
@@ -210,6 +219,11 @@ def build_compas(
     Splits: train (80 %); val = the original's 618-row early-stopping split; tests["test"] = its
     617-row reported split. groups[name] holds each sample's race for the fairness metrics.
     The annotation is 1 on the non-race columns (see race_annotation for the direction).
+
+    Counterfactuals of "test" (`cdep_exp.shortcut`), race changed and nothing else:
+    "race_flipped", African-American ↔ Caucasian exchanged (other races unchanged, so their
+    rows add 0 to the means), and "race_removed", every race column zeroed. With
+    `hide_race` both equal the test set.
     """
     if races not in ("all", "black_white"):
         raise ValueError(f"races must be 'all' or 'black_white', not {races!r}")
@@ -248,6 +262,11 @@ def build_compas(
         num_classes=2,
         input_shape=tuple(x.shape[1:]),
         class_weights=class_weights(y[torch.as_tensor(train_idx)]),
+        counterfactuals={
+            "race_flipped": Counterfactual("test", subset(test_idx, swap_black_white(x)),
+                                           "African-American and Caucasian exchanged"),
+            "race_removed": Counterfactual("test", subset(test_idx, zero_race(x)), "race columns zeroed"),
+        },
         groups=groups,
         description=f"COMPAS ({races} races, {len(df):,} rows after the ProPublica filter)",
     )

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from cdep_exp.data.base import Splits
+from cdep_exp.data.base import Counterfactual, Splits
 from cdep_exp.data.mnist_source import load_mnist
 
 PATCH_SIZE = {"cdep": 5, "ross": 4}
@@ -58,6 +58,16 @@ def add_decoy(
             idx = np.flatnonzero((offsets[:, 0] == r0) & (offsets[:, 1] == c0))
             out[idx, r0:r0 + size, c0:c0 + size] = shades[idx, None, None]
     return out, offsets
+
+
+def paint_decoy(images: np.ndarray, shades: np.ndarray, size: int, offsets: np.ndarray) -> np.ndarray:
+    """Copy of uint8 `images` (N, 28, 28) with a size×size square of `shades[i]` at the (row,
+    column) `offsets[i]` (N, 2), e.g. those `add_decoy` drew."""
+    out = images.copy()
+    shades = np.asarray(shades).astype(np.uint8)
+    for i, (r0, c0) in enumerate(np.asarray(offsets)):
+        out[i, r0:r0 + size, c0:c0 + size] = shades[i]
+    return out
 
 
 def train_shades(y: np.ndarray) -> np.ndarray:
@@ -113,6 +123,10 @@ def build_decoymnist(
     decoy_seed: fixes the corner (and, for "ross", test shade) draws.
     max_train: use only this many MNIST training images (before the train/val split).
     max_test: use only this many test images.
+
+    Counterfactuals of "test" (`cdep_exp.shortcut`): "patch_removed", the same digits without
+    the patch (the background shade everywhere), and "patch_train_shade", the patch in the same
+    corner painted with the training rule 255 − 25·y, i.e. the shortcut pointing at the true class.
     """
     if variant not in PATCH_SIZE:
         raise ValueError(f"unknown DecoyMNIST variant {variant!r}; choose one of {tuple(PATCH_SIZE)}")
@@ -125,7 +139,7 @@ def build_decoymnist(
         test_shades = 25 * mnist.test_y
     else:
         test_shades = train_shades(test_rng.integers(0, 10, size=len(mnist.test_y)))
-    test_x, _ = add_decoy(mnist.test_x, test_shades, size, test_rng)
+    test_x, test_offsets = add_decoy(mnist.test_x, test_shades, size, test_rng)
 
     keep = subsample(len(train_x), max_train, split_seed)
     x, y = scale(train_x[keep]), torch.from_numpy(mnist.train_y[keep].copy())
@@ -134,6 +148,9 @@ def build_decoymnist(
     xt, yt = scale(test_x[keep_test]), torch.from_numpy(mnist.test_y[keep_test].copy())
 
     annotation = corner_mask(size)
+    train_rule = paint_decoy(mnist.test_x, train_shades(mnist.test_y), size, test_offsets)
+    counterfactual = lambda images, what: Counterfactual(  # noqa: E731
+        "test", dataset(scale(images[keep_test]), yt, annotation), what)
     return Splits(
         train=dataset(x[tr], y[tr], annotation),
         val=dataset(x[va], y[va], annotation),
@@ -141,4 +158,9 @@ def build_decoymnist(
         num_classes=10,
         input_shape=(1, 28, 28),
         description=f"DecoyMNIST ({variant}) on {mnist.description}",
+        counterfactuals={
+            "patch_removed": counterfactual(mnist.test_x, "test digits without their patch"),
+            "patch_train_shade": counterfactual(
+                train_rule, "the test patch (same corner) in the training shade 255 − 25·y"),
+        },
     )

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from cdep_exp.data.base import Splits
+from cdep_exp.data.base import Counterfactual, Splits
 from cdep_exp.data.images import dilate, dilation_width, load_image, load_mask
 from cdep_exp.data.isic_synthetic import generate_isic_like
 from cdep_exp.errors import ConfigError
@@ -88,6 +88,15 @@ def scan_counterfactuals(root: Path, malignant: Sequence[Record]) -> dict[str, R
         raise FileNotFoundError(f"{len(missing)} malignant image(s) lack a counterfactual image or mask in "
                                 f"{root / COUNTERFACTUAL}, e.g. {missing[:5]}; generate the set again.")
     return {r.id: Record(r.id, 1, images[r.id], masks / f"{r.id}.png") for r in malignant}
+
+
+def scan_unpatched(root: Path, patched_benign: Sequence[Record]) -> dict[str, Record]:
+    """Patch-free version of each patched benign image, by id (generated roots only); empty
+    when the root has none or lacks any of them."""
+    images = _images(root / COUNTERFACTUAL / "benign_unpatched")
+    if not images or any(r.id not in images for r in patched_benign):
+        return {}
+    return {r.id: Record(r.id, 0, images[r.id], None) for r in patched_benign}
 
 
 def split_records(
@@ -160,6 +169,10 @@ def build_isic(
     drop_patch_images: leave patch images out of training (the paper's "excluded" baseline).
     Tests: "test", "test_no_patches" (images without a patch), and on generated data
     "test_malignant_patched" (benign test images plus the patched versions of the malignant ones).
+    Counterfactuals of "test" (`cdep_exp.shortcut`), generated data only: "patch_pasted" (that
+    same set: patches pasted onto the malignant images, the benign ones unchanged) and
+    "patch_removed" (the patched benign images rendered without their patches, the rest
+    unchanged; sets generated before these renders existed lack it).
     Class weights come from the whole data set, as in the original.
     Raises ConfigError for an unknown source, FileNotFoundError for missing images or masks.
     """
@@ -173,17 +186,27 @@ def build_isic(
         raise ConfigError(f"dataset.source must be 'processed' or 'generated', got {source!r}")
     records = scan_root(root, mask_dir)
     counterfactual = scan_counterfactuals(root, [r for r in records if r.label == 1])
+    unpatched = scan_unpatched(root, [r for r in records if r.label == 0 and r.mask is not None])
     train, val, test = split_records(records, fractions, split_seed)
     if drop_patch_images:
         train = [r for r in train if r.mask is None]
     sets = {"train": train, "val": val, "test": test, "test_no_patches": [r for r in test if r.mask is None]}
     if counterfactual:
         sets["test_malignant_patched"] = [counterfactual[r.id] if r.label else r for r in test]
+    if unpatched:
+        sets["cf_patch_removed"] = [unpatched.get(r.id, r) for r in test]
 
-    items = records + sorted(counterfactual.values(), key=lambda r: r.id)
+    items = records + sorted([*counterfactual.values(), *unpatched.values()], key=lambda r: (r.id, r.label))
     images = ImageDataset(items, image_size, dilation_width(dilation, image_size))
     row = {r.image: i for i, r in enumerate(items)}
     datasets = {name: Subset(images, [row[r.image] for r in recs]) for name, recs in sets.items()}
+    counterfactuals = {}
+    if "test_malignant_patched" in datasets:
+        counterfactuals["patch_pasted"] = Counterfactual(
+            "test", datasets["test_malignant_patched"], "patches pasted onto the malignant images")
+    if "cf_patch_removed" in datasets:
+        counterfactuals["patch_removed"] = Counterfactual(
+            "test", datasets.pop("cf_patch_removed"), "the patched benign images without their patches")
     n_patch = sum(r.mask is not None for r in records)
     n_malignant = sum(r.label for r in records)
     return Splits(
@@ -193,6 +216,7 @@ def build_isic(
         num_classes=2,
         input_shape=(3, image_size, image_size),
         class_weights=class_weights(records),
+        counterfactuals=counterfactuals,
         description=(
             f"ISIC {source} ({root}): {len(records) - n_malignant} benign, {n_malignant} malignant, "
             f"{n_patch} with patches, {image_size} px"

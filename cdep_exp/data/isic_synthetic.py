@@ -14,6 +14,8 @@ Layout under `root` (what `dataset=isic` reads; scripts/isic/segment.py adds mas
     true_masks/<id>.png                            uint8 255 on patch pixels, patched images only
     counterfactual/malignant_patched/<id>.png      every malignant image with patches pasted on
     counterfactual/masks/<id>.png                  their patch masks
+    counterfactual/benign_unpatched/<id>.png       every patched benign image without its patches
+                                                   (sets made before this folder existed lack it)
 Ids are zero-padded indices; labels and patches are drawn at random over them, so any split
 over sorted ids mixes classes.
 """
@@ -233,7 +235,7 @@ def generate_isic_like(
     root.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     for sub in ("benign", "malignant", "true_masks", "counterfactual/malignant_patched",
-                "counterfactual/masks"):
+                "counterfactual/masks", "counterfactual/benign_unpatched"):
         (partial / sub).mkdir(parents=True)
 
     malignant, patched = _layout(n_benign, n_malignant, patch_fraction, seed)
@@ -248,6 +250,7 @@ def generate_isic_like(
             _save_png(partial / "counterfactual/masks" / name, _mask_png(counterfactual.patch))
             continue
         if patched[index]:
+            _save_png(partial / "counterfactual/benign_unpatched" / name, sample.image)
             sample = paste_patches(sample, seed, index)
         _save_png(partial / "benign" / name, sample.image)
         if sample.patch.any():

@@ -31,7 +31,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from cdep_exp.data.base import Splits
+from cdep_exp.data.base import Counterfactual, Splits
 from cdep_exp.data.batching import LengthBuckets
 from cdep_exp.data.sst_trees import SST_URL, Phrase, ensure_sst_trees, read_trees
 
@@ -150,6 +150,41 @@ def contains_any(samples: list[Sample], words: Iterable[str]) -> list[Sample]:
     return [s for s in samples if words.intersection(s.tokens)]
 
 
+def decoy_counterfactuals(
+    samples: Sequence[Sample], class_words: dict[int, str], seed: int
+) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """Evaluation texts with the training bias planted, and its two counterfactuals.
+
+    Returns (planted, swapped, removed): `planted` inserts the true class's word at a position
+    uniform in [0, len − 1] (a `default_rng(seed)` draw per text; annotated as in training),
+    `swapped` has the other class's word at that same position (same length, same annotation),
+    `removed` is the text without it (the original sample, nothing annotated).
+    """
+    rng = np.random.default_rng(seed)
+    other = {label: class_words[1 - label] for label in class_words}
+    planted, swapped = [], []
+    for s in samples:
+        position = int(rng.integers(len(s.tokens)))
+        for out, word in ((planted, class_words[s.label]), (swapped, other[s.label])):
+            tokens, at = insert_word(s.tokens, word, position)
+            out.append(Sample(tokens, s.label, [at]))
+    return planted, swapped, [Sample(list(s.tokens), s.label, []) for s in samples]
+
+
+def swap_counterfactuals(samples: Sequence[Sample], class_words: dict[int, str]) -> tuple[list[Sample], list[Sample]]:
+    """(swapped, removed) versions of texts that contain the bias words (articles, gender):
+    every class word exchanged for the other one (a ↔ the, she ↔ he; same length, the swapped
+    positions annotated), and every class word deleted (nothing annotated)."""
+    first, second = class_words.values()
+    exchange = {first: second, second: first}
+    swapped = [
+        Sample([exchange.get(t, t) for t in s.tokens], s.label, [i for i, t in enumerate(s.tokens) if t in exchange])
+        for s in samples
+    ]
+    removed = [Sample([t for t in s.tokens if t not in exchange] or [UNK], s.label, []) for s in samples]
+    return swapped, removed
+
+
 def build_vocab(samples: Iterable[Sample]) -> list[str]:
     """Index → word: padding (0), unknown (1), then words by falling count, ties alphabetical."""
     counts = Counter(token for s in samples for token in s.tokens)
@@ -214,6 +249,13 @@ def build_sst(
     Splits: train (sentences, or all labelled phrases for articles/gender), val = SST dev,
     tests["test"] = SST test. The vocabulary (on train + dev + test, as the original) is
     `splits.vocab`; batches need `splits.collate_fn`.
+
+    Counterfactuals (`cdep_exp.shortcut`; none for `none`). decoy: tests["test_decoy"] is the
+    test set with the true class's decoy inserted as in training (position drawn with
+    `bias_seed` + 1), and its counterfactuals "bias_swapped" (the other class's decoy at the
+    same position) and "bias_removed" (the plain test sentence). articles, gender: counterfactuals
+    of "test", "bias_swapped" (a ↔ the, she ↔ he everywhere) and "bias_removed" (those words
+    deleted; a text of nothing else becomes the unknown token).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, not {variant!r}")
@@ -228,6 +270,20 @@ def build_sst(
         words = spec.class_words.values()
         dev, test = contains_any(dev, words), contains_any(test, words)
 
+    counterfactual_sets: dict[str, tuple[str, list[Sample], str]] = {}
+    extra_tests: dict[str, list[Sample]] = {}
+    if spec.class_words and spec.placeholder is None:
+        extra_tests["test_decoy"], swapped, removed = decoy_counterfactuals(test, spec.class_words, bias_seed + 1)
+        counterfactual_sets = {
+            "bias_swapped": ("test_decoy", swapped, "the other class's decoy word at the same position"),
+            "bias_removed": ("test_decoy", removed, "the decoy word removed"),
+        }
+    elif spec.class_words:
+        swapped, removed = swap_counterfactuals(test, spec.class_words)
+        counterfactual_sets = {
+            "bias_swapped": ("test", swapped, "each bias word exchanged for the other class's"),
+            "bias_removed": ("test", removed, "the bias words deleted"),
+        }
     vocab = build_vocab([*train, *dev, *test])
     biased = sum(bool(s.marked) for s in train) / max(len(train), 1)
     unit = "phrases" if spec.phrases else "sentences"
@@ -236,9 +292,14 @@ def build_sst(
     return Splits(
         train=train_set,
         val=TokenDataset(dev, vocab),
-        tests={"test": TokenDataset(test, vocab)},
+        tests={"test": TokenDataset(test, vocab),
+               **{name: TokenDataset(samples, vocab) for name, samples in extra_tests.items()}},
         num_classes=2,
         vocab=vocab,
+        counterfactuals={
+            name: Counterfactual(of, TokenDataset(samples, vocab), what)
+            for name, (of, samples, what) in counterfactual_sets.items()
+        },
         collate_fn=pad_collate,
         batch_sampler=partial(LengthBuckets, lengths) if bucket else None,
         description=(

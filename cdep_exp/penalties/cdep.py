@@ -9,7 +9,12 @@ from torch import nn
 from cdep_exp.cd import decompose
 from cdep_exp.penalties.base import Penalty
 
-FORMS = ("softmax", "text")
+# softmax, text: the original's forms (faithful protocol). centred, normalised: sign-free and
+# invariant to a shift of all logits (see `penalty_form`).
+FORMS = ("softmax", "text", "centred", "normalised")
+# Floor of the normalised form's denominator, in squared logits: keeps it bounded near a
+# constant prediction (an untrained model), where the share is undefined.
+NORMALISED_FLOOR = 1.0
 DROPOUT = ("shared", "off")
 ANNOTATIONS = ("mask", "relevant")
 
@@ -47,6 +52,71 @@ def batch_coupled(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
 
 
+def centred(values: torch.Tensor) -> torch.Tensor:
+    """values (B, C) minus their mean over classes: what is left once a shift of all classes,
+    which no softmax can see, is taken out."""
+    return values - values.mean(1, keepdim=True)
+
+
+def normaliser(rel: torch.Tensor, irrel: torch.Tensor) -> torch.Tensor:
+    """The normalised form's per-sample denominator (B,), detached: Σ_c c(rel)² + Σ_c c(irrel)²,
+    at least NORMALISED_FLOOR."""
+    both = centred(rel.detach()).pow(2).sum(1) + centred(irrel.detach()).pow(2).sum(1)
+    return both.clamp_min(NORMALISED_FLOOR)
+
+
+def penalty_form(form: str, rel: torch.Tensor, irrel: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample penalty (B,) of one form, from CD's parts rel, irrel (B, C) of the logits.
+
+    * ``softmax`` (Rieger et al. 2020, images/tables): mean_c σ(rel_c − irrel_c).
+    * ``text`` (Rieger et al. 2020, SST): softplus(rel_y − irrel_y) for the true class y.
+    * ``centred``: Σ_c r_c² with r = rel − mean_c rel, the class-centred contribution of the
+      annotated features. It is 0 exactly when they move every class's logit by the same
+      amount, i.e. cannot change the softmax; it does not depend on irrel, so no shift of
+      irrel (or of rel) changes it, and a contribution against the true class costs as much as
+      one for it.
+    * ``normalised``: Σ_c r_c² / max(Σ_c r_c² + Σ_c q_c², 1) with q = irrel − mean_c irrel,
+      the denominator detached: the share of the two parts' centred energy that belongs to the
+      annotated features, a pure number in [0, 1] whatever the scale of the logits, so that
+      one λ can serve datasets whose logits differ by orders of magnitude. Detaching keeps the
+      model from lowering it by inflating irrel (a ratio it could differentiate would reward
+      exactly that); the gradient is the centred form's, divided per sample by the energy, so
+      it stays bounded (≤ 2/|r|) where rel and irrel grow in opposite directions; the floor of
+      1 logit² keeps it bounded near a constant prediction.
+    """
+    if form == "softmax":
+        return torch.sigmoid(rel - irrel).mean(1)
+    if form == "text":
+        true = y.unsqueeze(1)
+        return F.softplus((rel.gather(1, true) - irrel.gather(1, true)).squeeze(1))
+    energy = centred(rel).pow(2).sum(1)
+    if form == "centred":
+        return energy
+    if form == "normalised":
+        return energy / normaliser(rel, irrel)
+    raise ValueError(f"CDEP form must be one of {FORMS}, got {form!r}")
+
+
+def without_annotated(x: torch.Tensor, annotation: torch.Tensor, relevant: bool) -> torch.Tensor:
+    """x with its annotated features taken out, as CD's irrelevant input sees it.
+
+    Float inputs: (1 − mask)·x, or x − rel when the annotation is the relevant part itself.
+    Token ids (B, T), right-padded with 0: the annotated tokens deleted and the rest moved left
+    (an embedding of 0 mid-sentence would read as the end of the text).
+    """
+    if relevant:
+        return x - annotation
+    if x.dtype.is_floating_point:
+        return x * (1 - annotation.to(x.dtype))
+    keep = (annotation == 0) & (x != 0)
+    out = torch.zeros_like(x)
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    moved = x.gather(1, order)
+    width = keep.sum(1, keepdim=True)
+    positions = torch.arange(x.shape[1], device=x.device).expand_as(x)
+    return torch.where(positions < width, moved, out)
+
+
 def masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Mean of `values` over the samples in `keep`; 0 (still in the graph) when none is kept."""
     keep = keep.to(values.dtype)
@@ -65,11 +135,18 @@ class CDEP(Penalty):
       is all zero are left out of the mean (ISIC's "patch images only"); 0 if none is annotated.
     * `form="text"` (SST): mean over annotated samples of softplus(rel_y − irrel_y) for the true
       class y, i.e. −log of the irrelevant share.
+    * `form="centred"` / `form="normalised"` (any data type): sign-free forms invariant to a
+      shift of all logits (`penalty_form`), mean over annotated samples; the original two stay
+      as the faithful protocol.
     * `mask_samples=k` (ColorMNIST): the annotation is read as sampling weights over feature
       positions (averaged over the batch; give it one channel to mask all channels of a pixel).
       k positions are drawn with replacement (torch RNG); the penalty is the sum over the k
-      one-hot masks of the softmax form, computed in one decomposition of the batch repeated
-      k times. The logits come from the first copy.
+      one-hot masks of the form's batch mean (softmax, centred or normalised), computed in one
+      decomposition of the batch repeated k times. The logits come from the first copy.
+    * `gap=w` (centred/normalised only; research option): adds w·Σ_c c(irrel − f(x'))², where
+      x' is x without the annotated features (one more forward): the interactions of the
+      annotated features that CD books under irrel, through which a model can otherwise keep
+      using them while rel goes to 0.
     * `annotation="relevant"` (ISIC on cached features): the annotation is not a mask but the
       relevant part of x itself, the decomposition of a frozen network in front of the model
       (all zero for samples without anything to penalise, which are left out of the mean).
@@ -85,6 +162,7 @@ class CDEP(Penalty):
         mask_samples: int | None = None,
         dropout: str = "shared",
         annotation: str = "mask",
+        gap: float = 0.0,
     ) -> None:
         if form not in FORMS:
             raise ValueError(f"CDEP form must be one of {FORMS}, got {form!r}")
@@ -94,15 +172,19 @@ class CDEP(Penalty):
             raise ValueError(f"CDEP annotation must be one of {ANNOTATIONS}, got {annotation!r}")
         if annotation == "relevant" and mask_samples is not None:
             raise ValueError("CDEP mask_samples draws masks, so it needs annotation='mask'")
-        if mask_samples is not None and (mask_samples < 1 or form != "softmax"):
+        if mask_samples is not None and (mask_samples < 1 or form == "text"):
             raise ValueError(
-                f"CDEP mask_samples must be a positive int used with form='softmax', "
+                f"CDEP mask_samples must be a positive int used with a form other than 'text', "
                 f"got mask_samples={mask_samples!r} with form={form!r}"
             )
+        if not gap >= 0 or (gap and form in ("softmax", "text")):
+            raise ValueError(f"CDEP gap must be >= 0 and needs form 'centred' or 'normalised', "
+                             f"got gap={gap!r} with form={form!r}")
         self.form = form
         self.mask_samples = mask_samples
         self.dropout = dropout
         self.annotation = annotation
+        self.gap = float(gap)
 
     annotations = ("mask", "weights", "relevant")
 
@@ -128,7 +210,7 @@ class CDEP(Penalty):
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, annotation: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mask_samples is not None:
-            return self._sampled_masks(model, x, annotation)
+            return self._sampled_masks(model, x, y, annotation)
         keep = annotated_samples(annotation, x)
         if keep.all() or batch_coupled(model):
             return self._decomposed(model, x, y, annotation, keep)
@@ -148,16 +230,26 @@ class CDEP(Penalty):
             rel, irrel = decompose(model, x, rel=annotation)
         else:
             rel, irrel = decompose(model, x, annotation)
-        if self.form == "softmax":
-            value = masked_mean(torch.sigmoid(rel - irrel).mean(1), keep)
-        else:
-            true = y.unsqueeze(1)
-            margin = (rel.gather(1, true) - irrel.gather(1, true)).squeeze(1)
-            value = masked_mean(F.softplus(margin), keep)
-        return rel + irrel, value
+        per_sample = penalty_form(self.form, rel, irrel, y)
+        if self.gap:
+            x_without = without_annotated(x, annotation, self.annotation == "relevant")
+            per_sample = per_sample + self.gap * self._gap(model, x_without, rel, irrel)
+        return rel + irrel, masked_mean(per_sample, keep)
+
+    def _gap(
+        self, model: nn.Module, x_without: torch.Tensor, rel: torch.Tensor, irrel: torch.Tensor
+    ) -> torch.Tensor:
+        """Per sample Σ_c c(irrel − f(x'))², c the class-centring, x' = x without the annotated
+        features (`without_annotated`): what CD leaves in irrel although it disappears with them,
+        i.e. their interactions with the rest, which the rel terms cannot see. Scaled like the
+        form (normalised: by the same detached logit contrast)."""
+        gap = centred(irrel - model(x_without)).pow(2).sum(1)
+        if self.form == "normalised":
+            gap = gap / normaliser(rel, irrel)
+        return gap
 
     def _sampled_masks(
-        self, model: nn.Module, x: torch.Tensor, weights: torch.Tensor
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         batch, k = x.shape[0], self.mask_samples
         weights = weights.detach().to(torch.float)
@@ -169,5 +261,8 @@ class CDEP(Penalty):
         repeated = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)
         masks = masks.expand(k, batch, *weights.shape).flatten(0, 1)
         rel, irrel = decompose(model, repeated, masks)
-        value = torch.sigmoid(rel - irrel).view(k, -1).mean(1).sum()
+        per_sample = penalty_form(self.form, rel, irrel, y.repeat(k))
+        if self.gap:
+            per_sample = per_sample + self.gap * self._gap(model, repeated * (1 - masks), rel, irrel)
+        value = per_sample.view(k, -1).mean(1).sum()
         return (rel + irrel)[:batch], value
