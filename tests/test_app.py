@@ -78,7 +78,7 @@ def test_compas_run_reports_fairness(tmp_path: Path) -> None:
                  "trainer.max_epochs=2", "trainer.progress=false"]
     run(make_cfg(tmp_path, overrides), tmp_path / "run")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
-    assert set(metrics) == {"val", "test", "test_race_zeroed"}
+    assert set(metrics) == {"val", "test", "test_race_zeroed", "cf_race_flipped", "cf_race_removed"}
     assert {"accuracy", "wcr_black", "wcr_white", "fnr_black", "wcr_ratio"} <= set(metrics["test"])
 
 
