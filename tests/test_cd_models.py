@@ -33,13 +33,8 @@ MODELS = {
 SLOW = {"vit_b_16", "resnet50"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models run faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small models run faster on one thread than on two contended ones (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def params(names):

@@ -18,13 +18,8 @@ import cdep_exp.cd  # noqa: F401  (registers every rule)
 from cdep_exp.cd import decompose
 from cdep_exp.cd.rules import registered_keys
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models run faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small models run faster on one thread than on two contended ones (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 V, I, S, L1, V3 = (4, 6), (2, 4, 8, 8), (2, 5, 8), (2, 4, 16), (2, 2, 4, 6, 6)

@@ -22,13 +22,8 @@ from cdep_exp.cd import (
 from cdep_exp.cd.rules import lookup, module_rule, unregister_rule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models run faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small models run faster on one thread than on two contended ones (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fc(weight) -> nn.Linear:

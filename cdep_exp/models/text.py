@@ -79,8 +79,13 @@ class TransformerClassifier(nn.Module):
         """(B, T) ids to (B, T, D) token + position embeddings."""
         return self.embedding(tokens) + self.position[: tokens.shape[1]]
 
+    def forward_embedded(self, embedded: Tensor, tokens: Tensor) -> Tensor:
+        """Logits from embedded tokens (B, T, D) (`embed`), the ids giving the padding
+        (cdep_exp.models.base.TokenModel, for input-gradient penalties)."""
+        return self.body(embedded, self.keep_mask(tokens))
+
     def forward(self, tokens: Tensor) -> Tensor:
-        return self.body(self.embed(tokens), self.keep_mask(tokens))
+        return self.forward_embedded(self.embed(tokens), tokens)
 
 
 class GRUBody(nn.Module):
@@ -118,5 +123,14 @@ class GRUClassifier(nn.Module):
         self.embedding = _embedding(vocab_size, embed_dim, pad_index, embeddings, freeze_embeddings)
         self.body = GRUBody(nn.GRU(embed_dim, hidden, batch_first=True), nn.Linear(hidden, num_classes), pad_index)
 
+    def embed(self, tokens: Tensor) -> Tensor:
+        """(B, T) ids to (B, T, D) word vectors."""
+        return self.embedding(tokens)
+
+    def forward_embedded(self, embedded: Tensor, tokens: Tensor) -> Tensor:
+        """Logits from embedded tokens (B, T, D); the ids give each sequence's last real token
+        (cdep_exp.models.base.TokenModel, for input-gradient penalties)."""
+        return self.body(embedded, tokens)
+
     def forward(self, tokens: Tensor) -> Tensor:
-        return self.body(self.embedding(tokens), tokens)
+        return self.forward_embedded(self.embed(tokens), tokens)
