@@ -25,7 +25,7 @@ from cdep_exp.checkpoint import Checkpointer
 from cdep_exp.config_schema import check_target, check_trainer
 from cdep_exp.data.base import ANNOTATIONS, Splits
 from cdep_exp.data.fingerprint import splits_fingerprint
-from cdep_exp.data.word_vectors import load_glove
+from cdep_exp.data.word_vectors import word_vectors
 from cdep_exp.errors import ConfigError
 from cdep_exp.evaluation import evaluate_splits
 from cdep_exp.feature_cache import CacheSettings, cache_splits, frozen_backbone
@@ -36,7 +36,7 @@ from cdep_exp.run_identity import config_hash, config_identity, differences, reg
 from cdep_exp.run_record import (
     archive_previous, has_outputs, read_identity, read_record, write_identity, write_record,
 )
-from cdep_exp.training import TrainerSettings, fit
+from cdep_exp.training import Precision, TrainerSettings, fit
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,11 @@ def instantiate_plain(node: DictConfig, **kwargs):
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
-        if isinstance(err.__cause__, ConfigError | FileNotFoundError):
-            raise err.__cause__ from None
+        cause = err.__cause__
+        if isinstance(cause, ConfigError | FileNotFoundError):
+            raise cause from None
+        if type(cause) in (ValueError, TypeError):  # a builder refusing an argument's value
+            raise ConfigError(f"{node.get('_target_')}: {cause}") from cause
         raise
 
 
@@ -121,18 +124,22 @@ def data_contract(splits: Splits) -> dict[str, int]:
 def build_model(model_cfg: DictConfig, splits: Splits) -> torch.nn.Module:
     """Instantiate the model, filling each `???` key that the data fixes (`data_contract`:
     num_classes, in_channels, in_features, vocab_size; written back so the run record shows
-    them) and its word vectors (`embeddings`: a GloVe file path) for text."""
+    them) and its word vectors for text (`embeddings`: a `word_vectors` source; `embed_dim` is set to
+    the vectors' dimension)."""
     contract = data_contract(splits)
     for key in model_cfg.keys():
         if OmegaConf.is_missing(model_cfg, key):
             if key not in contract:
                 raise ConfigError(f"model.{key} is unset and the dataset does not fix it; set model.{key}=...")
             model_cfg[key] = contract[key]
-    if not model_cfg.get("embeddings"):
-        return instantiate_plain(model_cfg)
+    if model_cfg.get("embeddings") in (None, "random"):
+        return instantiate_plain(model_cfg, embeddings=None) if "embeddings" in model_cfg else instantiate_plain(model_cfg)
     if splits.vocab is None:
         raise ConfigError("model.embeddings (word vectors) needs a text dataset with a vocabulary.")
-    return instantiate(model_cfg, embeddings=load_glove(model_cfg.embeddings, splits.vocab, model_cfg.embed_dim))
+    loaded = word_vectors(splits.vocab, model_cfg.embeddings)
+    if loaded.dim is not None:
+        model_cfg.embed_dim = loaded.dim
+    return instantiate_plain(model_cfg, embeddings=loaded.vectors)
 
 
 def build_penalty(method_cfg: DictConfig) -> Penalty:
@@ -189,6 +196,13 @@ def make_loaders(splits: Splits, cfg: DictConfig, device: torch.device, generato
     return train, partial(loader, batch_size=cfg.trainer.eval_batch_size, shuffle=False)
 
 
+def build_scheduler(scheduler_cfg: DictConfig, optimizer: torch.optim.Optimizer, max_epochs: int):
+    """The learning-rate schedule; `T_max: ???` (cosine) becomes the run's epoch count."""
+    if "T_max" in scheduler_cfg.keys() and OmegaConf.is_missing(scheduler_cfg, "T_max"):
+        scheduler_cfg.T_max = max_epochs
+    return instantiate_plain(scheduler_cfg)(optimizer)
+
+
 def progress_bars(setting: bool | str) -> bool:
     """trainer.progress: true / false, or auto: bars in a terminal, one log line per epoch otherwise."""
     return sys.stderr.isatty() if setting == "auto" else bool(setting)
@@ -222,7 +236,7 @@ def recorded_config(cfg: DictConfig) -> dict:
             return {k: relative(v) for k, v in node.items()}
         if isinstance(node, list):
             return [relative(v) for v in node]
-        return relative_to_data(node, cfg.paths.data_dir) if isinstance(node, str) else node
+        return relative_to_data(node, cfg.paths.data_dir) if isinstance(node, str) else node  # see with_data_root
 
     paths = config.pop("paths", None)
     return {**relative(config), "paths": paths}
@@ -313,8 +327,12 @@ def _run_locked(cfg: DictConfig, run_dir: Path, lam: float) -> float:
     except ValueError as err:
         raise ConfigError(f"method={cfg.method.name} on dataset {cfg.dataset.name}: {err}.") from err
     check_model_fits(model, splits, device)
+    try:
+        Precision(cfg.trainer.precision, device)
+    except ValueError as err:
+        raise ConfigError(f"{err}.") from err
     optimizer = instantiate(cfg.optimizer)(model.parameters())
-    scheduler = instantiate(cfg.scheduler)(optimizer) if cfg.get("scheduler") else None
+    scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.trainer.max_epochs) if cfg.get("scheduler") else None
     log.info("%s | %s λ=%g | %s on %s | run dir %s", description, cfg.method.name, lam,
              type(model).__name__, device, run_dir)
 
@@ -327,7 +345,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, lam: float) -> float:
     settings = TrainerSettings(
         max_epochs=cfg.trainer.max_epochs, patience=cfg.trainer.patience, two_step=cfg.trainer.two_step,
         max_steps_per_epoch=cfg.trainer.max_steps_per_epoch, progress=progress_bars(cfg.trainer.progress),
-        step_scheduler_per_batch=steps_per_batch(scheduler),
+        step_scheduler_per_batch=steps_per_batch(scheduler), precision=str(cfg.trainer.precision),
     )
 
     with SummaryWriter(run_dir / "tensorboard") as writer:
@@ -351,7 +369,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, lam: float) -> float:
         "data": description,
         "run_id": identity["config_hash"],
         "data_fingerprint": identity["data"],
-        "overrides": overrides(),
+        "overrides": [relative_to_data(o, cfg.paths.data_dir) for o in overrides()],
         "method": cfg.method.name,
         "lam": lam,
         "seed": cfg.seed,

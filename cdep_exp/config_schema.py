@@ -61,7 +61,8 @@ def matches(value: Any, hint: Any) -> bool:
         return len(args) != 1 or all(matches(v, args[0]) for v in value)
     if container in (dict, Mapping) or (isinstance(container, type) and issubclass(container, Mapping)):
         return isinstance(value, dict | DictConfig)
-    return True  # tensors, modules and other objects the config cannot hold: not checked
+    # Tensors, modules and other objects: a config cannot write one as a number, string or bool.
+    return not isinstance(value, str | int | float | bool)
 
 
 def check_target(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:
@@ -102,6 +103,7 @@ TRAINER_SCHEMA: dict[str, tuple[type | tuple[type, ...], int | None, bool]] = {
     "restore_best": (bool, None, False), "weighted_val_loss": (bool, None, False),
     "two_step": (bool, None, False), "resume": (bool, None, False), "force": (bool, None, False),
     "progress": ((bool, str), None, False), "deterministic": (bool, None, False),
+    "precision": ((int, str), None, False),
 }
 
 
@@ -123,5 +125,7 @@ def check_trainer(trainer: DictConfig) -> None:
             raise ConfigError(f"trainer.{name}={value!r} must be {what}.")
         if minimum is not None and value < minimum:
             raise ConfigError(f"trainer.{name}={value} must be >= {minimum}" + (" or null." if nullable else "."))
+    if "precision" in trainer and str(trainer.precision) not in ("32", "bf16", "16"):
+        raise ConfigError(f"trainer.precision={trainer.precision!r} must be one of 32, bf16, 16.")
     if trainer.get("progress") not in (True, False, "auto"):
         raise ConfigError(f"trainer.progress={trainer.get('progress')!r} must be true, false or auto.")

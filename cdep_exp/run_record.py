@@ -48,6 +48,24 @@ def has_outputs(run_dir: Path) -> bool:
     return any((Path(run_dir) / name).exists() for name in ARTIFACTS)
 
 
+DATA_ROOT = "<data_dir>"
+
+
+def with_data_root(config: dict[str, Any], data_dir: str | None = None) -> dict[str, Any]:
+    """A recorded config with `<data_dir>` replaced by a real data root (`data_dir`, else the
+    record's own `paths.data_dir`), so scripts can rebuild a run's data from its record."""
+    root = str(data_dir or config.get("paths", {}).get("data_dir", "data"))
+
+    def restore(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: restore(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [restore(v) for v in node]
+        return node.replace(DATA_ROOT, root) if isinstance(node, str) else node
+
+    return restore(config)
+
+
 def read_identity(run_dir: Path) -> dict[str, Any] | None:
     path = Path(run_dir) / IDENTITY
     return json.loads(path.read_text()) if path.exists() else None

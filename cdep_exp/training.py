@@ -3,6 +3,7 @@
 The loop knows nothing of datasets or penalties: a batch is (x, y, annotation), the penalty
 returns (logits, value), and the loss is task_loss + λ·value.
 """
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ class TrainerSettings:
     batches per epoch (None: all). progress: tqdm bars (a terminal), else one log line per
     epoch (log files, SLURM). step_scheduler_per_batch: the scheduler steps after every batch
     (one-cycle, cyclic); otherwise once per epoch, and ReduceLROnPlateau on the validation loss.
+    precision: see `Precision`.
     """
 
     max_epochs: int
@@ -44,6 +46,7 @@ class TrainerSettings:
     max_steps_per_epoch: int | None = None
     progress: bool = True
     step_scheduler_per_batch: bool = False
+    precision: str = "32"
 
 
 def _check_finite(value: torch.Tensor, what: str) -> None:
@@ -52,6 +55,40 @@ def _check_finite(value: torch.Tensor, what: str) -> None:
             f"{what} is {value.item()}. Lower method.lam or optimizer.lr; "
             "the last finished epoch is checkpointed in the run directory."
         )
+
+
+PRECISIONS = ("32", "bf16", "16")
+
+
+class Precision:
+    """Mixed precision of the training step (`trainer.precision`): "32" (off), "bf16"
+    (torch.autocast to bfloat16, CPU and CUDA) or "16" (float16 autocast with a gradient
+    scaler, CUDA only). Losses and the penalty are taken in float32; evaluation stays float32.
+    Raises ValueError for an unknown precision or float16 without CUDA."""
+
+    def __init__(self, precision: str | int = "32", device: torch.device = torch.device("cpu")) -> None:
+        precision = str(precision)
+        if precision not in PRECISIONS:
+            raise ValueError(f"trainer.precision={precision!r} must be one of {', '.join(PRECISIONS)}")
+        if precision == "16" and device.type != "cuda":
+            raise ValueError("trainer.precision=16 needs a CUDA device (float16 with a gradient scaler); "
+                             "use trainer.precision=bf16 on CPU")
+        self.device_type = device.type
+        self.dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "16" else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device_type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()
 
 
 def train_one_epoch(
@@ -67,6 +104,7 @@ def train_one_epoch(
     progress: bool = True,
     desc: str = "train",
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    precision: Precision | None = None,
 ) -> dict[str, float]:
     """One pass over the training data; returns mean task loss, penalty and steps taken.
 
@@ -77,6 +115,7 @@ def train_one_epoch(
     fresh forward and a step on the task loss.
     """
     model.train()
+    amp = precision or Precision()
     totals = {"task_loss": 0.0, "penalty": 0.0}
     steps = len(loader) if max_steps is None else min(max_steps, len(loader))
     bar = tqdm(loader, total=steps, desc=desc, leave=False, disable=not progress)
@@ -85,21 +124,24 @@ def train_one_epoch(
             break
         x, y, annotation = to_device(batch, device)
         optimizer.zero_grad(set_to_none=True)
-        logits, value = penalty(model, x, y, annotation)
+        with amp.autocast():
+            logits, value = penalty(model, x, y, annotation)
+        logits, value = logits.float(), value.float()
         if two_step and lam:
             _check_finite(value, f"{desc} step {step}: penalty")
-            (lam * value).backward()
-            optimizer.step()
+            amp.backward(lam * value)
+            amp.step(optimizer)
             optimizer.zero_grad(set_to_none=True)
-            logits = model(x)
+            with amp.autocast():
+                logits = model(x).float()
             loss = task_loss(logits, y)
             _check_finite(loss, f"{desc} step {step}: task loss")
-            loss.backward()
+            amp.backward(loss)
         else:
             loss = task_loss(logits, y)
             _check_finite(loss + lam * value, f"{desc} step {step}: loss")
-            (loss + lam * value).backward()
-        optimizer.step()
+            amp.backward(loss + lam * value)
+        amp.step(optimizer)
         if scheduler is not None:
             scheduler.step()
         totals["task_loss"] += loss.item()
@@ -132,7 +174,10 @@ def fit(
     `val_metrics` adds per-epoch validation metrics to the history (the SST paper numbers are
     the best epoch's validation accuracy).
     """
+    precision = Precision(settings.precision, device)
     state = checkpointer.resume(model, optimizer, scheduler) or TrainState()
+    if state.epoch:
+        log.info("Resuming after epoch %d of %d from %s", state.epoch, settings.max_epochs, checkpointer.last)
     epochs = range(state.epoch, settings.max_epochs)
     bar = tqdm(epochs, desc="epochs", disable=not settings.progress, initial=state.epoch, total=settings.max_epochs)
     for epoch in bar:
@@ -145,6 +190,7 @@ def fit(
             model, penalty, lam, train_loader, optimizer, task_loss, device,
             two_step=settings.two_step, max_steps=settings.max_steps_per_epoch, progress=settings.progress,
             desc=f"epoch {epoch}", scheduler=scheduler if settings.step_scheduler_per_batch else None,
+            precision=precision,
         )
         val = evaluate(model, val_loader, device, val_class_weights)
         state.seconds += time.perf_counter() - start

@@ -3,6 +3,12 @@
 DecoyMNIST setting: MNISTCNN (1 channel, FC 256), batch 64, synthetic 28×28 inputs with the
 four-corner 5×5 annotation, Adam. Each method trains its own model; after warm-up the methods
 take their timed steps in turn (round-robin), so load from other processes hits all alike.
+
+Then the cost of contextual decomposition on current architectures (torchvision resnet18 at
+batch 8, 64×64; a 2-layer transformer text classifier at batch 32, 40 tokens): a decompose
+call as a multiple of a forward (both without gradients), and a CDEP training step as a
+multiple of a vanilla one, timed round-robin as well (`--archs` picks them, `--archs none`
+skips them).
 Run: `.venv/bin/python scripts/bench_cost.py` (or `make bench-cost`).
 """
 import argparse
@@ -14,16 +20,17 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-
+from cdep_exp.cd import decompose
 from cdep_exp.data.decoymnist import corner_mask
 from cdep_exp.models import MNISTCNN
+from cdep_exp.models.text import TransformerClassifier
+from cdep_exp.models.vision import build_torchvision_cnn
 from cdep_exp.penalties import CDEP, RRR, ExpectedGradients, Penalty, Vanilla
 
 METHODS = {
@@ -135,6 +142,77 @@ def bench_device(device: torch.device, batch: int, warmup: int, steps: int) -> p
     return table
 
 
+def _resnet18_case() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    model = build_torchvision_cnn("resnet18", num_classes=10, in_channels=3)
+    x = torch.rand(8, 3, 64, 64) * 2 - 1
+    annotation = torch.zeros(8, 1, 64, 64)
+    annotation[..., :12, :12] = 1
+    return model, x, torch.randint(10, (8,)), annotation, "softmax"
+
+
+def _transformer_case() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    model = TransformerClassifier(vocab_size=1000, embed_dim=64, heads=4, layers=2, ff_dim=128, num_classes=2)
+    tokens = torch.randint(1, 1000, (32, 40))
+    annotation = torch.rand(32, 40) < 0.2
+    return model, tokens, torch.randint(2, (32,)), annotation, "text"
+
+
+ARCHS = {
+    "resnet18": ("torchvision resnet18, batch 8, 3×64×64", _resnet18_case),
+    "transformer": ("transformer text classifier (d 64, 4 heads, 2 layers), batch 32, 40 tokens", _transformer_case),
+}
+
+
+def bench_arch(name: str, device: torch.device, warmup: int, steps: int) -> dict[str, float]:
+    """Median ms of a no-grad forward, a no-grad decompose, a vanilla and a CDEP training step
+    (each with its own copy of the model, in train mode), timed round-robin."""
+    torch.manual_seed(0)
+    build = ARCHS[name][1]
+    runs = {}
+    for method in ("vanilla", "CDEP"):
+        torch.manual_seed(0)
+        model, x, y, annotation, form = build()
+        model, x, y, annotation = model.to(device).train(), x.to(device), y.to(device), annotation.to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        penalty = Vanilla() if method == "vanilla" else CDEP(form=form)
+
+        def step(model=model, optimizer=optimizer, penalty=penalty, x=x, y=y, annotation=annotation) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            logits, value = penalty(model, x, y, annotation)
+            (F.cross_entropy(logits, y) + value).backward()
+            optimizer.step()
+
+        runs[f"{method} step"] = step
+        if method == "vanilla":
+            def forward(model=model, x=x) -> None:
+                with torch.no_grad():
+                    model(x)
+
+            def decomposition(model=model, x=x, annotation=annotation) -> None:
+                with torch.no_grad():
+                    decompose(model, x, annotation)
+
+            runs["forward"], runs["decompose"] = forward, decomposition
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(steps):
+        for key, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[key].append(time.perf_counter() - start)
+    ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
+    return {
+        "forward ms": ms["forward"], "decompose ms": ms["decompose"],
+        "decompose ×forward": ms["decompose"] / ms["forward"],
+        "vanilla step ms": ms["vanilla step"], "CDEP step ms": ms["CDEP step"],
+        "CDEP step ×vanilla": ms["CDEP step"] / ms["vanilla step"],
+    }
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"CUDA: {torch.cuda.get_device_name(device)}"
@@ -152,7 +230,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed steps per method")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: CPU, then CUDA when available")
+    parser.add_argument("--archs", default=",".join(ARCHS),
+                        help=f"comma-separated architectures for the CD cost table ({', '.join(ARCHS)}), or 'none'")
+    parser.add_argument("--arch-warmup", type=int, default=2, help="untimed calls per measurement")
+    parser.add_argument("--arch-steps", type=int, default=10, help="timed calls per measurement")
     args = parser.parse_args()
+    archs = [] if args.archs == "none" else [a for a in args.archs.split(",") if a]
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        parser.error(f"--archs: unknown {unknown}; choose from {list(ARCHS)}")
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
@@ -168,6 +254,12 @@ def main() -> None:
         print(f"## {device_name(device)}\n")
         table = bench_device(device, args.batch, args.warmup, args.steps)
         print(table.to_markdown(floatfmt=".3g"), end="\n\n")
+        if archs:
+            print(f"### Contextual decomposition on current architectures ({device_name(device)})\n")
+            print(f"Train mode, Adam; {args.arch_warmup} warm-up and {args.arch_steps} timed calls per "
+                  f"measurement, round-robin; medians. forward/decompose without gradients.\n")
+            rows = {f"{a}: {ARCHS[a][0]}": bench_arch(a, device, args.arch_warmup, args.arch_steps) for a in archs}
+            print(pd.DataFrame(rows).T.to_markdown(floatfmt=".3g"), end="\n\n")
 
 
 if __name__ == "__main__":

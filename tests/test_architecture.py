@@ -41,16 +41,31 @@ ALLOWED = {
 }
 
 
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
 def imported_parts(path: Path) -> set[str]:
-    """Top-level parts of cdep_exp that a module imports (cdep_exp.<part>...)."""
+    """Top-level parts of cdep_exp that a module imports (cdep_exp.<part>...), relative imports
+    and importlib.import_module("cdep_exp....") calls included."""
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
     parts = set()
     for node in ast.walk(ast.parse(path.read_text())):
         names = []
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against the module's package
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
-        parts |= {n.split(".")[1] for n in names if n.startswith("cdep_exp.") and n.count(".") >= 1}
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            names = [node.args[0].value]
+        parts |= {n.split(".")[1] for n in names if n.startswith("cdep_exp.")}
     return parts
 
 
@@ -59,11 +74,22 @@ def part_of(path: Path) -> str:
     return rel.parts[0].removesuffix(".py")
 
 
+def test_the_allowed_layers_form_no_cycle() -> None:
+    """Layers may only point down: a topological order of ALLOWED must exist."""
+    remaining = {part: set(deps) - {part} for part, deps in ALLOWED.items()}
+    while remaining:
+        free = [part for part, deps in remaining.items() if not deps & set(remaining)]
+        assert free, f"cycle among {sorted(remaining)}"
+        for part in free:
+            del remaining[part]
+
+
 def test_every_module_imports_only_lower_layers() -> None:
     offences = []
     for path in sorted(PACKAGE.rglob("*.py")):
         part = part_of(path)
-        if part == "__init__":
+        if part == "__init__":  # the package's own __init__ may import nothing of the package
+            assert not imported_parts(path), "cdep_exp/__init__.py imports the package"
             continue
         assert part in ALLOWED, f"{path.relative_to(ROOT)}: a new part of the package; add it to ALLOWED"
         for target in imported_parts(path) - {part}:
@@ -72,11 +98,15 @@ def test_every_module_imports_only_lower_layers() -> None:
     assert not offences, offences
 
 
-def test_layer_rules_catch_an_upward_import(tmp_path: Path) -> None:
-    module = tmp_path / "bad.py"
-    module.write_text("from cdep_exp.app import run\nimport cdep_exp.models.vgg\n")
-    assert imported_parts(module) == {"app", "models"}
-    assert "app" not in ALLOWED["data"] and "models" not in ALLOWED["data"]
+def test_layer_rules_catch_an_upward_import() -> None:
+    module = PACKAGE / "data" / "_probe_bad_import.py"
+    module.write_text("from cdep_exp.app import run\nimport cdep_exp.models.vgg\nfrom ..penalties import CDEP\n"
+                      "importlib.import_module('cdep_exp.training')\n")
+    try:
+        assert imported_parts(module) == {"app", "models", "penalties", "training"}
+        assert not {"app", "models", "penalties", "training"} & ALLOWED["data"]
+    finally:
+        module.unlink()
 
 
 def train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:

@@ -289,6 +289,11 @@ class Swish(nn.Module):
         return x * torch.sigmoid(x)
 
 
+class Power(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x ** x
+
+
 class Sorted(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sort(x, dim=1).values
@@ -297,26 +302,44 @@ class Sorted(nn.Module):
 def test_operation_without_rule_raises_with_a_helpful_message() -> None:
     with pytest.raises(UnsupportedOperationError, match=r"(?s)torch\.sort.*register_rule\(torch\.sort\)"):
         decompose(nn.Sequential(nn.Linear(4, 4), Sorted()), torch.randn(2, 4), torch.ones(1, 4))
-    with pytest.raises(UnsupportedOperationError, match=r"(?s)Softmax.*'1'.*register_rule\(Softmax\)"):
+    with pytest.raises(UnsupportedOperationError, match=r"(?s)Softmax2d.*'1'.*register_rule\(torch\.nn\.Softmax2d\)"):
+        decompose(nn.Sequential(nn.Conv2d(1, 2, 1), nn.Softmax2d()), torch.randn(2, 1, 3, 3), torch.ones(1, 1, 3, 3))
+    with pytest.raises(UnsupportedOperationError, match=r"holds fixed.*softmax"):
         decompose(nn.Sequential(nn.Linear(4, 4), nn.Softmax(1)), torch.randn(2, 4), torch.ones(1, 4))
-    with pytest.raises(UnsupportedOperationError, match=r"mul of two values that both depend on the input.*node 'mul'"):
-        decompose(nn.Sequential(nn.Linear(4, 4), Swish()), torch.randn(2, 4), torch.ones(1, 4))
+    with pytest.raises(UnsupportedOperationError, match=r"power with an exponent that depends on the input.*node 'pow"):
+        decompose(nn.Sequential(nn.Linear(4, 4), Power()), torch.randn(2, 4), torch.ones(1, 4))
 
 
 def test_registering_a_rule_for_a_custom_layer_makes_it_work() -> None:
-    class MySwish(Swish):
-        pass
+    class MyErf(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.erf(x)
 
-    model = nn.Sequential(nn.Linear(4, 5), MySwish(), nn.Linear(5, 2)).double()
+    model = nn.Sequential(nn.Linear(4, 5), MyErf(), nn.Linear(5, 2)).double()
     x = torch.randn(3, 4, dtype=torch.float64)
     with pytest.raises(UnsupportedOperationError, match="register_rule"):
         decompose(model, x, torch.ones(1, 4))
 
-    @register_rule(MySwish)
-    def _swish(layer: MySwish, h: Decomposed) -> Decomposed:
+    @register_rule(MyErf)
+    def _erf(layer: MyErf, h: Decomposed) -> Decomposed:
         return elementwise(layer.forward, h)
 
-    assert_complete(model, x, random_mask((1, 4)), rtol=1e-12)
+    try:
+        assert_complete(model, x, random_mask((1, 4)), rtol=1e-12)
+    finally:
+        rules.unregister_rule(MyErf)
+
+
+def test_product_of_two_decomposed_values_equals_the_elementwise_rule() -> None:
+    """x·σ(x) by the product rule is SiLU by the elementwise rule."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 5).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    mask = random_mask((1, 4))
+    ours = decompose(nn.Sequential(lin, Swish()), x, mask)
+    silu = decompose(nn.Sequential(lin, nn.SiLU()), x, mask)
+    for a, b in zip(ours, silu):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_model_rule_is_used_for_the_class_and_its_subclasses() -> None:
@@ -365,7 +388,7 @@ def test_off_cpu_path_of_the_bias_split_gives_the_same_result(monkeypatch: pytes
     results = []
     for always in (False, True):
         if always:
-            monkeypatch.setattr(rules, "_may_have_dead", lambda mag: True)
+            monkeypatch.setattr(rules.bias, "_may_have_dead", lambda mag: True)
         rel, irrel = decompose(model, x, mask)
         grads = torch.autograd.grad((rel * irrel).sum(), list(model.parameters()))
         results.append((rel, irrel, *grads))

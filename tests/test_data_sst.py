@@ -260,7 +260,7 @@ def test_lstm_config_builds_a_model_that_cd_splits_on_the_annotation(data_dir: P
     """What the app must do: fill vocab_size (and embeddings) from the dataset's vocabulary."""
     splits = build_sst(str(data_dir), variant="decoy")
     model_cfg = OmegaConf.load(ROOT / "conf" / "model" / "lstm.yaml")
-    assert OmegaConf.is_missing(model_cfg, "vocab_size") and model_cfg.embeddings is None
+    assert OmegaConf.is_missing(model_cfg, "vocab_size") and model_cfg.embeddings == "auto"
     glove = tmp_path / "glove.txt"
     glove.write_text("fine 1 2 3 4\nfilm 0.5 0 0 0\n")
     vocab = splits.vocab

@@ -231,5 +231,7 @@ def test_gradcam_script_draws_both_runs(tiny_runs: dict[str, Path], tmp_path: Pa
     argv = ["gradcam.py", "--vanilla", str(tiny_runs["vanilla"]), "--cdep", str(tiny_runs["cdep"]),
             "--n", "1", "--out", str(out)]
     monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.chdir(tmp_path)
     gradcam.main()
     assert out.stat().st_size > 0
+    assert not (tmp_path / "<data_dir>").exists()  # the record's data root was restored, not taken literally

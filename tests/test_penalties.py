@@ -261,10 +261,10 @@ def test_eg_vectorised_matches_per_sample_loop(faithful: bool) -> None:
 
 
 @pytest.mark.parametrize("penalty", [RRR(), ExpectedGradients()])
-def test_gradient_penalties_reject_tokens(penalty) -> None:
+def test_gradient_penalties_take_tokens_through_the_embedding(penalty) -> None:
     model, tokens, y, token_mask = lstm_case()
-    with pytest.raises(TypeError, match="continuous inputs"):
-        penalty(model, tokens, y, token_mask)
+    logits, value = penalty(model, tokens, y, token_mask)  # tests/test_text_gradients.py: values
+    assert logits.shape == (len(y), 2) and torch.isfinite(value) and value > 0
 
 
 @pytest.mark.parametrize(

@@ -89,6 +89,7 @@ def test_run_in_a_directory_of_another_config_is_refused(tmp_path: Path, fake_mn
         (["+dataset.colour=red"], "dataset.colour is not an argument"),
         (["method=cdep", "method.penalty.mask_samples=many"], "method.penalty.mask_samples='many'"),
         (["seed=-1"], "seed=-1 must be an integer >= 0"),
+        (["optimizer.lr=fast"], "optimizer.lr='fast' must be float"),
     ],
 )
 def test_bad_values_fail_before_any_data_loads(
@@ -97,6 +98,19 @@ def test_bad_values_fail_before_any_data_loads(
     with pytest.raises(ConfigError, match=message):
         run(make_cfg(tmp_path, tiny(tmp_path / "no_data_here", *overrides)), tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_value_the_builder_refuses_is_one_line(tmp_path: Path, fake_mnist_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="build_decoymnist: a subsample size must be positive, got -5"):
+        run(make_cfg(tmp_path, tiny(fake_mnist_dir, "dataset.max_train=-5")), tmp_path / "run")
+
+
+def test_another_optimizer_and_a_cosine_schedule_compose_with_a_dataset_recipe(tmp_path: Path) -> None:
+    write_csv(tmp_path / "data" / "compas" / "compas-scores-two-years.csv")
+    common = ["dataset=compas", "trainer.max_epochs=2", "trainer.progress=false"]
+    run(make_cfg(tmp_path, [*common, "optimizer=adam", "scheduler=cosine"]), tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["config"]["optimizer"]["_target_"] == "torch.optim.Adam" and record["epochs_run"] == 2
 
 
 def test_an_epoch_without_batches_is_an_error() -> None:

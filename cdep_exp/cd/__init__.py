@@ -1,6 +1,17 @@
 """Contextual decomposition (CD) of any fx-traceable model, plus rules for whole models."""
-from cdep_exp.cd.engine import decompose
-from cdep_exp.cd.rules import Decomposed, UnsupportedOperationError, register_model_rule, register_rule
-from cdep_exp.cd import lstm  # noqa: F401  (registers the LSTMClassifier rule)
+from cdep_exp.cd.check import DecompositionDriftError, NodeDrift, drift_report
+from cdep_exp.cd.engine import decompose, propagate
+from cdep_exp.cd.rules import (
+    Decomposed,
+    RuleOverrideWarning,
+    UnsupportedOperationError,
+    register_model_rule,
+    register_rule,
+    unregister_rule,
+)
+from cdep_exp.cd import lstm, text  # noqa: F401  (register the text classifiers' rules)
 
-__all__ = ["Decomposed", "UnsupportedOperationError", "decompose", "register_model_rule", "register_rule"]
+__all__ = [
+    "Decomposed", "DecompositionDriftError", "NodeDrift", "RuleOverrideWarning", "UnsupportedOperationError",
+    "decompose", "drift_report", "propagate", "register_model_rule", "register_rule", "unregister_rule",
+]

@@ -2,14 +2,30 @@
 
 The model is traced on its first call and the result compiled into a plan: one step per graph
 node, each with its rule already looked up and its argument layout fixed, so a training loop
-pays only for the rules themselves. Plans are cached per model instance and train/eval flags
-of its modules (tracing bakes `self.training` branches in) and rebuilt when a rule is
-registered; a model whose layers are replaced after its first decomposition needs
-`clear_cache(model)`. The cache holds no reference to the model itself.
+pays only for the rules themselves. Plans are cached per model instance and per *state* of its
+modules: the identity of every submodule and each one's plain attributes (bools, numbers,
+strings, None, and small lists, tuples, sets and dicts of them: `training`, a flag choosing a
+branch, a dropout rate, a list of layers to skip),
+since tracing bakes the branches they choose into the graph. Changing such an attribute, or
+replacing a layer, selects (or builds) another plan; nothing has to be cleared by hand.
+Registering a rule rebuilds the plans. The cache holds no reference to the model itself.
+
+Two guarantees beyond the rules themselves:
+
+* In-place operations keep their eager semantics. An in-place node (a module with
+  `inplace=True`, a function called with `inplace=True`, a method ending in `_`) replaces the
+  decomposed value of its input, so later users of the input see the updated value, as they
+  do in the plain forward. An in-place update of a value that a view was taken of earlier
+  cannot be followed and raises UnsupportedOperationError.
+* `decompose(..., check=True)` runs the plain forward node by node next to the decomposition
+  and raises DecompositionDriftError naming the first node where rel + irrel leaves the
+  plain value; `drift_report` returns the per-node numbers (cdep_exp/cd/check.py).
 """
 from __future__ import annotations
 
 import functools
+import inspect
+import operator
 from collections.abc import Callable
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -23,6 +39,7 @@ from cdep_exp.cd.rules import (
     PLAIN_METHODS,
     Decomposed,
     UnsupportedOperationError,
+    importable_name,
     lookup,
     model_rule,
     module_rule,
@@ -30,6 +47,7 @@ from cdep_exp.cd.rules import (
 )
 
 Env = list
+_MAX_PLANS = 8  # per model; a model whose attributes keep changing still has a bounded cache
 
 
 class _Tracer(fx.Tracer):
@@ -61,10 +79,32 @@ def _loader(node: fx.Node, index: dict[fx.Node, int]) -> Callable[[Env], tuple[l
     return load
 
 
-def _step(fn: Callable, load: Callable[[Env], tuple[list, dict]]) -> Callable[[Env], Any]:
+def _has_decomposed(values: Any) -> bool:
+    if isinstance(values, Decomposed):
+        return True
+    if isinstance(values, (list, tuple)):
+        return any(_has_decomposed(v) for v in values)
+    if isinstance(values, dict):
+        return any(_has_decomposed(v) for v in values.values())
+    return False
+
+
+def _step(fn: Callable, plain: Callable, load: Callable[[Env], tuple[list, dict]], inplace_arg: int | None,
+          guarded: bool) -> Callable[[Env], Any]:
+    """One node: its rule (or, where no argument is decomposed any more because a rule held a
+    value fixed, the plain call), with eager in-place semantics for in-place nodes."""
     def step(env: Env) -> Any:
         args, kwargs = load(env)
-        return fn(*args, **kwargs)
+        if guarded and not _has_decomposed((args, kwargs)):
+            return plain(*args, **kwargs)
+        out = fn(*args, **kwargs)
+        if inplace_arg is not None:
+            target = args[0] if args else None
+            if isinstance(target, Decomposed) and isinstance(out, Decomposed):
+                if out is not target:
+                    target.rel_total = out.rel_total
+                return target
+        return out
 
     return step
 
@@ -73,18 +113,38 @@ def _call_method(name: str) -> Callable:
     return lambda obj, *args, **kwargs: getattr(obj, name)(*args, **kwargs)
 
 
-def _describe(node: fx.Node, model: nn.Module) -> tuple[str, str]:
+def _registration_line(key: Any) -> str:
+    """The lines a user pastes to register a rule for `key`, checked to name the same object."""
+    imports, name = importable_name(key)
+    lines = ["import cdep_exp.cd"]
+    if imports:
+        lines.append(imports)
+    return "\n".join(f"    {line}" for line in lines) + f"\n\n    @cdep_exp.cd.register_rule({name})"
+
+
+def _describe(node: fx.Node, model: nn.Module) -> tuple[str, Any]:
     """What the node calls, and the key a user would register a rule under."""
     if node.op == "call_module":
         cls = type(model.get_submodule(node.target))
-        return f"module {cls.__module__}.{cls.__qualname__} (at '{node.target}')", cls.__name__
+        return f"module {cls.__module__}.{cls.__qualname__} (at '{node.target}')", cls
     if node.op == "call_method":
-        return f"Tensor method .{node.target}()", repr(node.target)
-    try:
-        name = fx.node._get_qualified_name(node.target)
-    except Exception:
-        name = repr(node.target)
-    return f"function {name}", name
+        return f"Tensor method .{node.target}()", node.target
+    _, name = importable_name(node.target)
+    return f"function {name}", node.target
+
+
+def _enclosing_layer(node: fx.Node, model: nn.Module) -> str:
+    """A hint naming the innermost user module the node was traced inside, if any."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, cls = list(stack.values())[-1]
+    if not isinstance(cls, type) or cls.__module__.startswith("torch."):
+        return ""
+    imports, name = importable_name(cls)
+    line = f" ({imports})" if imports else ""
+    return (f"Or register one rule for the whole layer it sits in, {cls.__qualname__} at '{path}': "
+            f"@cdep_exp.cd.register_rule({name}){line}.\n")
 
 
 def _no_rule(node: fx.Node, model: nn.Module) -> UnsupportedOperationError:
@@ -93,10 +153,12 @@ def _no_rule(node: fx.Node, model: nn.Module) -> UnsupportedOperationError:
         f"No contextual-decomposition rule for {what}, graph node '{node.name}' of "
         f"{type(model).__name__}.forward. Every operation the input flows through needs a rule "
         f"(none is skipped silently). Register one, e.g.\n\n"
-        f"    @cdep_exp.cd.register_rule({key})\n"
+        f"{_registration_line(key)}\n"
         f"    def my_rule(target, x, *args, **kwargs):\n"
         f"        ...  # x is a cdep_exp.cd.Decomposed: x.rel_total stacks rel and rel + irrel\n\n"
-        f"cdep_exp/cd/rules.py explains rules and has helpers (per_part, linear_with_bias, elementwise)."
+        f"{_enclosing_layer(node, model)}"
+        f"cdep_exp/cd/rules/ explains rules and has helpers (per_part, linear_with_bias, elementwise); "
+        f"docs/cd_rules.md lists the built-in ones."
     )
 
 
@@ -105,6 +167,68 @@ def _plain_result(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in PLAIN_METHODS
     return node.target is getattr and len(node.args) > 1 and node.args[1] in PLAIN_ATTRS
+
+
+_VIEW_METHODS = {"view", "view_as", "reshape", "flatten", "transpose", "permute", "squeeze", "unsqueeze", "expand",
+                 "expand_as", "narrow", "t", "chunk", "split", "unbind", "select", "as_strided", "unflatten", "detach"}
+_VIEW_FUNCTIONS = {torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
+                   torch.chunk, torch.split, torch.unbind, torch.narrow, torch.select}
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    if node.op == "call_function":
+        return node.target in _VIEW_FUNCTIONS or node.target is operator.getitem
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _inplace_index(fn: Callable) -> int | None:
+    """Position of an `inplace` parameter in `fn`'s signature, if it has one."""
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index("inplace") if "inplace" in params else None
+
+
+def _inplace(node: fx.Node, model: nn.Module) -> bool:
+    """Does the node update its first argument in place (eager semantics)?"""
+    if node.op == "call_module":
+        return bool(getattr(model.get_submodule(node.target), "inplace", False))
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op != "call_function":
+        return False
+    if node.kwargs.get("inplace") is True:
+        return True
+    name = getattr(node.target, "__name__", "")
+    if name.endswith("_") and not name.endswith("__"):
+        return True
+    try:
+        position = _inplace_index(node.target)
+    except TypeError:
+        return False
+    return position is not None and len(node.args) > position and node.args[position] is True
+
+
+def _check_inplace(node: fx.Node, order: dict[fx.Node, int], model: nn.Module) -> None:
+    """Raise where eager in-place semantics reach a value through a view taken earlier."""
+    source = node.args[0] if node.args else None
+    if not isinstance(source, fx.Node):
+        return
+    here = order[node]
+    earlier_views = [u for u in source.users if u is not node and order[u] < here and _is_view(u)]
+    base = source.args[0] if _is_view(source) and source.args and isinstance(source.args[0], fx.Node) else None
+    later_base_use = base is not None and any(order[u] > here for u in base.users)
+    if any(any(order[w] > here for w in v.users) for v in earlier_views) or later_base_use:
+        what, _ = _describe(node, model)
+        raise UnsupportedOperationError(
+            f"{what} (graph node '{node.name}' of {type(model).__name__}.forward) updates in place a value "
+            f"that is also read through a view; the decomposition cannot follow that aliasing. Make the "
+            f"operation out of place (e.g. inplace=False)."
+        )
 
 
 class _Plan:
@@ -124,13 +248,17 @@ class _Plan:
         index = {n: i for i, n in enumerate(nodes)}
         self.size = len(nodes)
         self.constants: list[tuple[int, Any]] = []
+        self.extra_inputs: list[int] = []
         self.attrs: list[tuple[int, tuple[str, ...]]] = []
         self.steps: list[tuple[int, Callable[[Env], Any]]] = []
+        self.plain_steps: list[tuple[int, Callable[[Env], Any]]] = []
         self.names = [n.name for n in nodes]
+        self.ops = [_describe(n, model)[0] if n.op.startswith("call_") else n.op for n in nodes]
         self.model_name = type(model).__name__
         self.input: int | None = None
         self.output: int | None = None
         decomposed: set[fx.Node] = set()
+        held_fixed: set[fx.Node] = set()  # results of rules that return plain values (softmax)
         for node in nodes:
             i = index[node]
             if node.op == "placeholder":
@@ -140,14 +268,17 @@ class _Plan:
                 elif node.args:
                     self.constants.append((i, node.args[0]))
                 else:
-                    raise UnsupportedOperationError(
-                        f"{type(model).__name__}.forward takes more than one input ('{node.target}'); "
-                        f"decompose feeds only x. Wrap the model so x is its single input."
-                    )
+                    self.extra_inputs.append(i)
             elif node.op == "get_attr":
                 self.attrs.append((i, tuple(node.target.split("."))))
             elif node.op == "output":
                 result = node.args[0]
+                if isinstance(result, fx.Node) and result in held_fixed:
+                    raise UnsupportedOperationError(
+                        f"{self.model_name}.forward returns a value the decomposition holds fixed (graph "
+                        f"node '{result.name}', e.g. softmax probabilities), not a decomposed one; "
+                        f"decompose the logits before it."
+                    )
                 if not isinstance(result, fx.Node) or result not in decomposed:
                     raise UnsupportedOperationError(
                         f"{type(model).__name__}.forward must return one tensor computed from x "
@@ -156,53 +287,151 @@ class _Plan:
                 self.output = index[result]
             else:
                 on_path = any(n in decomposed for n in node.all_input_nodes)
-                if on_path and not _plain_result(node):
+                plain = self._plain(node, model)
+                fn = self._callable(node, model, on_path, plain)
+                if on_path and getattr(getattr(fn, "func", None), "returns_plain", False):
+                    held_fixed.add(node)
+                elif on_path and not _plain_result(node):
                     decomposed.add(node)
-                self.steps.append((i, _step(self._callable(node, model, on_path), _loader(node, index))))
+                load = _loader(node, index)
+                inplace = on_path and _inplace(node, model)
+                if inplace:
+                    _check_inplace(node, index, model)
+                self.steps.append((i, _step(fn, plain, load, 0 if inplace else None, on_path)))
+                self.plain_steps.append((i, _step(plain, plain, load, None, False)))
 
     @staticmethod
-    def _callable(node: fx.Node, model: nn.Module, on_path: bool) -> Callable:
-        target = model.get_submodule(node.target) if node.op == "call_module" else node.target
+    def _plain(node: fx.Node, model: nn.Module) -> Callable:
+        if node.op == "call_module":
+            return model.get_submodule(node.target)
+        return _call_method(node.target) if node.op == "call_method" else node.target
+
+    @staticmethod
+    def _callable(node: fx.Node, model: nn.Module, on_path: bool, plain: Callable) -> Callable:
         if not on_path:
-            return _call_method(target) if node.op == "call_method" else target
+            return plain
+        target = model.get_submodule(node.target) if node.op == "call_module" else node.target
         rule = module_rule(type(target)) if node.op == "call_module" else lookup(target)
         if rule is None:
             raise _no_rule(node, model)
         return functools.partial(rule, target)
 
-    def run(self, model: nn.Module, rel_total: Tensor) -> Decomposed:
-        env: Env = [None] * self.size
-        env[self.input] = Decomposed(rel_total)
+    def _fill(self, model: nn.Module, env: Env, extras: tuple) -> None:
+        if len(extras) != len(self.extra_inputs):
+            raise UnsupportedOperationError(
+                f"{self.model_name}.forward takes {len(self.extra_inputs) + 1} inputs; decompose feeds "
+                f"only x. Wrap the model so x is its single input."
+            )
+        for i, value in zip(self.extra_inputs, extras):
+            env[i] = value
         for i, value in self.constants:
             env[i] = value
         for i, path in self.attrs:
             env[i] = functools.reduce(getattr, path, model)
+
+    def run(self, model: nn.Module, rel_total: Tensor, extras: tuple = (), record: list | None = None) -> Decomposed:
+        env: Env = [None] * self.size
+        env[self.input] = Decomposed(rel_total)
+        self._fill(model, env, extras)
         try:
             for i, step in self.steps:
                 env[i] = step(env)
+                if record is not None:
+                    record.append((i, _totals(env[i])))
         except UnsupportedOperationError as err:
             raise UnsupportedOperationError(
                 f"{err} (graph node '{self.names[i]}' of {self.model_name}.forward). Put the operations "
                 f"in a module of their own and register a rule for it with @cdep_exp.cd.register_rule."
             ) from err
-        return env[self.output]
+        out = env[self.output]
+        if not isinstance(out, Decomposed):
+            raise UnsupportedOperationError(
+                f"{self.model_name}.forward returns a value the decomposition holds fixed (graph node "
+                f"'{self.names[self.output]}', e.g. softmax probabilities), not a decomposed one; "
+                f"decompose the logits before it."
+            )
+        return out
+
+    def run_plain(self, model: nn.Module, x: Tensor, extras: tuple = ()) -> list[tuple[int, Any]]:
+        """The plain forward node by node: (node index, value) per step."""
+        env: Env = [None] * self.size
+        env[self.input] = x
+        self._fill(model, env, extras)
+        values = []
+        for i, step in self.plain_steps:
+            env[i] = step(env)
+            values.append((i, _snapshot(env[i])))
+        return values
 
 
-_PLANS: WeakKeyDictionary[nn.Module, dict[tuple[bool, ...], _Plan]] = WeakKeyDictionary()
+def _totals(v: Any) -> Any:
+    """The plain-value counterpart of a rule's result, detached (a snapshot for the check)."""
+    if isinstance(v, Decomposed):
+        return v.rel_total[1].detach().clone()
+    return _snapshot(v)
+
+
+def _snapshot(v: Any) -> Any:
+    if isinstance(v, Tensor):
+        return v.detach().clone()
+    if isinstance(v, (tuple, list)) and not isinstance(v, torch.Size):
+        return [_totals(t) for t in v]
+    return None
+
+
+_PLANS: WeakKeyDictionary[nn.Module, dict[tuple, _Plan]] = WeakKeyDictionary()
+_STATE_TYPES = (bool, int, float, str, type(None))
+_UNTRACKED = object()
+
+
+def _plain_state(value: Any, depth: int = 0) -> Any:
+    """A hashable image of a plain attribute (numbers, strings, and lists, tuples, sets and dicts
+    of them), or _UNTRACKED for anything else (tensors, modules, callables)."""
+    if isinstance(value, _STATE_TYPES):
+        return value
+    if depth > 3 or not isinstance(value, (tuple, list, set, frozenset, dict)) or len(value) > 64:
+        return _UNTRACKED
+    items = sorted(value.items(), key=repr) if isinstance(value, dict) else (
+        sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value)
+    out = []
+    for item in items:
+        parts = item if isinstance(value, dict) else (item,)
+        images = tuple(_plain_state(p, depth + 1) for p in parts)
+        if any(i is _UNTRACKED for i in images):
+            return _UNTRACKED
+        out.append(images)
+    return (type(value).__name__, tuple(out))
+
+
+def _state_key(model: nn.Module) -> tuple:
+    """What tracing may bake in: every submodule's identity and plain attributes."""
+    key: list = []
+    for m in model.modules():
+        key.append(id(m))
+        for name, value in m.__dict__.items():
+            if name[0] == "_":
+                continue
+            image = _plain_state(value)
+            if image is not _UNTRACKED:
+                key.append((name, image))
+    return tuple(key)
 
 
 def _plan(model: nn.Module) -> _Plan:
-    """The cached plan for the model's current train/eval flags (tracing bakes them in)."""
+    """The cached plan for the model's current state (tracing bakes branches in)."""
     plans = _PLANS.setdefault(model, {})
-    modes = tuple(m.training for m in model.modules())
-    plan = plans.get(modes)
+    key = _state_key(model)
+    plan = plans.get(key)
     if plan is None or plan.version != registry_version():
-        plan = plans[modes] = _Plan(model)
+        if len(plans) >= _MAX_PLANS:
+            plans.pop(next(iter(plans)))
+        plan = plans[key] = _Plan(model)
     return plan
 
 
 def clear_cache(model: nn.Module | None = None) -> None:
-    """Forget the traced plan of `model` (or of every model), e.g. after replacing its layers."""
+    """Forget the traced plans of `model` (or of every model). Never needed for correctness:
+    plans are keyed by the model's state; this only frees them."""
     if model is None:
         _PLANS.clear()
     else:
@@ -227,8 +456,26 @@ def split_input(x: Tensor, mask: Tensor | Any) -> Tensor:
     return x * torch.stack((mask, 1 - mask))
 
 
+def propagate(model: nn.Module, x: Decomposed, *extras: Any) -> Decomposed:
+    """Run a decomposed value through `model`'s graph; `extras` feed its further inputs as plain
+    values (a padding mask, the token ids). For whole-model rules built on the generic engine
+    (text classifiers: embeddings split by the token mask, then the rest of the network)."""
+    return _plan(model).run(model, x.rel_total, extras)
+
+
+def _initial(x: Tensor, mask: Tensor | None, rel: Tensor | None) -> Tensor:
+    if (mask is None) == (rel is None):
+        raise TypeError("decompose needs exactly one of mask= (features to credit) or rel= (their part of x)")
+    if rel is None:
+        rel = x * _broadcast_mask(x, mask)
+    elif rel.shape != x.shape:
+        raise ValueError(f"rel of shape {tuple(rel.shape)} must have x's shape {tuple(x.shape)}")
+    return torch.stack((rel.to(x.dtype), x))
+
+
 def decompose(
-    model: nn.Module, x: Tensor, mask: Tensor | None = None, *, rel: Tensor | None = None
+    model: nn.Module, x: Tensor, mask: Tensor | None = None, *, rel: Tensor | None = None,
+    check: bool | float = False,
 ) -> tuple[Tensor, Tensor]:
     """Contextual decomposition of `model(x)` into the part due to `mask`ed features and the rest.
 
@@ -240,18 +487,25 @@ def decompose(
     to float rounding; both are differentiable with respect to the parameters and x. A rule
     registered for the model's class (`register_model_rule`) is used when there is one.
     In train mode dropout draws one mask for both parts and batch norm uses (and updates once)
-    the batch statistics, so a call stands in for one plain forward.
+    the batch statistics, so a call stands in for one plain forward; it refuses what the plain
+    forward refuses (a train-mode batch norm over one value per channel: ValueError).
+
+    `check=True` (or a relative tolerance, default 1e-4 for True) also runs the plain forward
+    node by node and raises DecompositionDriftError at the first node where rel + irrel
+    differs from it by more than the tolerance, relative to the node's largest value: for
+    debugging a rule, at about twice the cost. Raises UnsupportedOperationError for an
+    operation without a rule, TypeError/ValueError for bad mask/rel arguments.
     """
-    if (mask is None) == (rel is None):
-        raise TypeError("decompose needs exactly one of mask= (features to credit) or rel= (their part of x)")
+    if check:
+        from cdep_exp.cd.check import raise_on_drift  # the check builds on this module
+
+        raise_on_drift(model, x, mask, rel, 1e-4 if check is True else float(check))
     whole = model_rule(type(model))
     if whole is not None:
         if rel is not None:
             raise TypeError(f"{type(model).__name__} has a whole-model CD rule, which takes a mask, not rel=")
+        if (mask is None) == (rel is None):
+            raise TypeError("decompose needs exactly one of mask= (features to credit) or rel= (their part of x)")
         return whole(model, x, mask)
-    if rel is None:
-        rel = x * _broadcast_mask(x, mask)
-    elif rel.shape != x.shape:
-        raise ValueError(f"rel of shape {tuple(rel.shape)} must have x's shape {tuple(x.shape)}")
-    out = _plan(model).run(model, torch.stack((rel.to(x.dtype), x))).rel_total
+    out = _plan(model).run(model, _initial(x, mask, rel)).rel_total
     return out[0], out[1] - out[0]

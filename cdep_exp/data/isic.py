@@ -176,6 +176,9 @@ def build_isic(
     Class weights come from the whole data set, as in the original.
     Raises ConfigError for an unknown source, FileNotFoundError for missing images or masks.
     """
+    if "<data_dir>" in str(root):
+        raise ConfigError(f"dataset.root={root} still holds the <data_dir> placeholder of a run record; "
+                          f"replace it by the data root (cdep_exp.run_record.with_data_root).")
     root = Path(root)
     if source == "generated":
         generate_isic_like(root, size=image_size, **dict(generate or {}))

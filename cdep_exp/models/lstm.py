@@ -6,6 +6,8 @@ from torch import nn
 class LSTMClassifier(nn.Module):
     """Token ids (B, T), right-padded with `pad_index`, to logits (B, num_classes).
 
+    Implements `cdep_exp.models.base.TokenModel` (embed / forward_embedded) for RRR and EG.
+
     The head reads the hidden state at each sequence's last non-pad token, so padding never
     changes the output (the original read the last time step of the padded batch). A sequence
     of padding only is read at position 0. `embeddings` (vocab_size, embed_dim), e.g. GloVe,
@@ -46,6 +48,15 @@ class LSTMClassifier(nn.Module):
         last = (tokens != self.pad_index).sum(1).clamp_min(1) - 1
         return states[..., torch.arange(tokens.shape[0], device=tokens.device), last, :]
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        states, _ = self.lstm(self.embedding(tokens))
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) → word vectors (B, T, embed_dim) (`cdep_exp.models.base.TokenModel`)."""
+        return self.embedding(tokens)
+
+    def forward_embedded(self, embedded: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Word vectors (B, T, embed_dim) → logits (B, num_classes), read at each sequence's last
+        non-pad token of `tokens` (B, T); what stands at padded positions never matters."""
+        states, _ = self.lstm(embedded)
         return self.head(self.at_last_token(states, tokens))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.forward_embedded(self.embed(tokens), tokens)

@@ -1,0 +1,111 @@
+"""Elementwise nonlinearities: rel' = f(rel), irrel' = f(rel + irrel) − f(rel) (REFERENCE §1.3).
+
+This is the rule of the original CD (Murdoch et al. 2018; Singh et al. 2019, ACD) in the form
+the original CDEP code used for ReLU: f applied to the relevant part alone, and the rest of
+f(total) credited to irrel, so rel + irrel = f(total) for any f. In-place variants run out of
+place here; the engine keeps the eager semantics when the input is used again (engine.py).
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cdep_exp.cd.rules.bias import elementwise
+from cdep_exp.cd.rules.core import Decomposed, register_rule
+
+
+_MODULE_FN: dict[type, Callable[[nn.Module], Callable[[Tensor], Tensor]]] = {
+    nn.ReLU: lambda m: F.relu,
+    nn.ReLU6: lambda m: F.relu6,
+    nn.LeakyReLU: lambda m: lambda t: F.leaky_relu(t, m.negative_slope),
+    nn.ELU: lambda m: lambda t: F.elu(t, m.alpha),
+    nn.CELU: lambda m: lambda t: F.celu(t, m.alpha),
+    nn.SELU: lambda m: F.selu,
+    nn.SiLU: lambda m: F.silu,
+    nn.Mish: lambda m: F.mish,
+    nn.Hardswish: lambda m: F.hardswish,
+    nn.Hardsigmoid: lambda m: F.hardsigmoid,
+    nn.Hardtanh: lambda m: lambda t: F.hardtanh(t, m.min_val, m.max_val),
+    nn.Threshold: lambda m: lambda t: F.threshold(t, m.threshold, m.value),
+}
+
+
+@register_rule(*_MODULE_FN)
+def inplace_capable_activation(m: nn.Module, x: Decomposed) -> Decomposed:
+    """Activations with an `inplace` flag run out of place: the parts must not be mutated."""
+    return elementwise(_MODULE_FN[type(m)](m), x)
+
+
+@register_rule(nn.Tanh, nn.Sigmoid, nn.GELU, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid)
+def activation(m: nn.Module, x: Decomposed) -> Decomposed:
+    """The module's own forward on rel and on the total."""
+    return elementwise(m.forward, x)
+
+
+_ELEMENTWISE_FUNCTIONS = (
+    F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.celu, F.selu,
+    F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.softsign,
+    F.logsigmoid, F.tanh, torch.tanh, F.sigmoid, torch.sigmoid, F.threshold,
+)
+
+
+def _inplace_position(fn: Callable) -> int | None:
+    """How many arguments after the input come before `inplace` in `fn`'s signature, if it has one."""
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index("inplace") - 1 if "inplace" in params else None
+
+
+_INPLACE_POSITION = {fn: _inplace_position(fn) for fn in _ELEMENTWISE_FUNCTIONS}
+
+
+@register_rule(*_ELEMENTWISE_FUNCTIONS)
+def activation_function(fn: Callable, x: Decomposed, *args, **kwargs) -> Decomposed:
+    """Functional activations run out of place; `F.relu_` updates the decomposed value it was given."""
+    if fn in (F.relu_, torch.relu_):
+        x.rel_total = elementwise(torch.relu, x).rel_total
+        return x
+    kwargs.pop("inplace", None)
+    position = _INPLACE_POSITION[fn]
+    if position is not None:
+        args = args[:position]
+    return elementwise(lambda t: fn(t, *args, **kwargs), x)
+
+
+_ELEMENTWISE_METHODS = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+
+
+@register_rule(*_ELEMENTWISE_METHODS)
+def activation_method(name: str, x: Decomposed) -> Decomposed:
+    """`x.relu()` and the like."""
+    return elementwise(_ELEMENTWISE_METHODS[name], x)
+
+
+@register_rule("relu_", "sigmoid_", "tanh_")
+def activation_method_(name: str, x: Decomposed) -> Decomposed:
+    """`x.relu_()` and the like: updates the decomposed value it was given."""
+    x.rel_total = activation_method(name[:-1], x).rel_total
+    return x
+
+
+@register_rule(nn.PReLU)
+def prelu(m: nn.PReLU, x: Decomposed) -> Decomposed:
+    """PReLU (slope per channel on axis 1): elementwise, with the parts merged into the batch
+    axis so the channel axis stays where F.prelu expects it."""
+    t = x.rel_total
+    if x.ndim < 2:
+        return Decomposed(F.prelu(t, m.weight))
+    return Decomposed(F.prelu(t.flatten(0, 1), m.weight).unflatten(0, (2, t.shape[1])))
+
+
+@register_rule(torch.clamp, torch.clip, "clamp", "clip")
+def clamp(fn: Callable | str, x: Decomposed, *args, **kwargs) -> Decomposed:
+    """clamp/clip with constant bounds: elementwise."""
+    op = getattr(torch, fn) if isinstance(fn, str) else fn
+    return elementwise(lambda t: op(t, *args, **kwargs), x)

@@ -1,0 +1,81 @@
+"""Mixed precision on CPU, and the CUDA path (marked `cuda`: skipped without a GPU)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cdep_exp.app import run
+from cdep_exp.cd import decompose
+from cdep_exp.errors import ConfigError
+from cdep_exp.models import MNISTCNN
+from cdep_exp.penalties import CDEP
+from test_app import make_cfg, tiny
+
+
+@pytest.mark.parametrize("method", ["cdep", "rrr", "eg"])
+def test_bf16_training_runs_and_stays_finite(tmp_path: Path, fake_mnist_dir: Path, method: str) -> None:
+    run(make_cfg(tmp_path, tiny(fake_mnist_dir, f"method={method}", "trainer.precision=bf16")), tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    epoch = record["history"][0]
+    assert torch.isfinite(torch.tensor([epoch["task_loss"], epoch["penalty"], epoch["val_loss"]])).all()
+    assert record["config"]["trainer"]["precision"] == "bf16"
+
+
+def test_float16_without_cuda_says_what_to_use(tmp_path: Path, fake_mnist_dir: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="trainer.precision=bf16"):
+        run(make_cfg(tmp_path, tiny(fake_mnist_dir, "trainer.precision=16")), tmp_path / "run")
+    with pytest.raises(ConfigError, match="must be one of"):
+        run(make_cfg(tmp_path, tiny(fake_mnist_dir, "trainer.precision=8")), tmp_path / "run")
+
+
+@pytest.mark.cuda
+def test_decomposition_on_cuda_matches_cpu() -> None:
+    torch.manual_seed(0)
+    model = MNISTCNN(in_channels=1, num_classes=10).eval()
+    x, mask = torch.randn(8, 1, 28, 28), torch.zeros(1, 1, 28, 28)
+    mask[..., :5, :5] = 1
+    rel, irrel = decompose(model, x, mask)
+    rel_gpu, irrel_gpu = decompose(model.cuda(), x.cuda(), mask.cuda())
+    assert torch.allclose(rel_gpu.cpu(), rel, atol=1e-4) and torch.allclose(irrel_gpu.cpu(), irrel, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["32", "bf16", "16"])
+def test_cdep_trains_on_cuda_in_every_precision(tmp_path: Path, fake_mnist_dir: Path, precision: str) -> None:
+    overrides = tiny(fake_mnist_dir, "method=cdep", "device=cuda", f"trainer.precision={precision}")
+    run(make_cfg(tmp_path, overrides), tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["device"].startswith("cuda") and record["peak_memory_kind"].startswith("cuda")
+    assert torch.isfinite(torch.tensor(record["history"][0]["penalty"]))
+
+
+@pytest.mark.cuda
+def test_cdep_penalty_gradients_match_between_cpu_and_cuda() -> None:
+    torch.manual_seed(0)
+    model = MNISTCNN(in_channels=1, num_classes=10)
+    x, y = torch.randn(4, 1, 28, 28), torch.arange(4)
+    mask = torch.zeros(4, 1, 28, 28)
+    mask[..., :5, :5] = 1
+    grads = []
+    for device in ("cpu", "cuda"):
+        model.to(device).zero_grad()
+        _, value = CDEP()(model.eval(), x.to(device), y.to(device), mask.to(device))
+        value.backward()
+        grads.append(torch.cat([p.grad.flatten().cpu() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-6)
+
+
+def test_gpu_check_script_skips_cleanly_without_cuda(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the script would run the whole check")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr
+    assert "GPU check skipped" in (tmp_path / "gpu_check_summary.md").read_text()
