@@ -94,18 +94,22 @@ def spread(values: pd.Series | None, digits: int = 3) -> str:
 
 
 def interpretation(table: pd.DataFrame) -> str:
-    """One line saying what the primary shortcut numbers of each dataset mean."""
+    """One line per dataset saying what its primary shortcut numbers mean."""
     lines = []
     for dataset, rows in table.groupby("dataset", sort=False):
         column = next((c for c in rows.columns if c.startswith("Δp_y")), None)
         if column is None:
             continue
-        values = {m: float(v.split(" ")[0]) for m, v in zip(rows["method"], rows[column]) if isinstance(v, str) and v}
-        parts = ", ".join(f"{m} {v:.2f}" for m, v in values.items())
+        cf = column.removeprefix("Δp_y ")
+        first = lambda v: float(v.split(" ")[0]) if isinstance(v, str) and v else None  # noqa: E731
+        parts = ", ".join(
+            f"{m} {first(p):.2f} / {first(f):.0f} %"
+            for m, p, f in zip(rows["method"], rows[column], rows.get(f"flips % {cf}", rows[column]))
+            if first(p) is not None)
         lines.append(
-            f"{dataset}: changing only the annotated feature ({column.removeprefix('Δp_y ')}) moves the "
-            f"true-class probability by {parts} on average (0 = the model ignores the shortcut, 1 = it "
-            f"decides by it); lower is better, at the accuracy shown.")
+            f"{dataset}: editing only the annotated feature ({cf}) moves the true-class probability / flips "
+            f"the prediction by {parts} (0 = the model ignores the shortcut, 1 / 100 % = it decides by it); "
+            f"a model with near-uniform predictions also scores low on Δp, so read it with accuracy and flips.")
     return "\n".join(lines)
 
 
