@@ -22,9 +22,10 @@ from test_data_sst import write_trees
 ROOT = Path(__file__).resolve().parents[1]
 # Each dataset with the input shape and class count of its default model.
 DATASETS = {"decoymnist": ((1, 28, 28), 10), "colormnist": ((3, 28, 28), 10), "compas": ((17,), 2)}
-METHODS = {"vanilla": Vanilla, "cdep": CDEP, "rrr": RRR, "eg": ExpectedGradients}
+METHODS = {"vanilla": Vanilla, "cdep": CDEP, "cdep_original": CDEP, "rrr": RRR, "eg": ExpectedGradients}
 # λ of the pairs that differ from the method's default of 100 (conf/pair/).
-LAMBDAS = {"decoymnist": {}, "colormnist": {"cdep": 5000}, "compas": {"cdep": 1, "rrr": 1, "eg": 1}}
+LAMBDAS = {"decoymnist": {"cdep": 10}, "colormnist": {"cdep": 1, "cdep_original": 5000},
+           "compas": {"cdep": 1, "cdep_original": 1, "rrr": 1, "eg": 1}}
 
 
 def make_cfg(tmp_path: Path, overrides: list[str]) -> DictConfig:

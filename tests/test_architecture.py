@@ -35,8 +35,7 @@ ALLOWED = {
                     "evaluation", "training", "run_record", "run_identity", "config_schema"},
     "reporting": LOWER,
     # Shortcut tables (read records) and the interaction diagnosis (rebuilds a run, like train.py).
-    "shortcut_report": LOWER | {"reporting"},
-    "shortcut_diagnose": LOWER | {"app", "cd", "penalties", "shortcut_report"},
+    "shortcut_diagnosis": LOWER | {"app", "cd", "data", "models", "penalties", "reporting", "run_record"},
     **{part: set() for part in LOWER},
 }
 

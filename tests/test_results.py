@@ -49,7 +49,7 @@ def test_collect_flattens_metrics_history_and_sweep(tmp_path: Path) -> None:
 
 
 def test_archived_previous_runs_are_not_collected(tmp_path: Path) -> None:
-    path = write_run(tmp_path, "table3", "table3/cdep", "cdep", 1, 0, compas_metrics(1, 2))
+    path = write_run(tmp_path, "table3", "table3/cdep", "cdep_original", 1, 0, compas_metrics(1, 2))
     archived = path.parent / "previous" / "20260101-000000" / "metrics.json"
     archived.parent.mkdir(parents=True)
     archived.write_text(path.read_text())
@@ -106,7 +106,7 @@ def test_compas_table_reports_missing_runs_and_the_faithful_accuracy(tmp_path: P
         write_run(tmp_path, "table3", "table3/vanilla", "vanilla", 0, seed, compas_metrics(70, acc),
                   config={"dataset": {"hide_race": False}})
     for seed in range(3):
-        write_run(tmp_path, "table3", "table3/faithful_cdep", "cdep", 1, seed, compas_metrics(70, 10, zeroed=69.0),
+        write_run(tmp_path, "table3", "table3/faithful_cdep", "cdep_original", 1, seed, compas_metrics(70, 10, zeroed=69.0),
                   config={"dataset": {"hide_race": False}})
     table = tables.build("table3", "quick", tmp_path / OUTPUTS)
     cells = table.cells.set_index(["protocol", "row"])
@@ -121,9 +121,9 @@ def test_compas_table_reports_missing_runs_and_the_faithful_accuracy(tmp_path: P
 
 
 def test_newest_record_wins_when_a_run_was_recorded_twice(tmp_path: Path) -> None:
-    expected = pd.DataFrame([{"sweep": "table3/cdep", "method": "cdep", "lam": 1.0, "seed": 0}])
-    old = write_run(tmp_path, "table3", "table3/cdep", "cdep", 1, 0, compas_metrics(70, 60.0))
-    new = write_run(tmp_path, "table3", "table3/cdep", "cdep", 1, 0, compas_metrics(70, 65.0), config={"scale": "quick"})
+    expected = pd.DataFrame([{"sweep": "table3/cdep", "method": "cdep_original", "lam": 1.0, "seed": 0}])
+    old = write_run(tmp_path, "table3", "table3/cdep", "cdep_original", 1, 0, compas_metrics(70, 60.0))
+    new = write_run(tmp_path, "table3", "table3/cdep", "cdep_original", 1, 0, compas_metrics(70, 65.0), config={"scale": "quick"})
     os.utime(old, (1_000, 1_000))
     os.utime(new, (2_000, 2_000))
     found, missing = sweeps.match(expected, collect([old, new]))
@@ -132,7 +132,7 @@ def test_newest_record_wins_when_a_run_was_recorded_twice(tmp_path: Path) -> Non
 
 def sst_run(root: Path, variant: str, method: str, lam: float, seed: int, dev: list[float], val: float, test: float) -> None:
     history = [{"epoch": i, "val_loss": 0.5, "val_accuracy": acc} for i, acc in enumerate(dev)]
-    write_run(root, "table4", f"table4/{method}", method, lam, seed, {"val": {"accuracy": val}, "test": {"accuracy": test}},
+    write_run(root, "table4", f"table4/{method.removesuffix('_original')}", method, lam, seed, {"val": {"accuracy": val}, "test": {"accuracy": test}},
               config={"dataset": {"variant": variant}}, history=history, dataset=f"sst_{variant}")
 
 
@@ -140,8 +140,8 @@ def test_sst_faithful_protocol_takes_the_best_epochs_dev_accuracy(tmp_path: Path
     # λ 10: best dev epochs 70.9 and 72.2 (→ int: 70, 72); λ 500: 80.5 and 79.9 (→ 80, 79), but
     # λ 10 has the better dev accuracy of the restored model, so the protocols pick different λ.
     for seed, (dev10, dev500) in enumerate(((70.9, 80.5), (72.2, 79.9))):
-        sst_run(tmp_path, "decoy", "cdep", 10, seed, [50.0, dev10, 60.0], val=69.0, test=68.0)
-        sst_run(tmp_path, "decoy", "cdep", 500, seed, [dev500, 55.0], val=60.0, test=58.0)
+        sst_run(tmp_path, "decoy", "cdep_original", 10, seed, [50.0, dev10, 60.0], val=69.0, test=68.0)
+        sst_run(tmp_path, "decoy", "cdep_original", 500, seed, [dev500, 55.0], val=60.0, test=58.0)
     cells = tables.build("table4", "quick", tmp_path / OUTPUTS).cells.set_index(["protocol", "variant", "method"])
     faithful, corrected = cells.loc[("faithful", "Random words", "CDEP")], cells.loc[("corrected", "Random words", "CDEP")]
     assert faithful["lam"] == 500 and faithful["accuracy mean"] == 79.5
@@ -150,7 +150,7 @@ def test_sst_faithful_protocol_takes_the_best_epochs_dev_accuracy(tmp_path: Path
 
 
 def test_cost_table_gives_ratios_to_vanilla(tmp_path: Path) -> None:
-    for method, lam, seconds in (("vanilla", 0, 2.0), ("cdep", 100, 6.0)):
+    for method, lam, seconds in (("vanilla", 0, 2.0), ("cdep_original", 100, 6.0)):
         write_run(tmp_path, "tableS1", f"tableS1/{method}", method, lam, 0, {"val": {"accuracy": 90.0}},
                   seconds_per_epoch=seconds, dataset="decoymnist")
     cells = tables.build("tableS1", "quick", tmp_path / OUTPUTS).cells.set_index("method")
@@ -159,7 +159,7 @@ def test_cost_table_gives_ratios_to_vanilla(tmp_path: Path) -> None:
 
 
 def test_table_is_written_as_markdown_csv_and_latex(tmp_path: Path) -> None:
-    write_run(tmp_path, "table3", "table3/cdep", "cdep", 1, 0, compas_metrics(70, 68.0),
+    write_run(tmp_path, "table3", "table3/cdep", "cdep_original", 1, 0, compas_metrics(70, 68.0),
               config={"dataset": {"hide_race": False}})
     table = tables.build("table3", "quick", tmp_path / OUTPUTS)
     written = table.write(tmp_path / "results")

@@ -82,7 +82,7 @@ def test_app_refuses_a_counterfactual_in_another_order() -> None:
 def test_report_rows_split_cdep_by_form_and_pick_lambda_on_validation() -> None:
     import pandas as pd
 
-    from cdep_exp.shortcut_report import shortcut_table, variant
+    from cdep_exp.reporting.shortcut import shortcut_table, variant
 
     def run(method: str, form: str | None, lam: float, seed: int, val: float, change: float) -> dict:
         config = {"method": {"name": method, **({"penalty": {"form": form}} if form else {})}}
@@ -102,7 +102,7 @@ def test_report_rows_split_cdep_by_form_and_pick_lambda_on_validation() -> None:
 
 
 def test_diagnosis_of_a_linear_model_finds_no_interactions() -> None:
-    from cdep_exp.shortcut_diagnose import interaction_energies
+    from cdep_exp.shortcut_diagnosis import interaction_energies
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4, bias=False))

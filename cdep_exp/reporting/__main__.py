@@ -4,6 +4,7 @@
     python -m cdep_exp.reporting --table table2 --scale quick        # one paper table → results/quick/
     python -m cdep_exp.reporting --table all --scale paper           # every paper table
     python -m cdep_exp.reporting --figures --scale quick             # accuracy against λ → results/figures/
+    python -m cdep_exp.reporting --shortcut --glob 'outputs/demo/**/metrics.json'  # accuracy next to shortcut reliance
 """
 import argparse
 from pathlib import Path
@@ -18,6 +19,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metric", default="test/accuracy", help="column(s) to summarise, comma-separated")
     parser.add_argument("--table", action="append", help="paper table(s) to build (table1 … tableS1, or all)")
     parser.add_argument("--figures", action="store_true", help="plot accuracy against λ per method (Fig. S2)")
+    parser.add_argument("--shortcut", action="store_true",
+                        help="accuracy next to the shortcut metric (counterfactual Δp and flips) per method and form")
+    parser.add_argument("--select", help="with --shortcut: pick λ per method on this column, e.g. val/accuracy")
+    parser.add_argument("--all-counterfactuals", action="store_true", help="with --shortcut: every counterfactual")
     parser.add_argument("--scale", default="quick", choices=["quick", "paper"])
     parser.add_argument("--outputs", type=Path, default=Path("outputs/tables"), help="root of the table runs")
     parser.add_argument("--results", type=Path, default=Path("results"), help="where tables and figures are written")
@@ -43,6 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     paths = glob_records(args.glob)
     if not paths:
         raise SystemExit(f"No run records match {args.glob!r}; train something first (see README).")
+    if args.shortcut:
+        from cdep_exp.reporting.shortcut import print_shortcut_tables
+
+        print_shortcut_tables(paths, args.select, args.all_counterfactuals)
+        return
     runs = collect(paths)
     columns = [c for c in args.metric.split(",") if c in runs.columns]
     print(summarise(runs, columns).to_markdown(index=False))

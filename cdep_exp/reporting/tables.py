@@ -16,7 +16,10 @@ from cdep_exp.reporting.paper_numbers import paper_number
 from cdep_exp.reporting.records import aggregate, collect, find_records, format_mean_std
 from cdep_exp.reporting.selection import best_mean_validation
 
-METHODS = {"vanilla": "Vanilla", "cdep": "CDEP", "rrr": "RRR", "eg": "EG"}
+# The paper tables reproduce the original penalties: their CDEP is method=cdep_original.
+# Runs of the corrected CDEP (method=cdep) are labelled apart, never mixed into the paper's row.
+METHODS = {"vanilla": "Vanilla", "cdep_original": "CDEP", "rrr": "RRR", "eg": "EG"}
+LABELS = {**METHODS, "cdep": "CDEP (corrected)"}
 SST_VARIANTS = {"decoy": "Random words", "articles": "Articles", "gender": "Gender"}
 PROTOCOLS = ("faithful", "corrected")
 
@@ -57,7 +60,7 @@ def flag(runs: pd.DataFrame, key: str) -> pd.Series:
 
 
 def method_label(runs: pd.DataFrame) -> pd.Series:
-    return runs["method"].map(METHODS)
+    return runs["method"].map(LABELS)
 
 
 # Table 1: ISIC.

@@ -1,7 +1,7 @@
 """Accuracy next to shortcut reliance, per method and CDEP form: what `make run` prints.
 
-    python -m cdep_exp.shortcut_report --glob 'outputs/demo/**/metrics.json'
-    python -m cdep_exp.shortcut_report --glob 'outputs/sc/**/metrics.json' --select val/accuracy
+    python -m cdep_exp.reporting --shortcut --glob 'outputs/demo/**/metrics.json'
+    python -m cdep_exp.reporting --shortcut --glob 'outputs/sc/**/metrics.json' --select val/accuracy
 
 Shortcut reliance (`cdep_exp.shortcut`) is the counterfactual sensitivity of the prediction:
 the mean absolute change of the true-class probability, |p_y(x) − p_y(x')|, when only the
@@ -9,7 +9,6 @@ annotated features of a test sample x are changed (x'), and the prediction flip 
 dataset has one primary counterfactual (`PRIMARY`); `--all-counterfactuals` lists every one.
 Rows are methods, CDEP split by penalty form ("original": the paper's softmax/text forms).
 """
-import argparse
 from pathlib import Path
 
 import pandas as pd
@@ -39,7 +38,7 @@ def variant(config: dict) -> str:
     """Row label of a run: the method, for CDEP with its form (and interaction gap)."""
     method = config.get("method", {})
     name = method.get("name", "?")
-    if name != "cdep":
+    if name not in ("cdep", "cdep_original"):
         return name
     penalty = method.get("penalty", {})
     form = penalty.get("form", "?")
@@ -113,21 +112,10 @@ def interpretation(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--glob", default="outputs/demo/**/metrics.json", help="run records to read")
-    parser.add_argument("--select", help="pick λ per method on this column, e.g. val/accuracy (default: list all λ)")
-    parser.add_argument("--all-counterfactuals", action="store_true", help="every counterfactual, not the primary")
-    args = parser.parse_args()
-    paths = find_records(Path(), args.glob)
-    if not paths:
-        raise SystemExit(f"No run records match {args.glob!r}; train something first (see README).")
-    table = shortcut_table(collect(paths), args.select, args.all_counterfactuals)
+def print_shortcut_tables(paths: list[Path], select: str | None = None, every: bool = False) -> None:
+    """Print one table per dataset (accuracy next to the shortcut metric) and its interpretation."""
+    table = shortcut_table(collect(paths), select, every)
     for _, rows in table.groupby("dataset", sort=False):
         rows = rows.dropna(axis=1, how="all")
         print(rows.to_markdown(index=False))
         print(interpretation(rows), end="\n\n")
-
-
-if __name__ == "__main__":
-    main()

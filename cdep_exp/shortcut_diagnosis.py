@@ -1,7 +1,7 @@
 """Where a trained model keeps the annotated features' effect: in CD's rel, or in the interactions
 CD books under irrel, through which a CDEP-trained model can bypass the penalty.
 
-    python -m cdep_exp.shortcut_diagnose outputs/sc/isic_synthetic/cdep/lam=1/seed=0/<tag> [...]
+    python -m cdep_exp.shortcut_diagnosis outputs/sc/isic_synthetic/cdep/lam=1/seed=0/<tag> [...]
 
 For the annotated samples of a split (default: each dataset's primary counterfactual's samples,
 else "test") and x' = x without the annotated features (`cdep_exp.penalties.cdep.without_annotated`),
@@ -22,14 +22,14 @@ import json
 from pathlib import Path
 
 import torch
-from hydra._internal.utils import _locate
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from cdep_exp.app import DATASET_META_KEYS, build_model, build_splits
 from cdep_exp.cd import decompose
 from cdep_exp.penalties.cdep import annotated_samples, centred, eval_mode, without_annotated
-from cdep_exp.shortcut_report import primary_counterfactual
+from cdep_exp.reporting.shortcut import primary_counterfactual
 
 
 @torch.no_grad()
@@ -60,7 +60,7 @@ def interaction_energies(model: torch.nn.Module, loader: DataLoader, relevant: b
 
 def current_dataset_keys(dataset: DictConfig) -> DictConfig:
     """The dataset config without keys its builder no longer takes (records of older code)."""
-    accepted = set(inspect.signature(_locate(dataset._target_)).parameters)
+    accepted = set(inspect.signature(get_object(dataset._target_)).parameters)
     return OmegaConf.create({k: v for k, v in dataset.items()
                              if k in accepted or k in DATASET_META_KEYS or k.startswith("_")})
 
