@@ -175,4 +175,4 @@ def test_command_line_multirun_sweeps_methods(tmp_path: Path, fake_mnist_dir: Pa
            f"paths.output_dir={tmp_path}", *tiny(fake_mnist_dir)]
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, timeout=300)
     found = sorted(p.relative_to(tmp_path).parts[:4] for p in tmp_path.glob("**/metrics.json"))
-    assert found == [("decoymnist", "cdep", "lam=100", "seed=0"), ("decoymnist", "vanilla", "lam=0", "seed=0")]
+    assert found == [("decoymnist", "cdep", "lam=10", "seed=0"), ("decoymnist", "vanilla", "lam=0", "seed=0")]
