@@ -326,7 +326,7 @@ def test_unknown_variant_is_rejected(data_dir: Path) -> None:
 def test_sst_config_sets_the_recipe_and_builds(data_dir: Path, tmp_path: Path) -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
-            "dataset=sst", "method=cdep", f"paths.data_dir={data_dir}", "dataset.variant=gender"])
+            "dataset=sst", "method=cdep_original", f"paths.data_dir={data_dir}", "dataset.variant=gender"])
     assert cfg.model._target_ == "cdep_exp.models.LSTMClassifier"
     assert (cfg.trainer.batch_size, cfg.trainer.max_epochs, cfg.trainer.patience) == (64, 100, 3)
     assert cfg.method.lam == 500 and cfg.method.penalty.form == "text" and cfg.dataset.name == "sst_gender"
