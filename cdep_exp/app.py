@@ -34,7 +34,8 @@ from cdep_exp.penalties.base import Penalty
 from cdep_exp.provenance import device_name, git_revision, peak_memory_gib, reset_peak_memory, resolve_device
 from cdep_exp.run_identity import config_hash, config_identity, differences, register_resolvers
 from cdep_exp.run_record import (
-    archive_previous, has_outputs, read_identity, read_record, write_identity, write_record,
+    archive_previous, has_outputs, map_strings, read_identity, read_record, relative_to_data, write_identity,
+    write_record,
 )
 from cdep_exp.training import Precision, TrainerSettings, fit
 
@@ -68,8 +69,7 @@ def validate(cfg: DictConfig) -> float:
 
 def check_splits(splits: Splits, builder: str) -> None:
     """Every split must hold samples: an empty one fails here, before the first step."""
-    parts = {"train": splits.train, "val": splits.val, **splits.tests,
-             **{f"counterfactual {n}": cf.dataset for n, cf in splits.counterfactuals.items()}}
+    parts = splits.named_datasets()
     empty = [name for name, dataset in parts.items() if len(dataset) == 0]
     if empty:
         raise ConfigError(f"{builder} returned an empty {empty[0]} split; check the data files and the "
@@ -218,28 +218,12 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-def relative_to_data(text: str, data_dir: str) -> str:
-    """`text` with the data root's path (as given and absolute) written as <data_dir>, so
-    records and tables do not name the machine that made them."""
-    for root in sorted({str(Path(data_dir).resolve()), str(data_dir)}, key=len, reverse=True):
-        if root not in (".", ""):
-            text = text.replace(root, "<data_dir>")
-    return text
-
-
 def recorded_config(cfg: DictConfig) -> dict:
-    """The resolved config as metrics.json keeps it, data paths relative to the data root."""
+    """The resolved config as metrics.json keeps it, data paths relative to the data root
+    (`run_record.with_data_root` restores them); the `paths` block itself stays as given."""
     config = OmegaConf.to_container(cfg, resolve=True)
-
-    def relative(node):
-        if isinstance(node, dict):
-            return {k: relative(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [relative(v) for v in node]
-        return relative_to_data(node, cfg.paths.data_dir) if isinstance(node, str) else node  # see with_data_root
-
     paths = config.pop("paths", None)
-    return {**relative(config), "paths": paths}
+    return {**map_strings(config, lambda text: relative_to_data(text, cfg.paths.data_dir)), "paths": paths}
 
 
 def check_identity(run_dir: Path, identity: dict) -> None:

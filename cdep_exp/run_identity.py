@@ -9,10 +9,11 @@ a run compares both and refuses on a mismatch.
 """
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from cdep_exp.run_record import DATA_ROOT, data_roots
 
 # Top-level keys, and dotted keys, that never change a run's numbers.
 NOT_IDENTITY = (
@@ -26,7 +27,7 @@ def normalise(value: Any, roots: tuple[str, ...] = ()) -> Any:
     lists, and the data root's path (each of `roots`) in a string written as <data_dir>."""
     if isinstance(value, str):
         for root in roots:
-            value = value.replace(root, "<data_dir>")
+            value = value.replace(root, DATA_ROOT)
         return value
     if isinstance(value, bool) or value is None:
         return value
@@ -39,30 +40,26 @@ def normalise(value: Any, roots: tuple[str, ...] = ()) -> Any:
     return str(value)
 
 
-def data_roots(cfg: DictConfig) -> tuple[str, ...]:
-    """The data root as configured and as an absolute path, longest first (for replacing)."""
-    paths = cfg.get("paths")
-    data_dir = OmegaConf.select(cfg, "paths.data_dir", default=None) if paths is not None else None
-    if not data_dir:
-        return ()
-    roots = {str(data_dir), str(Path(data_dir).resolve())} - {"", "."}
-    return tuple(sorted(roots, key=len, reverse=True))
+def identity_of(config: dict[str, Any], roots: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A plain config (nested dicts), normalised (`roots`: see normalise), without the keys in
+    NOT_IDENTITY. The caller's dicts are left as they are: normalise builds new ones."""
+    out = normalise({key: value for key, value in config.items() if key not in NOT_IDENTITY}, roots)
+    for dotted in (key for key in NOT_IDENTITY if "." in key):
+        *parents, leaf = dotted.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
 
 
 def config_identity(cfg: DictConfig) -> dict[str, Any]:
     """The normalised, resolved config without the keys in NOT_IDENTITY; where the data lives
     is left out too (the data fingerprint covers what was loaded)."""
-    top = {key for key in NOT_IDENTITY if "." not in key}
     out = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
-           for key in cfg if key not in top}
-    for dotted in (key for key in NOT_IDENTITY if "." in key):
-        node = out
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.get(part, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(leaf, None)
-    return normalise(out, data_roots(cfg))
+           for key in cfg if key not in NOT_IDENTITY}
+    return identity_of(out, data_roots(OmegaConf.select(cfg, "paths.data_dir", default=None)))
 
 
 def config_hash(cfg: DictConfig) -> str:

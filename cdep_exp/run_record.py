@@ -3,6 +3,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,19 +52,36 @@ def has_outputs(run_dir: Path) -> bool:
 DATA_ROOT = "<data_dir>"
 
 
+def map_strings(node: Any, fn: Callable[[str], str]) -> Any:
+    """A copy of a nested dict/list structure with `fn` applied to every string in it."""
+    if isinstance(node, dict):
+        return {k: map_strings(v, fn) for k, v in node.items()}
+    if isinstance(node, list):
+        return [map_strings(v, fn) for v in node]
+    return fn(node) if isinstance(node, str) else node
+
+
+def data_roots(data_dir: str | None) -> tuple[str, ...]:
+    """The data root as configured and as an absolute path, longest first (for replacing)."""
+    if not data_dir:
+        return ()
+    roots = {str(data_dir), str(Path(data_dir).resolve())} - {"", "."}
+    return tuple(sorted(roots, key=len, reverse=True))
+
+
+def relative_to_data(text: str, data_dir: str | None) -> str:
+    """`text` with the data root's path (as given and absolute) written as <data_dir>, so
+    records and tables do not name the machine that made them."""
+    for root in data_roots(data_dir):
+        text = text.replace(root, DATA_ROOT)
+    return text
+
+
 def with_data_root(config: dict[str, Any], data_dir: str | None = None) -> dict[str, Any]:
     """A recorded config with `<data_dir>` replaced by a real data root (`data_dir`, else the
     record's own `paths.data_dir`), so scripts can rebuild a run's data from its record."""
     root = str(data_dir or config.get("paths", {}).get("data_dir", "data"))
-
-    def restore(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: restore(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [restore(v) for v in node]
-        return node.replace(DATA_ROOT, root) if isinstance(node, str) else node
-
-    return restore(config)
+    return map_strings(config, lambda text: text.replace(DATA_ROOT, root))
 
 
 def read_identity(run_dir: Path) -> dict[str, Any] | None:

@@ -54,5 +54,10 @@ class Splits:
     batch_sampler: Callable[[int, torch.Generator], Sampler[list[int]]] | None = None
     counterfactuals: dict[str, Counterfactual] = field(default_factory=dict)
 
+    def named_datasets(self) -> dict[str, Dataset]:
+        """Every dataset of the experiment by name: train, val, the tests, cf_<name> counterfactuals."""
+        return {"train": self.train, "val": self.val, **self.tests,
+                **{f"cf_{name}": cf.dataset for name, cf in self.counterfactuals.items()}}
+
 
 ANNOTATIONS = ("mask", "weights", "relevant")

@@ -45,6 +45,5 @@ def splits_fingerprint(splits: Splits) -> dict[str, Any]:
     Two loads of the same files give the same fingerprint; another data root, another file at
     the same path, or other builder settings give another.
     """
-    parts = {"train": splits.train, "val": splits.val, **splits.tests,
-             **{f"cf_{name}": cf.dataset for name, cf in splits.counterfactuals.items()}}
-    return {name: {"samples": len(ds), "sha256": dataset_fingerprint(ds)[:16]} for name, ds in parts.items()}
+    return {name: {"samples": len(ds), "sha256": dataset_fingerprint(ds)[:16]}
+            for name, ds in splits.named_datasets().items()}

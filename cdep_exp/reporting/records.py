@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from cdep_exp.reporting.selection import max_over_epochs
+from cdep_exp.run_identity import identity_of
 
 # A run is identified by these plus its seed; `settings` is the hash of its normalised config
 # without the seed (cdep_exp.run_identity; the run directory's last component), and
@@ -34,22 +35,12 @@ def flatten_record(record: dict, path: Path) -> dict:
     return row
 
 
-# Config keys that differ between seeds of one setting or never change its numbers.
-SETTINGS_IGNORED = ("seed", "paths", "device", "hydra", "sweep", "grid", "scale", "table")
-
-
 def settings_key(config: dict) -> str:
-    """A short hash of a run's recorded config without the seed and bookkeeping keys: the runs
-    of one setting (all its seeds) share it, whatever spelling their overrides used."""
-    def normal(v):
-        if isinstance(v, dict):
-            return {k: normal(x) for k, x in sorted(v.items()) if k not in ("force", "resume", "progress", "num_workers")}
-        if isinstance(v, list):
-            return [normal(x) for x in v]
-        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
-
-    kept = {k: normal(v) for k, v in config.items() if k not in SETTINGS_IGNORED}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    """A short hash of a run's recorded config without the seed and what cannot change its
+    numbers (run_identity.NOT_IDENTITY): the runs of one setting (all its seeds) share it,
+    whatever spelling their overrides used."""
+    kept = identity_of({k: v for k, v in config.items() if k != "seed"})
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def collect(paths: Iterable[Path]) -> pd.DataFrame:

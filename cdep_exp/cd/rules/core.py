@@ -185,16 +185,8 @@ def importable_name(key: Any) -> tuple[str | None, str]:
         candidates += [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
     # torch functions often live in C modules (torch._C._nn); their public homes come first.
     candidates = ["torch", "torch.nn", "torch.nn.functional", "operator", *candidates]
-    for path in candidates:
-        if any(p.startswith("_") for p in path.split(".")):
-            continue
-        try:
-            mod = importlib.import_module(path)
-        except ImportError:
-            continue
-        if getattr(mod, name, None) is key:
-            return f"import {path}", f"{path}.{name}"
-    for path in candidates:  # a private module, as a last resort (still resolves)
+    # Public modules first; a private one only as a last resort (it still resolves). The sort is stable.
+    for path in sorted(candidates, key=lambda path: any(p.startswith("_") for p in path.split("."))):
         try:
             mod = importlib.import_module(path)
         except ImportError:
