@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 import cdep_exp.cd  # noqa: F401  (registers every rule)
-from cdep_exp.cd import decompose
+from cdep_exp.cd import Decomposed, decompose, decompose_many, register_rule, unregister_rule
 from cdep_exp.cd.rules import registered_keys
 
 # Small models run faster on one thread than on two contended ones (conftest.one_thread).
@@ -300,3 +300,70 @@ def test_rule_is_complete_in_train_mode(name: str) -> None:
     model, x, mask = setup(name)
     total, logits = run(model.train(), x, mask)
     assert relative(total, logits) < 1e-5
+
+
+def _functional_and_grads(model: nn.Module, rel: torch.Tensor, irrel: torch.Tensor, weights: tuple) -> list:
+    """A fixed linear functional of (rel, irrel), and its gradients with respect to the parameters."""
+    value = (weights[0] * rel).sum() + (weights[1] * irrel).sum()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = (torch.autograd.grad(value, params, allow_unused=True, retain_graph=True) if value.requires_grad
+             else [None] * len(params))
+    return [value, *grads]
+
+
+@pytest.mark.parametrize("name, train", [(n, False) for n in CASES] + [(n, True) for n, c in CASES.items() if c.train])
+def test_many_masks_match_one_mask_at_a_time(name: str, train: bool) -> None:
+    """decompose_many carries k relevant streams next to one total: each stream must give what
+    decompose gives for its mask alone, including an empty and a full mask, which take the bias
+    split's tie-break; and the parameter gradients of a functional summed over the streams
+    must be the sum of the single-mask ones."""
+    model, x, mask = setup(name)
+    model.train(train)
+    masks = torch.stack((mask, torch.zeros_like(mask), torch.ones_like(mask), 1 - mask))
+    torch.manual_seed(3)
+    rel, irrel = decompose_many(model, x, masks)
+    assert rel.shape == irrel.shape == (len(masks), *model(x).shape)
+    gen = torch.Generator().manual_seed(4)
+    weights = (torch.randn(rel.shape, generator=gen), torch.randn(rel.shape, generator=gen))
+    together = _functional_and_grads(model, rel, irrel, weights)
+    alone = None
+    for j, m in enumerate(masks):
+        torch.manual_seed(3)
+        one_rel, one_irrel = decompose(model, x, m)
+        torch.testing.assert_close(rel[j], one_rel, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(irrel[j], one_irrel, rtol=1e-5, atol=1e-6)
+        this = _functional_and_grads(model, one_rel, one_irrel, (weights[0][j], weights[1][j]))
+        alone = this if alone is None else [b if a is None else a if b is None else a + b for a, b in zip(alone, this)]
+    # "copies" casts to float16 and back: the gradient summed over the streams is rounded to
+    # float16 once, the single-mask ones each on their own.
+    rtol, atol = (1e-2, 1e-3) if name == "copies" else (1e-4, 1e-5)
+    for a, b in zip(together, alone):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, equal_nan=True)
+
+
+def test_a_user_rule_without_the_stream_mark_runs_once_per_stream() -> None:
+    """An unmarked rule only ever sees one relevant part (rel has the value's shape)."""
+    class Scale(nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return 2 * t
+
+    seen = []
+
+    @register_rule(Scale)
+    def scale(m: Scale, x: Decomposed) -> Decomposed:
+        seen.append(x.rel.shape)
+        return Decomposed.of(2 * x.rel, 2 * x.irrel)
+
+    try:
+        model = nn.Sequential(nn.Linear(3, 4), Scale(), nn.Linear(4, 2))
+        x, masks = torch.randn(5, 3), torch.eye(3)
+        rel, irrel = decompose_many(model, x, masks)
+        assert seen == [torch.Size([5, 4])] * 3
+        for j in range(3):
+            one_rel, one_irrel = decompose(model, x, masks[j])
+            torch.testing.assert_close(rel[j], one_rel)
+            torch.testing.assert_close(irrel[j], one_irrel)
+    finally:
+        unregister_rule(Scale)

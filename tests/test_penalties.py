@@ -135,25 +135,29 @@ def test_cdep_text_form_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_cdep_mask_samples_draw_only_weighted_positions(monkeypatch: pytest.MonkeyPatch) -> None:
     model, x, y, _ = cnn_case(batch=4)
+    model.eval()
     weights = torch.zeros(4, 1, 28, 28)
     weights[:, 0, 3, 5] = 1.0
     weights[:2, 0, 20, 11] = 3.0
     seen = []
-    real = cdep_module.decompose
+    real = cdep_module.decompose_many
 
-    def recording(model, x, mask):
-        seen.append(mask)
-        return real(model, x, mask)
-    monkeypatch.setattr(cdep_module, "decompose", recording)
+    def recording(model, x, masks):
+        seen.append(masks)
+        return real(model, x, masks)
+    monkeypatch.setattr(cdep_module, "decompose_many", recording)
     torch.manual_seed(1)
     k = 40
-    CDEP(mask_samples=k)(model, x, y, weights)
+    logits, value = CDEP(mask_samples=k)(model, x, y, weights)
     (masks,) = seen
-    assert masks.shape[0] == k * 4
+    assert masks.shape == (k, 1, 1, 28, 28)  # one mask per draw, shared by the batch
     assert (masks.flatten(1).sum(1) == 1).all()  # one-hot, over all positions
-    drawn = {tuple(i[2:].tolist()) for i in masks.nonzero()}
+    drawn = {tuple(i[3:].tolist()) for i in masks.nonzero()}
     assert drawn == {(3, 5), (20, 11)}
-    torch.testing.assert_close(masks.view(k, 4, -1), masks.view(k, 4, -1)[:, :1].expand(k, 4, -1))
+    # The k streams of one pass give what k single-mask penalties give.
+    expected = sum(CDEP()(model, x, y, m)[1] for m in masks)
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits, model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_cdep_mask_samples_sums_over_masks() -> None:

@@ -109,6 +109,51 @@ def _step(fn: Callable, plain: Callable, load: Callable[[Env], tuple[list, dict]
     return step
 
 
+def _streams_of(values: Any) -> int:
+    """The most relevant streams among the Decomposed values in `values` (nested), 1 if none."""
+    if isinstance(values, Decomposed):
+        return values.streams
+    if isinstance(values, (list, tuple)):
+        return max((_streams_of(v) for v in values), default=1)
+    if isinstance(values, dict):
+        return max((_streams_of(v) for v in values.values()), default=1)
+    return 1
+
+
+def _select_stream(values: Any, j: int) -> Any:
+    """`values` with every Decomposed cut down to (rel_j, total)."""
+    if isinstance(values, Decomposed):
+        return Decomposed(values.rel_total[[j, -1]])
+    if isinstance(values, (list, tuple)) and not isinstance(values, torch.Size):
+        return type(values)(_select_stream(v, j) for v in values)
+    if isinstance(values, dict):
+        return {k: _select_stream(v, j) for k, v in values.items()}
+    return values
+
+
+def _merge_streams(results: list) -> Any:
+    """One result from per-stream results: each stream's rel, the first call's total (the
+    total does not depend on the stream) and plain values."""
+    first = results[0]
+    if isinstance(first, Decomposed):
+        return Decomposed(torch.cat([*(r.rel_total[:1] for r in results), first.rel_total[1:]]))
+    if isinstance(first, (list, tuple)) and not isinstance(first, torch.Size):
+        return type(first)(_merge_streams(list(parts)) for parts in zip(*results))
+    return first
+
+
+def _per_stream(fn: Callable) -> Callable:
+    """Run a rule that reads one relevant part once per stream (see `multi_stream`)."""
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        streams = _streams_of((args, kwargs))
+        if streams == 1:
+            return fn(*args, **kwargs)
+        return _merge_streams([fn(*_select_stream(args, j), **_select_stream(kwargs, j)) for j in range(streams)])
+
+    return run
+
+
 def _call_method(name: str) -> Callable:
     return lambda obj, *args, **kwargs: getattr(obj, name)(*args, **kwargs)
 
@@ -289,7 +334,7 @@ class _Plan:
                 on_path = any(n in decomposed for n in node.all_input_nodes)
                 plain = self._plain(node, model)
                 fn = self._callable(node, model, on_path, plain)
-                if on_path and getattr(getattr(fn, "func", None), "returns_plain", False):
+                if on_path and getattr(getattr(inspect.unwrap(fn), "func", None), "returns_plain", False):
                     held_fixed.add(node)
                 elif on_path and not _plain_result(node):
                     decomposed.add(node)
@@ -314,7 +359,8 @@ class _Plan:
         rule = module_rule(type(target)) if node.op == "call_module" else lookup(target)
         if rule is None:
             raise _no_rule(node, model)
-        return functools.partial(rule, target)
+        bound = functools.partial(rule, target)
+        return bound if getattr(rule, "multi_stream", False) else _per_stream(bound)
 
     def _fill(self, model: nn.Module, env: Env, extras: tuple) -> None:
         if len(extras) != len(self.extra_inputs):
@@ -367,7 +413,7 @@ class _Plan:
 def _totals(v: Any) -> Any:
     """The plain-value counterpart of a rule's result, detached (a snapshot for the check)."""
     if isinstance(v, Decomposed):
-        return v.rel_total[1].detach().clone()
+        return v.rel_total[-1].detach().clone()
     return _snapshot(v)
 
 
@@ -463,6 +509,14 @@ def propagate(model: nn.Module, x: Decomposed, *extras: Any) -> Decomposed:
     return _plan(model).run(model, x.rel_total, extras)
 
 
+def _initial_many(x: Tensor, masks: Tensor) -> Tensor:
+    """(k + 1, *x.shape): mask_j·x for each of the k masks, then x itself."""
+    masks = torch.as_tensor(masks, device=x.device)
+    if masks.ndim < 1 or len(masks) == 0:
+        raise ValueError(f"masks must stack k >= 1 masks on a leading axis, got shape {tuple(masks.shape)}")
+    return torch.cat((x * torch.stack([_broadcast_mask(x, m) for m in masks]), x.unsqueeze(0)))
+
+
 def _initial(x: Tensor, mask: Tensor | None, rel: Tensor | None) -> Tensor:
     if (mask is None) == (rel is None):
         raise TypeError("decompose needs exactly one of mask= (features to credit) or rel= (their part of x)")
@@ -509,3 +563,23 @@ def decompose(
         return whole(model, x, mask)
     out = _plan(model).run(model, _initial(x, mask, rel)).rel_total
     return out[0], out[1] - out[0]
+
+
+def decompose_many(model: nn.Module, x: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """`decompose` for k masks at once: rel and irrel of shape (k, *model(x).shape).
+
+    `masks` (k, ...) stacks k masks, each broadcastable to x as in `decompose`. The total
+    (rel + irrel, the plain forward) is the same for every mask, so it is carried once next to
+    the k relevant parts: k + 1 streams through the network instead of the 2k that decomposing
+    the batch repeated k times takes, with the same values (each stream's bias split, tie-break
+    included, reads its own rel and the shared total). Train-mode dropout draws one mask for
+    all streams and batch norm updates its statistics once. A whole-model rule
+    (`register_model_rule`) is called once per mask. Raises as `decompose` does.
+    """
+    whole = model_rule(type(model))
+    if whole is not None:
+        parts = [whole(model, x, m) for m in torch.as_tensor(masks, device=x.device)]
+        return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    out = _plan(model).run(model, _initial_many(x, masks)).rel_total
+    return out[:-1], out[-1] - out[:-1]
+

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdep_exp.cd import decompose
+from cdep_exp.cd import decompose, decompose_many
 from cdep_exp.penalties.base import Penalty
 
 # softmax, text: the original's forms (faithful protocol). centred, normalised: sign-free and
@@ -142,7 +142,8 @@ class CDEP(Penalty):
       positions (averaged over the batch; give it one channel to mask all channels of a pixel).
       k positions are drawn with replacement (torch RNG); the penalty is the sum over the k
       one-hot masks of the form's batch mean (softmax, centred or normalised), computed in one
-      decomposition of the batch repeated k times. The logits come from the first copy.
+      pass that carries the k relevant parts next to one total (`decompose_many`: k + 1
+      streams, not 2k). The logits are the total.
     * `gap=w` (centred/normalised only; research option): adds w·Σ_c c(irrel − f(x'))², where
       x' is x without the annotated features (one more forward): the interactions of the
       annotated features that CD books under irrel, through which a model can otherwise keep
@@ -257,12 +258,11 @@ class CDEP(Penalty):
             weights = weights.mean(0)
         positions = torch.multinomial(weights.flatten(), k, replacement=True)
         masks = F.one_hot(positions, weights.numel()).to(x.dtype).view(k, 1, *weights.shape)
-        # Copy j of the batch gets mask j: (k·B, ...) inputs, (k, 1, ...) masks.
-        repeated = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)
-        masks = masks.expand(k, batch, *weights.shape).flatten(0, 1)
-        rel, irrel = decompose(model, repeated, masks)
-        per_sample = penalty_form(self.form, rel, irrel, y.repeat(k))
+        rel, irrel = decompose_many(model, x, masks)  # (k, B, C) each: k relevant streams, one total
+        per_sample = penalty_form(self.form, rel.flatten(0, 1), irrel.flatten(0, 1), y.repeat(k))
         if self.gap:
-            per_sample = per_sample + self.gap * self._gap(model, repeated * (1 - masks), rel, irrel)
+            # x without mask j for copy j of the batch: k plain forwards, one per mask.
+            without = (x.unsqueeze(0) * (1 - masks)).flatten(0, 1)
+            per_sample = per_sample + self.gap * self._gap(model, without, rel.flatten(0, 1), irrel.flatten(0, 1))
         value = per_sample.view(k, -1).mean(1).sum()
-        return (rel + irrel)[:batch], value
+        return rel[0] + irrel[0], value

@@ -32,6 +32,7 @@ from cdep_exp.cd.rules.core import (
     lookup,
     model_rule,
     module_rule,
+    multi_stream,
     plain_result,
     register_model_rule,
     register_rule,
@@ -65,9 +66,14 @@ from cdep_exp.cd.rules import (  # noqa: F401  (each module registers its family
     shape,
 )
 
+# Every built-in rule keeps the stream axis in front (`Decomposed.streams`), so several masks
+# decompose in one pass; a user's rule is run once per stream unless it says the same.
+for _key in registered_keys():
+    multi_stream(lookup(_key))
+
 __all__ = [
     "EPS", "PLAIN_ATTRS", "PLAIN_METHODS", "Decomposed", "Rule", "RuleOverrideWarning", "UnsupportedOperationError",
     "add_bias", "channel_view", "constant_share", "elementwise", "eps_for", "importable_name", "linear_with_bias",
-    "lookup", "model_rule", "module_rule", "per_part", "plain_result", "register_model_rule", "register_rule", "registered_keys",
+    "lookup", "model_rule", "module_rule", "multi_stream", "per_part", "plain_result", "register_model_rule", "register_rule", "registered_keys",
     "registry_version", "shift_dim", "split_bias", "total_of", "unregister_rule", "unsupported",
 ]

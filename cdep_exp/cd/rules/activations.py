@@ -101,7 +101,7 @@ def prelu(m: nn.PReLU, x: Decomposed) -> Decomposed:
     t = x.rel_total
     if x.ndim < 2:
         return Decomposed(F.prelu(t, m.weight))
-    return Decomposed(F.prelu(t.flatten(0, 1), m.weight).unflatten(0, (2, t.shape[1])))
+    return Decomposed(F.prelu(t.flatten(0, 1), m.weight).unflatten(0, t.shape[:2]))
 
 
 @register_rule(torch.clamp, torch.clip, "clamp", "clip")

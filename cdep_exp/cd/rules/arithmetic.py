@@ -28,7 +28,7 @@ from cdep_exp.cd.rules.core import Decomposed, register_rule
 def _aligned(x: Decomposed, ndim: int) -> Tensor:
     """The stacked tensor with singleton part axes added in front, to broadcast against rank `ndim`."""
     t = x.rel_total
-    return t.view(2, *([1] * (ndim - x.ndim)), *t.shape[1:]) if ndim > x.ndim else t
+    return t.view(len(t), *([1] * (ndim - x.ndim)), *t.shape[1:]) if ndim > x.ndim else t
 
 
 def _rank(v: Any) -> int:
@@ -43,7 +43,7 @@ def _add(a: Any, b: Any) -> Decomposed:
     x, c = (a, b) if isinstance(a, Decomposed) else (b, a)
     t = _aligned(x, _rank(c))
     if isinstance(c, Tensor) and c.ndim > 0:
-        t = t.expand(2, *torch.broadcast_shapes(t.shape[1:], c.shape))
+        t = t.expand(len(t), *torch.broadcast_shapes(t.shape[1:], c.shape))
     return add_bias(Decomposed(t), c)
 
 

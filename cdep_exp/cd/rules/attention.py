@@ -139,8 +139,8 @@ def multihead_attention(m: nn.MultiheadAttention, query, key, value, key_padding
         mask = padding if mask is None else mask + padding
     probs = _probabilities(scores, mask, m.dropout if m.training else 0.0)
     vh = linear_with_bias(lambda t: F.linear(t, w_v), Decomposed(v), b_v).rel_total
-    vh = vh.view(2, S, B, H, d).permute(0, 2, 3, 1, 4)  # (2, B, H, S, d)
-    out = (probs @ vh).permute(0, 3, 1, 2, 4).reshape(2, L, B, E)  # sequence-first again
+    vh = vh.view(len(vh), S, B, H, d).permute(0, 2, 3, 1, 4)  # (streams + 1, B, H, S, d)
+    out = (probs @ vh).permute(0, 3, 1, 2, 4).reshape(len(vh), L, B, E)  # sequence-first again
     out = linear_with_bias(lambda t: F.linear(t, m.out_proj.weight), Decomposed(out), m.out_proj.bias).rel_total
     if batched and m.batch_first:
         out = out.transpose(1, 2)

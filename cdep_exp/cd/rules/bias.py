@@ -43,20 +43,29 @@ def add_bias(x: Decomposed, bias: Tensor | float) -> Decomposed:
 
 
 def _fallback_share(rel_sum: Tensor, mag_sum: Tensor, eps: float = EPS) -> Tensor:
-    """Per sample, rel's share of the layer's |rel| + |irrel| (the batch's where that is 0)."""
-    batch_share = rel_sum.sum() / (mag_sum.sum() + eps)
+    """Per stream and sample (S, n), rel's share of the layer's |rel| + |irrel| (the stream's
+    whole batch where a sample has none)."""
+    batch_share = rel_sum.sum(-1, keepdim=True) / (mag_sum.sum(-1, keepdim=True) + eps)
     return torch.where(mag_sum == 0, batch_share, rel_sum / (mag_sum + eps))
 
 
 def _per_sample(t: Tensor) -> Tensor:
-    """Sums over all but the batch axis (each element is its own sample in an unbatched value)."""
-    if t.dtype in _LOW_PRECISION:
-        return t.flatten(1).sum(1, dtype=torch.float32) if t.ndim > 1 else t.float()
-    return t.flatten(1).sum(1) if t.ndim > 1 else t.clone()
+    """Per stream and sample, (S, n): sums of t (S, *part) over all but the batch axis of a part
+    (each element is its own sample in an unbatched part, a scalar part is one sample); 16-bit
+    values are summed in float32."""
+    if t.ndim == 1:
+        t = t.unsqueeze(1)
+    wide = torch.float32 if t.dtype in _LOW_PRECISION else None
+    if t.ndim == 2:
+        return t.float() if wide else t.clone()
+    return t.flatten(2).sum(2, dtype=wide)
 
 
-def _per_sample_view(share: Tensor, ndim: int) -> Tensor:
-    return share.view(-1, *([1] * (ndim - 1)))
+def _per_sample_view(share: Tensor, part_ndim: int) -> Tensor:
+    """(S, n) per-sample values shaped to broadcast against the streams (S, *part)."""
+    if part_ndim == 0:
+        return share.view(share.shape[0])
+    return share.view(*share.shape, *([1] * (part_ndim - 1)))
 
 
 def _may_have_dead(mag: Tensor) -> bool:
@@ -65,63 +74,76 @@ def _may_have_dead(mag: Tensor) -> bool:
     return not mag.is_cpu or (mag.numel() > 0 and bool(mag.amin() == 0))
 
 
+def _share_parts(rel: Tensor, total: Tensor, eps: float) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """(share, denominator, tie-break) of the bias split for streams rel (S, *part) of `total`.
+
+    share = (|rel| + ε·s·[dead]) / (|rel| + |irrel| + ε), denominator = |rel| + |irrel| + ε; the
+    tie-break is () when no position is dead, else (dead as 0/1, Σ|rel|, Σ(|rel| + |irrel|))
+    per stream and sample, what the backward needs to differentiate s.
+    """
+    share = rel.abs()
+    mag = torch.sub(total, rel).abs_().add_(share)
+    tie: tuple[Tensor, ...] = ()
+    if _may_have_dead(mag):
+        dead = torch.eq(mag, 0, out=torch.empty_like(mag))  # as floats: no bool-to-float copy
+        sums = (_per_sample(share), _per_sample(mag))
+        fallback = _per_sample_view(_fallback_share(*sums, eps), rel.ndim - 1).to(share.dtype)
+        share.add_(dead * fallback, alpha=eps)
+        tie = (dead, *sums)
+    den = mag.add_(eps)
+    return share.div_(den), den, tie
+
+
 class _AddBias(torch.autograd.Function):
     """`add_bias` with a hand-written backward: far fewer passes and temporaries than autograd
     would make of the same formula, which matters on the large early feature maps.
 
-    rel' = rel + b·(|rel| + ε·s·[dead]) / (|rel| + |irrel| + ε) and total' = total + b, where
-    dead marks the positions with rel = irrel = 0 and s is `_fallback_share`.
+    rel_j' = rel_j + b·(|rel_j| + ε·s·[dead]) / (|rel_j| + |irrel_j| + ε) for every stream j and
+    total' = total + b, where dead marks the positions with rel_j = irrel_j = 0 and s is
+    `_fallback_share`. Only the input is kept for the backward, which recomputes the shares:
+    (S + 1) values a position instead of the 4·S that signs, shares and denominators take.
     """
 
     @staticmethod
     def forward(ctx, rel_total: Tensor, bias: Tensor) -> Tensor:
         eps = eps_for(rel_total.dtype)
-        rel, total = rel_total[0], rel_total[1]
-        irrel = total - rel
-        share = rel.abs()
-        mag = irrel.abs().add_(share)
-        dead = None
-        if _may_have_dead(mag):
-            dead = torch.eq(mag, 0, out=torch.empty_like(mag))  # as floats: no bool-to-float copy
-            sums = (_per_sample(share), _per_sample(mag))
-            fallback = _per_sample_view(_fallback_share(*sums, eps), rel.ndim).to(share.dtype)
-            share.add_(dead * fallback, alpha=eps)
-        share.div_(mag.add_(eps))
+        rel, total = rel_total[:-1], rel_total[-1]
+        share, _, _ = _share_parts(rel, total, eps)
         out = torch.empty_like(rel_total)
-        torch.addcmul(rel, share, bias, out=out[0])
-        torch.add(total, bias, out=out[1])
-        # The backward needs only the signs of rel and irrel, not the parts themselves.
-        signs = (torch.sign(rel), irrel.sign_())
+        torch.addcmul(rel, share, bias, out=out[:-1])
+        torch.add(total, bias, out=out[-1])
         ctx.eps = eps
-        ctx.save_for_backward(bias, *signs, share, mag, *(() if dead is None else (dead, *sums)))
+        ctx.save_for_backward(rel_total, bias)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        bias, sign_rel, sign_irrel, share, den, *fallback = ctx.saved_tensors
+        rel_total, bias = ctx.saved_tensors
         eps = ctx.eps
-        g_rel, g_total = grad[0], grad[1]
+        rel, total = rel_total[:-1], rel_total[-1]
+        share, den, tie = _share_parts(rel, total, eps)
+        g_rel, g_total = grad[:-1], grad[-1]
         grad_bias = None
         if ctx.needs_input_grad[1]:
-            grad_bias = torch.addcmul(g_total, g_rel, share).sum_to_size(bias.shape)
+            grad_bias = torch.mul(g_rel, share).sum(0).add_(g_total).sum_to_size(bias.shape)
         if not ctx.needs_input_grad[0]:
             return None, grad_bias
         q = torch.mul(g_rel, bias).div_(den)  # dL/d(share numerator)
-        u = q * share  # minus dL/d(denominator)
-        if fallback:
-            dead, *sums = fallback
+        u = torch.mul(q, share, out=den)  # minus dL/d(denominator); den is not needed any more
+        if tie:
+            dead, *sums = tie
             with torch.enable_grad():
                 sums = [t.detach().requires_grad_() for t in sums]
                 d_share = (_per_sample(q * dead) * eps).to(sums[0].dtype)  # dead is 0/1
                 d_rel_sum, d_mag_sum = torch.autograd.grad(_fallback_share(*sums, eps), sums, d_share)
-            q.add_(_per_sample_view(d_rel_sum, q.ndim).to(q.dtype))
-            u.sub_(_per_sample_view(d_mag_sum, q.ndim).to(q.dtype))  # |rel| and |irrel| both enter the sum
-        q.sub_(u).mul_(sign_rel)  # sign(rel)·dL/d|rel|
-        u.mul_(sign_irrel)  # sign(irrel)·dL/d|irrel| with the sign flipped
-        grad_in = grad.new_empty(2, *q.shape)
-        torch.add(g_rel, q, out=grad_in[0]).add_(u)
-        torch.sub(g_total, u, out=grad_in[1])
+            q.add_(_per_sample_view(d_rel_sum, q.ndim - 1).to(q.dtype))
+            u.sub_(_per_sample_view(d_mag_sum, q.ndim - 1).to(q.dtype))  # |rel| and |irrel| both enter the sum
+        q.sub_(u).mul_(torch.sign(rel))  # sign(rel)·dL/d|rel|
+        u.mul_(torch.sub(total, rel).sign_())  # sign(irrel)·dL/d|irrel| with the sign flipped
+        grad_in = grad.new_empty(rel_total.shape)
+        torch.add(g_rel, q, out=grad_in[:-1]).add_(u)
+        torch.sub(g_total, u.sum(0), out=grad_in[-1])
         return grad_in, grad_bias
 
 
@@ -131,14 +153,15 @@ def split_bias(lin: Tensor, bias: Tensor | float) -> Decomposed:
 
 
 def constant_share(values: list[Decomposed], ndim: int) -> Tensor:
-    """Per sample (axis 0 of a part), rel's share of |rel| + |irrel| over `values`, shaped to
-    broadcast against a part of rank `ndim`; the batch's share for a sample with no magnitude.
+    """Per stream and sample (axis 1 of the streams), rel's share of |rel| + |irrel| over
+    `values`, shaped (S, n, 1, ...) to broadcast against the streams (S, *part) of a part of
+    rank `ndim`; the batch's share for a sample with no magnitude.
 
     This is `add_bias`'s tie-break share, for a constant that enters the value without being
     added to anything (a class token concatenated to the sequence, padding with a fill value).
     """
-    rel = sum(_per_sample(v.rel.abs()) for v in values)
-    mag = sum(_per_sample(v.irrel.abs()) for v in values) + rel
+    rel = sum(_per_sample(v.rels.abs()) for v in values)
+    mag = sum(_per_sample((v.total - v.rels).abs()) for v in values) + rel
     eps = eps_for(values[0].rel_total.dtype)
     return _per_sample_view(_fallback_share(rel, mag, eps), max(ndim, 1)).to(values[0].rel_total.dtype)
 
@@ -152,7 +175,7 @@ def per_part(fn: Callable[[Tensor], Tensor], x: Decomposed, batched_ndim: int | 
     t = x.rel_total
     if batched_ndim is None or t.ndim - 1 != batched_ndim:
         return Decomposed(fn(t))
-    return Decomposed(fn(t.flatten(0, 1)).unflatten(0, (2, t.shape[1])))
+    return Decomposed(fn(t.flatten(0, 1)).unflatten(0, t.shape[:2]))
 
 
 def linear_with_bias(

@@ -28,10 +28,12 @@ class RuleOverrideWarning(UserWarning):
 
 
 class Decomposed:
-    """The relevant part and the total of one value, stacked: `rel_total` = (rel, rel + irrel).
+    """The relevant part(s) and the total of one value, stacked: `rel_total` = (rel, rel + irrel).
 
-    Mutable on purpose: in-place operations replace `rel_total`, so later users of the same
-    graph value see the update, as they would in the plain forward.
+    With S relevant streams (several masks decomposed at once, `decompose_many`) it is
+    (rel_1, ..., rel_S, total), shape (S + 1, *plain shape): the total is the same for every
+    mask, so it is carried once. Mutable on purpose: in-place operations replace `rel_total`,
+    so later users of the same graph value see the update, as they would in the plain forward.
     """
 
     __slots__ = ("rel_total",)
@@ -44,17 +46,37 @@ class Decomposed:
         """From the two parts, each of the value's plain shape."""
         return cls(torch.stack((rel, rel + irrel)))
 
+    @classmethod
+    def of_streams(cls, rels: Tensor, total: Tensor) -> Decomposed:
+        """From the relevant streams (S, *shape) and the total (*shape)."""
+        return cls(torch.cat((rels, total.unsqueeze(0))))
+
+    @property
+    def streams(self) -> int:
+        """How many relevant parts are carried (1 but while several masks are decomposed at once)."""
+        return self.rel_total.shape[0] - 1
+
+    @property
+    def rels(self) -> Tensor:
+        """The relevant streams, (S, *shape): broadcasts against `total` in elementwise arithmetic."""
+        return self.rel_total[:-1]
+
     @property
     def rel(self) -> Tensor:
+        """The relevant part, of the value's shape (one stream only: a rule that sees several
+        has declared `multi_stream` and reads `rels`)."""
+        if self.rel_total.shape[0] != 2:
+            raise ValueError(f"Decomposed.rel of a value with {self.streams} relevant streams; "
+                             f"read .rels (S, *shape) in a rule marked @multi_stream")
         return self.rel_total[0]
 
     @property
     def total(self) -> Tensor:
-        return self.rel_total[1]
+        return self.rel_total[-1]
 
     @property
     def irrel(self) -> Tensor:
-        return self.rel_total[1] - self.rel_total[0]
+        return self.total - self.rel
 
     @property
     def ndim(self) -> int:
@@ -65,12 +87,13 @@ class Decomposed:
         return self.rel_total.shape[1:]
 
     def __repr__(self) -> str:
-        return f"Decomposed(shape={tuple(self.rel_total.shape[1:])})"
+        streams = "" if self.streams == 1 else f", streams={self.streams}"
+        return f"Decomposed(shape={tuple(self.rel_total.shape[1:])}{streams})"
 
 
 def total_of(v: Any) -> Any:
     """The plain value: a Decomposed's total, anything else as it is."""
-    return v.rel_total[1] if isinstance(v, Decomposed) else v
+    return v.rel_total[-1] if isinstance(v, Decomposed) else v
 
 
 def register_rule(*keys: Any, replace: bool = False) -> Callable[[Rule], Rule]:
@@ -105,6 +128,16 @@ def plain_result(fn: Rule) -> Rule:
     """Mark a rule whose result is never decomposed (a value held fixed, or a constant made from
     a value's shape), so the engine treats what follows as plain computation."""
     fn.returns_plain = True
+    return fn
+
+
+def multi_stream(fn: Rule) -> Rule:
+    """Mark a rule that handles any number of relevant streams (`Decomposed.streams`): it maps
+    `rel_total` (S + 1, ...) with the stream axis left in front, or reads `rels` and `total`.
+    The engine calls an unmarked rule once per stream, on (rel_j, total), which is always
+    correct but costs S calls; a rule that draws random numbers or updates state must be
+    marked, so that every stream sees one draw and the state changes once."""
+    fn.multi_stream = True
     return fn
 
 
@@ -199,6 +232,6 @@ def importable_name(key: Any) -> tuple[str | None, str]:
 
 __all__ = [
     "Decomposed", "PLAIN_ATTRS", "PLAIN_METHODS", "Rule", "RuleOverrideWarning", "UnsupportedOperationError",
-    "importable_name", "lookup", "plain_result", "model_rule", "module_rule", "register_model_rule", "register_rule",
+    "importable_name", "lookup", "multi_stream", "plain_result", "model_rule", "module_rule", "register_model_rule", "register_rule",
     "registered_keys", "registry_version", "total_of", "unregister_rule",
 ]

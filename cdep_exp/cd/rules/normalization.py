@@ -142,8 +142,8 @@ def _group_norm(x: Decomposed, groups: int, weight, bias, eps: float) -> Decompo
     if t.ndim < 3 or t.shape[2] % groups:
         raise RuntimeError(f"group_norm: expected the number of channels in input of size {list(x.shape)} "
                            f"to be divisible by num_groups={groups}")
-    grouped = t.reshape(2, t.shape[1], groups, -1)
-    out = (_centred(grouped, [-1]) * _rstd(grouped[1], [-1], eps)).view_as(t)
+    grouped = t.reshape(len(t), t.shape[1], groups, -1)
+    out = (_centred(grouped, [-1]) * _rstd(grouped[-1], [-1], eps)).view_as(t)
     return _affine(out, weight, bias, lambda v: channel_view(v, x.ndim))
 
 

@@ -17,8 +17,9 @@ def _max_pool_gather(x: Decomposed, pool: Callable[[Tensor], tuple[Tensor, Tenso
     `pool` is the max-pooling with indices; `spatial` its number of pooled axes.
     """
     _, idx = pool(x.total)
-    flat_idx = idx.flatten(-spatial).expand(2, *idx.shape[:-spatial], -1)
-    out = Decomposed(x.rel_total.flatten(-spatial).gather(-1, flat_idx).view(2, *idx.shape))
+    streams = len(x.rel_total)
+    flat_idx = idx.flatten(-spatial).expand(streams, *idx.shape[:-spatial], -1)
+    out = Decomposed(x.rel_total.flatten(-spatial).gather(-1, flat_idx).view(streams, *idx.shape))
     return (out, idx) if return_indices else out
 
 

@@ -21,8 +21,9 @@ from cdep_exp.cd.rules.core import Decomposed, register_rule
 
 def _gru_direction(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
                    h: Tensor, reverse: bool) -> tuple[Tensor, Tensor]:
-    """One layer and direction: x (2, B, T, I) stacked (rel, total), h (2, B, H). Returns the
-    stacked outputs (2, B, T, H) and last state (2, B, H)."""
+    """One layer and direction: x (S + 1, B, T, I) stacked (rels, total), h (S + 1, B, H).
+    Returns the stacked outputs (S + 1, B, T, H) and last state (S + 1, B, H); the gates come
+    from the total alone."""
     hidden = w_hh.shape[1]
     zeros = x.new_zeros(3 * hidden)
     b_ih = zeros if b_ih is None else b_ih
@@ -32,7 +33,7 @@ def _gru_direction(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b
     outs: list[Tensor] = [None] * x.shape[2]  # type: ignore[list-item]
     for t in steps:
         gh = h @ w_hh.T  # (2, B, 3H), no bias
-        gates = gi[1, :, t, : 2 * hidden] + b_ih[: 2 * hidden] + gh[1, :, : 2 * hidden] + b_hh[: 2 * hidden]
+        gates = gi[-1, :, t, : 2 * hidden] + b_ih[: 2 * hidden] + gh[-1, :, : 2 * hidden] + b_hh[: 2 * hidden]
         r, z = torch.sigmoid(gates).chunk(2, dim=-1)
         lin = gi[:, :, t, 2 * hidden:] + r * gh[:, :, 2 * hidden:]
         n = torch.tanh(add_bias(Decomposed(lin), b_ih[2 * hidden:] + r * b_hh[2 * hidden:]).rel_total)
@@ -65,7 +66,7 @@ def gru(m: nn.GRU, x: Decomposed, hx: Tensor | None = None) -> tuple[Decomposed,
     if isinstance(hx, Decomposed):
         h0 = hx.rel_total if batched else hx.rel_total.unsqueeze(2)  # (2, layers·dirs, B, H)
     else:
-        h0 = t.new_zeros(2, m.num_layers * dirs, batch, m.hidden_size)
+        h0 = t.new_zeros(len(t), m.num_layers * dirs, batch, m.hidden_size)
     finals = []
     for layer in range(m.num_layers):
         outs = []

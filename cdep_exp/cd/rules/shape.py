@@ -48,13 +48,13 @@ def _shape_args(args: tuple) -> tuple:
 @register_rule("view", "reshape")
 def view(name: str, x: Decomposed, *shape) -> Decomposed:
     """x.view / x.reshape on each part."""
-    return Decomposed(getattr(x.rel_total, name)(2, *_shape_args(shape)))
+    return Decomposed(getattr(x.rel_total, name)(len(x.rel_total), *_shape_args(shape)))
 
 
 @register_rule(torch.reshape)
 def reshape(fn: Callable, x: Decomposed, shape) -> Decomposed:
     """torch.reshape on each part."""
-    return Decomposed(x.rel_total.reshape(2, *shape))
+    return Decomposed(x.rel_total.reshape(len(x.rel_total), *shape))
 
 
 @register_rule("size")
@@ -177,8 +177,9 @@ def _constant_part(c: Tensor, values: list[Decomposed], per_sample: bool) -> Dec
     if per_sample and c.ndim > 0:
         share = constant_share(values, c.ndim)
     else:
-        share = constant_share([Decomposed(v.rel_total.reshape(2, 1, -1)) for v in values], 1).reshape(())
-    return Decomposed(torch.stack((share * c, c.expand_as(c))))
+        flat = [Decomposed(v.rel_total.reshape(len(v.rel_total), 1, -1)) for v in values]
+        share = constant_share(flat, 1).view(-1, *([1] * c.ndim))
+    return Decomposed.of_streams(share * c, c)
 
 
 def _join(fn: Callable, tensors, dim: int) -> Decomposed:
@@ -210,14 +211,14 @@ def _sizes(args: tuple) -> tuple:
 def _aligned_to(x: Decomposed, ndim: int) -> Tensor:
     """The stacked tensor with singleton axes in front of each part, up to rank `ndim`."""
     t = x.rel_total
-    return t.view(2, *([1] * (ndim - x.ndim)), *t.shape[1:]) if ndim > x.ndim else t
+    return t.view(len(t), *([1] * (ndim - x.ndim)), *t.shape[1:]) if ndim > x.ndim else t
 
 
 @register_rule("expand")
 def expand(name: str, x: Decomposed, *sizes) -> Decomposed:
     """x.expand(...): each part expanded (new leading axes go in front of each part)."""
     sizes = _sizes(sizes)
-    return Decomposed(_aligned_to(x, len(sizes)).expand(2, *sizes))
+    return Decomposed(_aligned_to(x, len(sizes)).expand(len(x.rel_total), *sizes))
 
 
 @register_rule("expand_as")
@@ -306,7 +307,7 @@ def _fill(x: Decomposed, where: Tensor, value: Tensor | float) -> Decomposed:
     share = constant_share([x], x.ndim).to(x.rel_total.dtype)
     value = torch.as_tensor(value, dtype=x.rel_total.dtype, device=x.rel_total.device)
     rel_fill = torch.where(share == 0, torch.zeros((), dtype=value.dtype, device=value.device), share * value)
-    return Decomposed(torch.stack((torch.where(where, rel_fill, x.rel), torch.where(where, value, x.total))))
+    return Decomposed.of_streams(torch.where(where, rel_fill, x.rels), torch.where(where, value, x.total))
 
 
 @register_rule("masked_fill")
@@ -325,8 +326,9 @@ def where(fn: Callable, condition, a, b) -> Decomposed:
                           "compute the condition from a plain value, or register a rule")
     if isinstance(a, Decomposed) and isinstance(b, Decomposed):
         shape = torch.broadcast_shapes(a.shape, b.shape)
-        return Decomposed(torch.where(condition, a.rel_total.expand(2, *shape), b.rel_total.expand(2, *shape)))
+        streams = max(len(a.rel_total), len(b.rel_total))
+        return Decomposed(torch.where(condition, a.rel_total.expand(streams, *shape), b.rel_total.expand(streams, *shape)))
     x, c, take = (a, b, ~condition) if isinstance(a, Decomposed) else (b, a, condition)
     shape = torch.broadcast_shapes(x.shape, condition.shape, torch.as_tensor(c).shape)
-    x = Decomposed(x.rel_total.expand(2, *shape))
+    x = Decomposed(x.rel_total.expand(len(x.rel_total), *shape))
     return _fill(x, take.expand(shape), torch.as_tensor(c, dtype=x.rel_total.dtype, device=x.rel_total.device).expand(shape))
