@@ -29,7 +29,7 @@ launcher_for = $(if $(and $(filter local,$(LAUNCHER)),$(filter $(1),$(SEQUENTIAL
 launcher_args = hydra/launcher=$(call launcher_for,$(1)) $(if $(filter local,$(call launcher_for,$(1))),hydra.launcher.n_jobs=$(JOBS))
 threads_for = $(if $(filter basic,$(call launcher_for,$(1))),$(OMP_NUM_THREADS),$(SWEEP_THREADS))
 
-.PHONY: setup run test test-all bench-cost clean tables $(TABLES) figures notebooks
+.PHONY: setup run test test-all bench-cost gpu-wheels gpu-check clean tables $(TABLES) figures notebooks
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,19 @@ test-all: setup
 ## Seconds per training step and peak memory of each penalty (paper Table S1 ratios).
 bench-cost: setup
 	$(FAST_MALLOC) $(PY) scripts/bench_cost.py
+
+## The GPU check (scripts/gpu_check.sh; README, "GPU check"): CUDA tests, a short GPU run per
+## dataset × method and bench-cost on CUDA, summarised in gpu_check/gpu_check_summary.md.
+## Without CUDA it says so and exits 0. gpu-wheels fetches (needs the package index) the
+## pure-Python packages a bare GPU machine lacks into .whl/, which the check installs from.
+GPU_WHEELS := hydra-core==1.3.8 omegaconf==2.3.1 hydra-joblib-launcher==1.2.0 mlxtend==0.25.0
+gpu-wheels: setup
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	$(PY) -m pip wheel --quiet --no-deps -w .whl antlr4-python3-runtime==4.9.3
+
+gpu-check:
+	bash scripts/gpu_check.sh
 
 ## Every paper table at SCALE: trains what is missing (finished runs are skipped), writes
 ## results/<scale>/<table>.{md,csv,tex} and the λ figures; keeps going past a failed table.

@@ -1,8 +1,10 @@
 """Seconds per training step and peak memory of each explanation penalty (paper Table S1 as ratios).
 
 DecoyMNIST setting: MNISTCNN (1 channel, FC 256), batch 64, synthetic 28×28 inputs with the
-four-corner 5×5 annotation, Adam. Each method trains its own model; after warm-up the methods
-take their timed steps in turn (round-robin), so load from other processes hits all alike.
+four-corner 5×5 annotation, Adam; ColorMNIST setting: MNISTCNN (3 channels, FC 500) with the
+original CDEP's 8 sampled single-pixel masks a batch. Each method trains its own model; after
+warm-up the methods take their timed steps in turn (round-robin), so load from other processes
+hits all alike, in three runs whose spread is reported.
 
 Then the cost of contextual decomposition on current architectures (torchvision resnet18 at
 batch 8, 64×64; a 2-layer transformer text classifier at batch 32, 40 tokens): a decompose
@@ -33,11 +35,20 @@ from cdep_exp.models.text import TransformerClassifier
 from cdep_exp.models.vision import build_torchvision_cnn
 from cdep_exp.penalties import CDEP, RRR, ExpectedGradients, Penalty, Vanilla
 
+# (setting, method) → (penalty, model, input channels, annotation); each setting's ratios are
+# against its own vanilla row. ColorMNIST: the original CDEP's 8 single-pixel masks a batch,
+# drawn from a sampling distribution over pixels (k + 1 = 9 streams through the network).
+SETTINGS = {
+    "DecoyMNIST": (1, 256, "corners"),
+    "ColorMNIST": (3, 500, "pixels"),
+}
 METHODS = {
-    "vanilla": Vanilla,
-    "CDEP": CDEP,
-    "RRR": RRR,
-    "EG (1 reference)": lambda: ExpectedGradients(references=1),
+    ("DecoyMNIST", "vanilla"): Vanilla,
+    ("DecoyMNIST", "CDEP"): CDEP,
+    ("DecoyMNIST", "RRR"): RRR,
+    ("DecoyMNIST", "EG (1 reference)"): lambda: ExpectedGradients(references=1),
+    ("ColorMNIST", "vanilla"): Vanilla,
+    ("ColorMNIST", "CDEP (8 masks)"): lambda: CDEP(mask_samples=8),
 }
 MiB = 2**20
 
@@ -45,14 +56,18 @@ MiB = 2**20
 class Trainer:
     """One method's model, optimiser and fixed batch; `step()` is one full training step."""
 
-    def __init__(self, penalty: Penalty, batch: int, device: torch.device) -> None:
+    def __init__(self, setting: str, penalty: Penalty, batch: int, device: torch.device) -> None:
+        channels, hidden, annotation = SETTINGS[setting]
         torch.manual_seed(0)
-        self.model = MNISTCNN(1, 256).to(device)
+        self.model = MNISTCNN(channels, hidden).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, weight_decay=1e-4)
         self.penalty = penalty
-        self.x = (torch.rand(batch, 1, 28, 28) * 2 - 1).to(device)
+        self.x = (torch.rand(batch, channels, 28, 28) * 2 - 1).to(device)
         self.y = torch.randint(10, (batch,)).to(device)
-        self.annotation = corner_mask(5).expand(batch, 1, 28, 28).to(device)
+        if annotation == "corners":
+            self.annotation = corner_mask(5).expand(batch, 1, 28, 28).to(device)
+        else:
+            self.annotation = torch.rand(1, 28, 28, device=device)
 
     def step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -111,34 +126,48 @@ def resident_bytes(trainer: Trainer) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def bench_device(device: torch.device, batch: int, warmup: int, steps: int) -> pd.DataFrame:
-    trainers = {name: Trainer(build(), batch, device) for name, build in METHODS.items()}
+def spread(values: list[float]) -> str:
+    """'median (min–max)' of per-run figures."""
+    return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
+
+
+def bench_device(device: torch.device, batch: int, warmup: int, steps: int, runs: int) -> pd.DataFrame:
+    """Per method: median step time over `runs` runs of `steps` round-robin steps each, its
+    ratio to the setting's vanilla per run (median and range over the runs), and step memory."""
+    trainers = {key: Trainer(key[0], build(), batch, device) for key, build in METHODS.items()}
     for trainer in trainers.values():
         for _ in range(warmup):
             trainer.step()
     sync(device)
-    times: dict[str, list[float]] = {name: [] for name in trainers}
-    for _ in range(steps):
-        for name, trainer in trainers.items():
-            start = time.perf_counter()
-            trainer.step()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
+    per_run: dict[tuple[str, str], list[float]] = {key: [] for key in trainers}
+    for _ in range(runs):
+        times: dict[tuple[str, str], list[float]] = {key: [] for key in trainers}
+        for _ in range(steps):
+            for key, trainer in trainers.items():
+                start = time.perf_counter()
+                trainer.step()
+                sync(device)
+                times[key].append(time.perf_counter() - start)
+        for key in trainers:
+            per_run[key].append(statistics.median(times[key]))
 
     rows = []
-    for name, trainer in trainers.items():
+    for (setting, method), trainer in trainers.items():
+        base = (setting, "vanilla")
         peak = step_peak(trainer, device)
+        ratios = [t / v for t, v in zip(per_run[(setting, method)], per_run[base])]
         rows.append({
-            "method": name,
-            "s/step": statistics.median(times[name]),
+            "setting": setting, "method": method,
+            "s/step": statistics.median(per_run[(setting, method)]),
+            "time ×vanilla (range)": spread(ratios),
             "step peak MiB": peak / MiB,
             "total MiB": (peak + resident_bytes(trainer)) / MiB,
         })
-    table = pd.DataFrame(rows).set_index("method")
-    ratios = {"s/step": "time", "step peak MiB": "step peak", "total MiB": "total"}
-    for column, ratio in ratios.items():
-        table.insert(table.columns.get_loc(column) + 1, f"{ratio} ×vanilla",
-                     table[column] / table.loc["vanilla", column])
+    table = pd.DataFrame(rows).set_index(["setting", "method"])
+    vanilla = table.xs("vanilla", level="method")
+    for column, ratio in {"step peak MiB": "step peak", "total MiB": "total"}.items():
+        base = vanilla[column].reindex(table.index.get_level_values("setting")).to_numpy()
+        table.insert(table.columns.get_loc(column) + 1, f"{ratio} ×vanilla", table[column] / base)
     return table
 
 
@@ -227,7 +256,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per method")
-    parser.add_argument("--steps", type=int, default=40, help="timed steps per method")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per method and run")
+    parser.add_argument("--runs", type=int, default=3, help="runs of --steps round-robin steps; the spread is over them")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: CPU, then CUDA when available")
     parser.add_argument("--archs", default=",".join(ARCHS),
@@ -245,15 +275,18 @@ def main() -> None:
     devices = [torch.device("cpu")] if args.device in ("auto", "cpu") else []
     if args.device != "cpu" and torch.cuda.is_available():
         devices.append(torch.device("cuda"))
-    print(f"MNISTCNN(1, 256), batch {args.batch}, Adam; per method {args.warmup} warm-up and "
-          f"{args.steps} timed steps (forward, penalty, backward, optimiser step), round-robin.")
-    print("s/step: median wall time of a step. step peak: the most tensor memory live during a "
-          "step above what was live before it (CPU: torch profiler allocation events; CUDA: "
-          "max_memory_allocated). total: step peak + parameters, Adam state and batch.\n")
+    print(f"DecoyMNIST: MNISTCNN(1, 256), 4-corner 5×5 mask; ColorMNIST: MNISTCNN(3, 500), 8 pixel masks "
+          f"a batch. Batch {args.batch}, Adam; per method {args.warmup} warm-up steps, then {args.runs} runs "
+          f"of {args.steps} timed steps (forward, penalty, backward, optimiser step), round-robin.")
+    print("s/step: median wall time of a step over all runs. time ×vanilla: per run, the median "
+          "step time over the setting's vanilla median; median (min–max) over the runs. step peak: "
+          "the most tensor memory live during a step above what was live before it (CPU: torch "
+          "profiler allocation events; CUDA: max_memory_allocated). total: step peak + parameters, "
+          "Adam state and batch.\n")
     for device in devices:
         print(f"## {device_name(device)}\n")
-        table = bench_device(device, args.batch, args.warmup, args.steps)
-        print(table.to_markdown(floatfmt=".3g"), end="\n\n")
+        table = bench_device(device, args.batch, args.warmup, args.steps, args.runs)
+        print(table.reset_index().to_markdown(index=False, floatfmt=".3g"), end="\n\n")
         if archs:
             print(f"### Contextual decomposition on current architectures ({device_name(device)})\n")
             print(f"Train mode, Adam; {args.arch_warmup} warm-up and {args.arch_steps} timed calls per "

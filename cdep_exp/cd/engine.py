@@ -344,6 +344,14 @@ class _Plan:
                     _check_inplace(node, index, model)
                 self.steps.append((i, _step(fn, plain, load, 0 if inplace else None, on_path)))
                 self.plain_steps.append((i, _step(plain, plain, load, None, False)))
+        # Values no later node reads, per step: dropped from the environment as soon as the
+        # step has run, as eager mode frees them, so a decomposition holds no more activations
+        # than autograd saves (every node's value kept to the end doubled CDEP's step peak).
+        last_use = {index[n]: index[user] for n in nodes for user in n.users}
+        self.frees: dict[int, list[int]] = {}
+        for value, step in last_use.items():
+            if value != self.output:
+                self.frees.setdefault(step, []).append(value)
 
     @staticmethod
     def _plain(node: fx.Node, model: nn.Module) -> Callable:
@@ -378,10 +386,13 @@ class _Plan:
     def run(self, model: nn.Module, rel_total: Tensor, extras: tuple = (), record: list | None = None) -> Decomposed:
         env: Env = [None] * self.size
         env[self.input] = Decomposed(rel_total)
+        del rel_total  # the environment's reference is dropped after its last use
         self._fill(model, env, extras)
         try:
             for i, step in self.steps:
                 env[i] = step(env)
+                for j in self.frees.get(i, ()):
+                    env[j] = None
                 if record is not None:
                     record.append((i, _totals(env[i])))
         except UnsupportedOperationError as err:

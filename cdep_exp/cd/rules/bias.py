@@ -74,15 +74,17 @@ def _may_have_dead(mag: Tensor) -> bool:
     return not mag.is_cpu or (mag.numel() > 0 and bool(mag.amin() == 0))
 
 
-def _share_parts(rel: Tensor, total: Tensor, eps: float) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+def _share_parts(rel: Tensor, total: Tensor, eps: float, den_out: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
     """(share, denominator, tie-break) of the bias split for streams rel (S, *part) of `total`.
 
     share = (|rel| + ε·s·[dead]) / (|rel| + |irrel| + ε), denominator = |rel| + |irrel| + ε; the
     tie-break is () when no position is dead, else (dead as 0/1, Σ|rel|, Σ(|rel| + |irrel|))
-    per stream and sample, what the backward needs to differentiate s.
+    per stream and sample, what the backward needs to differentiate s. `den_out` (rel's shape)
+    receives the denominator.
     """
     share = rel.abs()
-    mag = torch.sub(total, rel).abs_().add_(share)
+    mag = torch.sub(total, rel, out=den_out).abs_().add_(share)
     tie: tuple[Tensor, ...] = ()
     if _may_have_dead(mag):
         dead = torch.eq(mag, 0, out=torch.empty_like(mag))  # as floats: no bool-to-float copy
@@ -122,14 +124,23 @@ class _AddBias(torch.autograd.Function):
         rel_total, bias = ctx.saved_tensors
         eps = ctx.eps
         rel, total = rel_total[:-1], rel_total[-1]
-        share, den, tie = _share_parts(rel, total, eps)
         g_rel, g_total = grad[:-1], grad[-1]
+        # Buffers are reused so that a backward holds one part-sized temporary besides its
+        # result (with one stream; the denominator lives in the total's row of the result until
+        # that row is written): this is where CDEP's step peaks, on the large early maps.
+        grad_in = grad.new_empty(rel_total.shape)
+        one = len(rel) == 1
+        share, den, tie = _share_parts(rel, total, eps, grad_in[-1:] if one else None)
         grad_bias = None
         if ctx.needs_input_grad[1]:
-            grad_bias = torch.mul(g_rel, share).sum(0).add_(g_total).sum_to_size(bias.shape)
+            weighted = torch.mul(g_rel, share, out=grad_in[:-1])
+            weighted = weighted[0] if one else weighted.sum(0)
+            grad_bias = weighted.add_(g_total).sum_to_size(bias.shape)
+            if grad_bias.data_ptr() == weighted.data_ptr():  # a bias of the value's full shape
+                grad_bias = grad_bias.clone()
         if not ctx.needs_input_grad[0]:
             return None, grad_bias
-        q = torch.mul(g_rel, bias).div_(den)  # dL/d(share numerator)
+        q = torch.mul(g_rel, bias, out=grad_in[:-1]).div_(den)  # dL/d(share numerator)
         u = torch.mul(q, share, out=den)  # minus dL/d(denominator); den is not needed any more
         if tie:
             dead, *sums = tie
@@ -139,11 +150,13 @@ class _AddBias(torch.autograd.Function):
                 d_rel_sum, d_mag_sum = torch.autograd.grad(_fallback_share(*sums, eps), sums, d_share)
             q.add_(_per_sample_view(d_rel_sum, q.ndim - 1).to(q.dtype))
             u.sub_(_per_sample_view(d_mag_sum, q.ndim - 1).to(q.dtype))  # |rel| and |irrel| both enter the sum
-        q.sub_(u).mul_(torch.sign(rel))  # sign(rel)·dL/d|rel|
-        u.mul_(torch.sub(total, rel).sign_())  # sign(irrel)·dL/d|irrel| with the sign flipped
-        grad_in = grad.new_empty(rel_total.shape)
-        torch.add(g_rel, q, out=grad_in[:-1]).add_(u)
-        torch.sub(g_total, u.sum(0), out=grad_in[-1])
+        q.sub_(u).mul_(torch.sign(rel, out=share))  # sign(rel)·dL/d|rel|; share is not needed any more
+        u.mul_(torch.sub(total, rel, out=share).sign_())  # sign(irrel)·dL/d|irrel| with the sign flipped
+        q.add_(g_rel).add_(u)
+        if one:  # u is the total's row of grad_in
+            u.neg_().add_(g_total)
+        else:
+            torch.sub(g_total, u.sum(0), out=grad_in[-1])
         return grad_in, grad_bias
 
 

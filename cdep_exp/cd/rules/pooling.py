@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -11,15 +12,33 @@ from cdep_exp.cd.rules.bias import per_part
 from cdep_exp.cd.rules.core import Decomposed, register_rule
 
 
+class _Gather(torch.autograd.Function):
+    """`t.gather(-1, index)` that keeps only the index for the backward (torch's gather also
+    keeps its input, here the whole pre-pooling map of every stream, only to read its shape)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.shape = t.shape
+        return t.gather(-1, index)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (index,) = ctx.saved_tensors
+        # scatter_add: overlapping windows can pick one position twice.
+        return grad.new_zeros(ctx.shape).scatter_add_(-1, index, grad), None
+
+
 def _max_pool_gather(x: Decomposed, pool: Callable[[Tensor], tuple[Tensor, Tensor]], spatial: int, return_indices: bool):
     """Arg-max positions from the pooled total; rel keeps its own value there (REFERENCE §1.4).
 
     `pool` is the max-pooling with indices; `spatial` its number of pooled axes.
     """
-    _, idx = pool(x.total)
+    _, idx = pool(x.total.detach())  # only the positions: a graph here would keep the whole map
     streams = len(x.rel_total)
     flat_idx = idx.flatten(-spatial).expand(streams, *idx.shape[:-spatial], -1)
-    out = Decomposed(x.rel_total.flatten(-spatial).gather(-1, flat_idx).view(streams, *idx.shape))
+    out = Decomposed(_Gather.apply(x.rel_total.flatten(-spatial), flat_idx).view(streams, *idx.shape))
     return (out, idx) if return_indices else out
 
 
