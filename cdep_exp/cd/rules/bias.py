@@ -74,19 +74,20 @@ def _may_have_dead(mag: Tensor) -> bool:
     return not mag.is_cpu or (mag.numel() > 0 and bool(mag.amin() == 0))
 
 
-def _share_parts(rel: Tensor, total: Tensor, eps: float, den_out: Tensor | None = None
-                 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+def _share_parts(rel: Tensor, total: Tensor, eps: float, den_out: Tensor | None = None,
+                 may_have_dead: bool | None = None) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
     """(share, denominator, tie-break) of the bias split for streams rel (S, *part) of `total`.
 
     share = (|rel| + ε·s·[dead]) / (|rel| + |irrel| + ε), denominator = |rel| + |irrel| + ε; the
     tie-break is () when no position is dead, else (dead as 0/1, Σ|rel|, Σ(|rel| + |irrel|))
     per stream and sample, what the backward needs to differentiate s. `den_out` (rel's shape)
-    receives the denominator.
+    receives the denominator; `may_have_dead=False` skips the search for dead positions (the
+    backward knows from the forward).
     """
     share = rel.abs()
     mag = torch.sub(total, rel, out=den_out).abs_().add_(share)
     tie: tuple[Tensor, ...] = ()
-    if _may_have_dead(mag):
+    if _may_have_dead(mag) if may_have_dead is None else may_have_dead:
         dead = torch.eq(mag, 0, out=torch.empty_like(mag))  # as floats: no bool-to-float copy
         sums = (_per_sample(share), _per_sample(mag))
         fallback = _per_sample_view(_fallback_share(*sums, eps), rel.ndim - 1).to(share.dtype)
@@ -104,15 +105,20 @@ class _AddBias(torch.autograd.Function):
     total' = total + b, where dead marks the positions with rel_j = irrel_j = 0 and s is
     `_fallback_share`. Only the input is kept for the backward, which recomputes the shares:
     (S + 1) values a position instead of the 4·S that signs, shares and denominators take.
+    Streams are handled one at a time, so the temporaries are part-sized whatever S is.
     """
 
     @staticmethod
     def forward(ctx, rel_total: Tensor, bias: Tensor) -> Tensor:
         eps = eps_for(rel_total.dtype)
-        rel, total = rel_total[:-1], rel_total[-1]
-        share, _, _ = _share_parts(rel, total, eps)
+        total = rel_total[-1]
         out = torch.empty_like(rel_total)
-        torch.addcmul(rel, share, bias, out=out[:-1])
+        ctx.ties = []
+        for j in range(len(rel_total) - 1):
+            rel = rel_total[j:j + 1]
+            share, _, tie = _share_parts(rel, total, eps)
+            ctx.ties.append(bool(tie))
+            torch.addcmul(rel, share, bias, out=out[j:j + 1])
         torch.add(total, bias, out=out[-1])
         ctx.eps = eps
         ctx.save_for_backward(rel_total, bias)
@@ -122,42 +128,41 @@ class _AddBias(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         rel_total, bias = ctx.saved_tensors
-        eps = ctx.eps
-        rel, total = rel_total[:-1], rel_total[-1]
-        g_rel, g_total = grad[:-1], grad[-1]
+        eps, streams = ctx.eps, len(rel_total) - 1
+        total, g_total = rel_total[-1], grad[-1]
         # Buffers are reused so that a backward holds one part-sized temporary besides its
-        # result (with one stream; the denominator lives in the total's row of the result until
-        # that row is written): this is where CDEP's step peaks, on the large early maps.
+        # result and `scratch` (with one stream, the total's row of the result until that row is
+        # written): this is where CDEP's step peaks, on the large early maps.
         grad_in = grad.new_empty(rel_total.shape)
-        one = len(rel) == 1
-        share, den, tie = _share_parts(rel, total, eps, grad_in[-1:] if one else None)
-        grad_bias = None
-        if ctx.needs_input_grad[1]:
-            weighted = torch.mul(g_rel, share, out=grad_in[:-1])
-            weighted = weighted[0] if one else weighted.sum(0)
-            grad_bias = weighted.add_(g_total).sum_to_size(bias.shape)
-            if grad_bias.data_ptr() == weighted.data_ptr():  # a bias of the value's full shape
-                grad_bias = grad_bias.clone()
-        if not ctx.needs_input_grad[0]:
-            return None, grad_bias
-        q = torch.mul(g_rel, bias, out=grad_in[:-1]).div_(den)  # dL/d(share numerator)
-        u = torch.mul(q, share, out=den)  # minus dL/d(denominator); den is not needed any more
-        if tie:
-            dead, *sums = tie
-            with torch.enable_grad():
-                sums = [t.detach().requires_grad_() for t in sums]
-                d_share = (_per_sample(q * dead) * eps).to(sums[0].dtype)  # dead is 0/1
-                d_rel_sum, d_mag_sum = torch.autograd.grad(_fallback_share(*sums, eps), sums, d_share)
-            q.add_(_per_sample_view(d_rel_sum, q.ndim - 1).to(q.dtype))
-            u.sub_(_per_sample_view(d_mag_sum, q.ndim - 1).to(q.dtype))  # |rel| and |irrel| both enter the sum
-        q.sub_(u).mul_(torch.sign(rel, out=share))  # sign(rel)·dL/d|rel|; share is not needed any more
-        u.mul_(torch.sub(total, rel, out=share).sign_())  # sign(irrel)·dL/d|irrel| with the sign flipped
-        q.add_(g_rel).add_(u)
-        if one:  # u is the total's row of grad_in
-            u.neg_().add_(g_total)
-        else:
-            torch.sub(g_total, u.sum(0), out=grad_in[-1])
-        return grad_in, grad_bias
+        scratch = grad_in[-1:] if streams == 1 else torch.empty_like(grad_in[-1:])
+        if streams > 1:
+            grad_in[-1].copy_(g_total)
+        grad_bias = g_total.sum_to_size(bias.shape).clone() if ctx.needs_input_grad[1] else None
+        for j in range(streams):
+            rel, g_rel, q = rel_total[j:j + 1], grad[j:j + 1], grad_in[j:j + 1]
+            share, den, tie = _share_parts(rel, total, eps, scratch, ctx.ties[j])
+            if grad_bias is not None:
+                grad_bias += torch.mul(g_rel, share, out=q)[0].sum_to_size(bias.shape)
+            if not ctx.needs_input_grad[0]:
+                continue
+            torch.mul(g_rel, bias, out=q).div_(den)  # dL/d(share numerator)
+            u = torch.mul(q, share, out=den)  # minus dL/d(denominator); den is not needed any more
+            if tie:
+                dead, *sums = tie
+                with torch.enable_grad():
+                    sums = [t.detach().requires_grad_() for t in sums]
+                    d_share = (_per_sample(q * dead) * eps).to(sums[0].dtype)  # dead is 0/1
+                    d_rel_sum, d_mag_sum = torch.autograd.grad(_fallback_share(*sums, eps), sums, d_share)
+                q.add_(_per_sample_view(d_rel_sum, q.ndim - 1).to(q.dtype))
+                u.sub_(_per_sample_view(d_mag_sum, q.ndim - 1).to(q.dtype))  # |rel| and |irrel| both enter the sum
+            q.sub_(u).mul_(torch.sign(rel, out=share))  # sign(rel)·dL/d|rel|; share is not needed any more
+            u.mul_(torch.sub(total, rel, out=share).sign_())  # sign(irrel)·dL/d|irrel| with the sign flipped
+            q.add_(g_rel).add_(u)
+            if streams == 1:  # u is the total's row of grad_in
+                u.neg_().add_(g_total)
+            else:
+                grad_in[-1:].sub_(u)
+        return (grad_in if ctx.needs_input_grad[0] else None), grad_bias
 
 
 def split_bias(lin: Tensor, bias: Tensor | float) -> Decomposed:

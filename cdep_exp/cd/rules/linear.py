@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cdep_exp.cd.rules.bias import add_bias, channel_view, linear_with_bias, unsupported
+from cdep_exp.cd.rules.bias import channel_view, linear_with_bias, unsupported
 from cdep_exp.cd.rules.core import Decomposed, Rule, register_rule
 
 
@@ -33,25 +33,11 @@ def linear_function(fn: Callable, x: Decomposed, weight: Tensor, bias: Tensor | 
     return linear_with_bias(lambda t: F.linear(t, weight), x, bias)
 
 
-def _conv_with_bias(fn: Callable[[Tensor], Tensor], x: Decomposed, bias: Tensor | None,
-                    batched_ndim: int) -> Decomposed:
-    """A bias-free convolution of every stream, then the bias split. On an accelerator the
-    streams are merged into the batch axis (one call); on CPU each stream gets its own call at
-    the model's batch size, since oneDNN's convolutions slow down far more than linearly with
-    the batch on this scale (2 cores, MNIST CNN conv 1→20, 5×5, 28×28, forward + weight
-    gradient: 1.7 ms at batch 64, 19 ms at 128; conv 3→20 forward: 1.4 ms at 64, 30 ms at 576)."""
-    t = x.rel_total
-    if t.is_cpu and t.ndim - 1 == batched_ndim:
-        lin = Decomposed(torch.stack([fn(stream) for stream in t]))
-        return lin if bias is None else add_bias(lin, bias)
-    return linear_with_bias(fn, x, bias, batched_ndim)
-
-
 def _conv_rule(batched_ndim: int) -> Rule:
     def rule(m: nn.Module, x: Decomposed) -> Decomposed:
-        """Convolution without bias on every stream, then the bias split (`_conv_with_bias`)."""
+        """Convolution without bias on every stream (one call, streams merged into the batch), then the bias split."""
         bias = None if m.bias is None else channel_view(m.bias, batched_ndim)
-        return _conv_with_bias(lambda t: m._conv_forward(t, m.weight, None), x, bias, batched_ndim)
+        return linear_with_bias(lambda t: m._conv_forward(t, m.weight, None), x, bias, batched_ndim)
 
     return rule
 
@@ -65,7 +51,7 @@ def _f_conv_rule(batched_ndim: int) -> Rule:
     def rule(fn: Callable, x: Decomposed, weight: Tensor, bias: Tensor | None = None, *args, **kwargs) -> Decomposed:
         """Functional convolution: as the module."""
         b = None if bias is None else channel_view(bias, batched_ndim)
-        return _conv_with_bias(lambda t: fn(t, weight, None, *args, **kwargs), x, b, batched_ndim)
+        return linear_with_bias(lambda t: fn(t, weight, None, *args, **kwargs), x, b, batched_ndim)
 
     return rule
 
