@@ -192,6 +192,7 @@ def fit(
             desc=f"epoch {epoch}", scheduler=scheduler if settings.step_scheduler_per_batch else None,
             precision=precision,
         )
+        train_seconds = time.perf_counter() - start
         val = evaluate(model, val_loader, device, val_class_weights)
         state.seconds += time.perf_counter() - start
         record = {"epoch": epoch, **train_stats, "val_loss": val.loss}
@@ -203,9 +204,11 @@ def fit(
             scheduler.step()
         state.history.append(record)
         if not settings.progress:
-            log.info("epoch %d/%d: %s, %.1f s", epoch + 1, settings.max_epochs,
+            steps = len(train_loader) if settings.max_steps_per_epoch is None else min(
+                settings.max_steps_per_epoch, len(train_loader))
+            log.info("epoch %d/%d: %s, %.1f s (%.3g train steps/s)", epoch + 1, settings.max_epochs,
                      ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"),
-                     time.perf_counter() - start)
+                     time.perf_counter() - start, steps / max(train_seconds, 1e-9))
         for key, value in record.items():
             if key != "epoch":
                 writer.add_scalar(key, value, epoch)

@@ -41,7 +41,7 @@ echo -e "\n## One short run per dataset × method on CUDA ($STEPS steps, 1 epoch
 echo "| dataset | method | result | seconds |" >> "$SUMMARY"
 echo "|---|---|---|---|" >> "$SUMMARY"
 for dataset in decoymnist colormnist compas sst isic_synthetic; do
-  for method in vanilla cdep rrr eg; do
+  for method in vanilla cdep cdep_original rrr eg; do
     start=$(date +%s.%N)
     log="$OUT/run_${dataset}_${method}.log"
     if $PY train.py dataset=$dataset method=$method device=cuda paths.data_dir="$DATA_DIR" \

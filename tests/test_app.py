@@ -1,4 +1,5 @@
 """The Hydra app end to end: config composition, tiny runs per method, resume, skip, errors."""
+import logging
 import json
 import subprocess
 import sys
@@ -176,3 +177,18 @@ def test_command_line_multirun_sweeps_methods(tmp_path: Path, fake_mnist_dir: Pa
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, timeout=300)
     found = sorted(p.relative_to(tmp_path).parts[:4] for p in tmp_path.glob("**/metrics.json"))
     assert found == [("decoymnist", "cdep", "lam=10", "seed=0"), ("decoymnist", "vanilla", "lam=0", "seed=0")]
+
+
+def test_without_progress_bars_each_epoch_is_one_plain_log_line(
+    tmp_path: Path, fake_mnist_dir: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
+) -> None:
+    """A log file (SLURM, `make tables`) gets one line per epoch with the losses and the speed,
+    and no cursor escapes or carriage returns from bars."""
+    with caplog.at_level(logging.INFO, logger="cdep_exp.training"):
+        run(make_cfg(tmp_path, tiny(fake_mnist_dir, "trainer.max_epochs=2")), tmp_path / "run")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(lines) == 2 and lines[0].startswith("epoch 1/2: ") and lines[1].startswith("epoch 2/2: ")
+    for line in lines:
+        assert "task_loss" in line and "val_loss" in line and "train steps/s" in line
+    printed = capsys.readouterr()
+    assert "\r" not in printed.out + printed.err and "\x1b[" not in printed.out + printed.err

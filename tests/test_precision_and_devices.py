@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cdep_exp.app import run
-from cdep_exp.cd import decompose
+from cdep_exp.cd import decompose, decompose_many
 from cdep_exp.errors import ConfigError
 from cdep_exp.models import MNISTCNN
 from cdep_exp.penalties import CDEP
@@ -71,6 +71,18 @@ def test_cdep_penalty_gradients_match_between_cpu_and_cuda() -> None:
     assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.cuda
+def test_many_masks_on_cuda_match_cpu() -> None:
+    """The k + 1-stream decomposition on CUDA (where the tie-break search always runs) gives the
+    CPU's values."""
+    torch.manual_seed(0)
+    model = MNISTCNN(in_channels=3, num_classes=10).eval()
+    x, masks = torch.randn(8, 3, 28, 28), (torch.rand(4, 1, 1, 28, 28) < 0.1).float()
+    rel, irrel = decompose_many(model, x, masks)
+    rel_gpu, irrel_gpu = decompose_many(model.cuda(), x.cuda(), masks.cuda())
+    assert torch.allclose(rel_gpu.cpu(), rel, atol=1e-4) and torch.allclose(irrel_gpu.cpu(), irrel, atol=1e-4)
+
+
 def test_gpu_check_script_skips_cleanly_without_cuda(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the script would run the whole check")
@@ -79,3 +91,19 @@ def test_gpu_check_script_skips_cleanly_without_cuda(tmp_path: Path) -> None:
                           timeout=120, env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable})
     assert done.returncode == 0, done.stderr
     assert "GPU check skipped" in (tmp_path / "gpu_check_summary.md").read_text()
+
+
+def test_sampled_mask_cdep_under_bf16_autocast_stays_close_to_float32() -> None:
+    """k + 1 streams through CD under CPU autocast: finite, and within bfloat16's precision of
+    the float32 penalty (the same masks: the same torch seed)."""
+    torch.manual_seed(0)
+    model = MNISTCNN(3, 16).eval()
+    x, y = torch.rand(8, 3, 28, 28), torch.randint(10, (8,))
+    weights = torch.rand(1, 28, 28)
+    torch.manual_seed(1)
+    _, reference = CDEP(mask_samples=4)(model, x, y, weights)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, value = CDEP(mask_samples=4)(model, x, y, weights)
+    assert torch.isfinite(value) and torch.isfinite(logits).all()
+    assert abs(value.float() - reference) / reference < 0.05

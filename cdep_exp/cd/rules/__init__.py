@@ -1,7 +1,8 @@
 """Contextual-decomposition rules: one short function per operation, kept in a registry.
 
 A decomposed value is a `Decomposed`: its relevant part and its total (rel + irrel, the value
-of the plain forward) stacked on a new leading axis, `rel_total` of shape (2, *plain shape).
+of the plain forward) stacked on a new leading axis, `rel_total` of shape (2, *plain shape);
+with several masks at once (`decompose_many`), k relevant parts and one total, (k + 1, ...).
 Carrying the total rather than irrel makes most rules one call on the stacked tensor: any
 linear map without bias applies to both rows, and an elementwise f applied to both rows is
 exactly the CD rule rel' = f(rel), irrel' = f(rel + irrel) − f(rel) (REFERENCE §1.3).
