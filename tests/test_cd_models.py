@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from cdep_exp.cd import decompose
+from cdep_exp.cd import decompose, decompose_many
 from cdep_exp.penalties import CDEP
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -197,3 +197,22 @@ def test_model_in_16_bit_is_finite_and_within_its_precision(name: str, dtype: to
     scale = reference.abs().max()
     budget = 4 * (plain - reference).abs().max() / scale + 8 * torch.finfo(dtype).eps
     assert (total - reference).abs().max() / scale <= budget
+
+
+@pytest.mark.parametrize("name", params(["resnet18", "mobilenet_v3_small", "vit_small", "transformer_text", "gru_text"]))
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_many_masks_match_one_mask_at_a_time_on_current_models(name: str, train: bool) -> None:
+    """decompose_many on whole networks (batch norm, stochastic depth, attention; the text
+    models through their whole-model rules) gives each mask's own decomposition."""
+    model = build(name).train(train)
+    x, mask = inputs(name)
+    mask = mask.float()
+    masks = torch.stack((mask, 1 - mask))
+    torch.manual_seed(7)
+    rel, irrel = decompose_many(model, x, masks)
+    for j, m in enumerate(masks):
+        torch.manual_seed(7)
+        one_rel, one_irrel = decompose(model, x, m)
+        scale = one_rel.abs().max() + one_irrel.abs().max()
+        assert (rel[j] - one_rel).abs().max() <= 1e-4 * scale
+        assert (irrel[j] - one_irrel).abs().max() <= 1e-4 * scale

@@ -585,12 +585,26 @@ def decompose_many(model: nn.Module, x: Tensor, masks: Tensor) -> tuple[Tensor, 
     the batch repeated k times takes, with the same values (each stream's bias split, tie-break
     included, reads its own rel and the shared total). Train-mode dropout draws one mask for
     all streams and batch norm updates its statistics once. A whole-model rule
-    (`register_model_rule`) is called once per mask. Raises as `decompose` does.
+    (`register_model_rule`) is called once per mask, each call from the same random state, so
+    train-mode dropout still draws once for all masks. Raises as `decompose` does.
     """
     whole = model_rule(type(model))
     if whole is not None:
-        parts = [whole(model, x, m) for m in torch.as_tensor(masks, device=x.device)]
-        return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+        return _whole_model_many(whole, model, x, torch.as_tensor(masks, device=x.device))
     out = _plan(model).run(model, _initial_many(x, masks)).rel_total
     return out[:-1], out[-1] - out[:-1]
+
+
+def _whole_model_many(whole: Callable, model: nn.Module, x: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """A whole-model rule once per mask, every call starting from the random state of the first,
+    so that dropout draws the same masks for all (the state ends as after one call)."""
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+    parts = []
+    for mask in masks:
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, x.device)
+        parts.append(whole(model, x, mask))
+    return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
 
