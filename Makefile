@@ -74,8 +74,9 @@ gpu-wheels: setup
 	  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 	$(PY) -m pip wheel --quiet --no-deps -w .whl antlr4-python3-runtime==4.9.3
 
+# This checkout's .venv when there is one; on a bare GPU machine its own python3.
 gpu-check:
-	bash scripts/gpu_check.sh
+	PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash scripts/gpu_check.sh
 
 ## Every paper table at SCALE: trains what is missing (finished runs are skipped), writes
 ## results/<scale>/<table>.{md,csv,tex} and the λ figures; keeps going past a failed table.

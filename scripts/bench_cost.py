@@ -1,8 +1,8 @@
 """Seconds per training step and peak memory of each explanation penalty (paper Table S1 as ratios).
 
 DecoyMNIST setting: MNISTCNN (1 channel, FC 256), batch 64, synthetic 28×28 inputs with the
-four-corner 5×5 annotation, Adam; ColorMNIST setting: MNISTCNN (3 channels, FC 500) with the
-original CDEP's 8 sampled single-pixel masks a batch. Each method trains its own model; after
+four-corner 5×5 annotation, Adam; ColorMNIST setting: MNISTCNN (3 channels, FC 500), batch 256,
+with the original CDEP's 8 sampled single-pixel masks a batch (the datasets' own batch sizes). Each method trains its own model; after
 warm-up the methods take their timed steps in turn (round-robin), so load from other processes
 hits all alike, in three runs whose spread is reported.
 
@@ -35,12 +35,12 @@ from cdep_exp.models.text import TransformerClassifier
 from cdep_exp.models.vision import build_torchvision_cnn
 from cdep_exp.penalties import CDEP, RRR, ExpectedGradients, Penalty, Vanilla
 
-# (setting, method) → (penalty, model, input channels, annotation); each setting's ratios are
-# against its own vanilla row. ColorMNIST: the original CDEP's 8 single-pixel masks a batch,
-# drawn from a sampling distribution over pixels (k + 1 = 9 streams through the network).
+# setting → (input channels, hidden units, annotation, batch of conf/dataset/<setting>.yaml);
+# each setting's ratios are against its own vanilla row. ColorMNIST: the original CDEP's 8
+# single-pixel masks a batch, drawn from a sampling distribution over pixels (k + 1 = 9 streams).
 SETTINGS = {
-    "DecoyMNIST": (1, 256, "corners"),
-    "ColorMNIST": (3, 500, "pixels"),
+    "DecoyMNIST": (1, 256, "corners", 64),
+    "ColorMNIST": (3, 500, "pixels", 256),
 }
 METHODS = {
     ("DecoyMNIST", "vanilla"): Vanilla,
@@ -56,8 +56,9 @@ MiB = 2**20
 class Trainer:
     """One method's model, optimiser and fixed batch; `step()` is one full training step."""
 
-    def __init__(self, setting: str, penalty: Penalty, batch: int, device: torch.device) -> None:
-        channels, hidden, annotation = SETTINGS[setting]
+    def __init__(self, setting: str, penalty: Penalty, batch: int | None, device: torch.device) -> None:
+        channels, hidden, annotation, own_batch = SETTINGS[setting]
+        batch = batch or own_batch
         torch.manual_seed(0)
         self.model = MNISTCNN(channels, hidden).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -131,7 +132,7 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
 
 
-def bench_device(device: torch.device, batch: int, warmup: int, steps: int, runs: int) -> pd.DataFrame:
+def bench_device(device: torch.device, batch: int | None, warmup: int, steps: int, runs: int) -> pd.DataFrame:
     """Per method: median step time over `runs` runs of `steps` round-robin steps each, its
     ratio to the setting's vanilla per run (median and range over the runs), and step memory."""
     trainers = {key: Trainer(key[0], build(), batch, device) for key, build in METHODS.items()}
@@ -254,7 +255,8 @@ def device_name(device: torch.device) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch size for every setting (default: each dataset's own, 64 and 256)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per method")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per method and run")
     parser.add_argument("--runs", type=int, default=3, help="runs of --steps round-robin steps; the spread is over them")
@@ -275,8 +277,9 @@ def main() -> None:
     devices = [torch.device("cpu")] if args.device in ("auto", "cpu") else []
     if args.device != "cpu" and torch.cuda.is_available():
         devices.append(torch.device("cuda"))
+    batches = f"batch {args.batch}" if args.batch else "each dataset's batch (64, 256)"
     print(f"DecoyMNIST: MNISTCNN(1, 256), 4-corner 5×5 mask; ColorMNIST: MNISTCNN(3, 500), 8 pixel masks "
-          f"a batch. Batch {args.batch}, Adam; per method {args.warmup} warm-up steps, then {args.runs} runs "
+          f"a batch. {batches.capitalize()}, Adam; per method {args.warmup} warm-up steps, then {args.runs} runs "
           f"of {args.steps} timed steps (forward, penalty, backward, optimiser step), round-robin.")
     print("s/step: median wall time of a step over all runs. time ×vanilla: per run, the median "
           "step time over the setting's vanilla median; median (min–max) over the runs. step peak: "

@@ -21,7 +21,11 @@ if ls .whl/*.whl >/dev/null 2>&1 && ! $PY -c "import hydra, omegaconf, mlxtend" 
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+if ! $PY -c "import torch" 2>/dev/null; then
+  echo "GPU check: $PY cannot import torch; set PYTHON to an interpreter that has it." | tee "$SUMMARY"
+  exit 1
+fi
+if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "No CUDA device: GPU check skipped (CUDA tests, GPU runs and the CUDA benchmark need one)." | tee "$SUMMARY"
   exit 0
 fi
@@ -42,18 +46,19 @@ echo "| dataset | method | result | seconds |" >> "$SUMMARY"
 echo "|---|---|---|---|" >> "$SUMMARY"
 for dataset in decoymnist colormnist compas sst isic_synthetic; do
   for method in vanilla cdep cdep_original rrr eg; do
-    start=$(date +%s.%N)
+    start=$(date +%s%N)
     log="$OUT/run_${dataset}_${method}.log"
     if $PY train.py dataset=$dataset method=$method device=cuda paths.data_dir="$DATA_DIR" \
          paths.output_dir="$OUT/outputs" trainer.max_epochs=1 trainer.max_steps_per_epoch=$STEPS \
          trainer.progress=false trainer.force=true > "$log" 2>&1; then
       result=$(grep -o "Done: .*" "$log" | cut -c1-80)
-    elif grep -q "not found\|FileNotFoundError\|download" "$log"; then
+    elif grep -q "FileNotFoundError\|No such file" "$log"; then
       result="skipped: data not on this machine"
     else
       result="FAILED: $(tail -n 1 "$log" | cut -c1-100)"; status=1
     fi
-    echo "| $dataset | $method | $result | $(printf '%.1f' "$(echo "$(date +%s.%N) - $start" | bc)") |" >> "$SUMMARY"
+    elapsed_ms=$(( ($(date +%s%N) - start) / 1000000 ))
+    echo "| $dataset | $method | $result | $((elapsed_ms / 1000)).$(( (elapsed_ms % 1000) / 100 )) |" >> "$SUMMARY"
   done
 done
 

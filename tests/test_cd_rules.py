@@ -367,3 +367,28 @@ def test_a_user_rule_without_the_stream_mark_runs_once_per_stream() -> None:
             torch.testing.assert_close(irrel[j], one_irrel)
     finally:
         unregister_rule(Scale)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared masks", "per-sample masks"])
+def test_many_masks_in_chunks_of_samples_match_one_pass(per_sample: bool) -> None:
+    """On CPU decompose_many cuts a large batch into chunks of samples (max_rows); the result
+    and the parameter gradients must not depend on the cut."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 3))
+    x = torch.randn(7, 2, 8, 8)
+    masks = (torch.rand(3, 7 if per_sample else 1, 1, 8, 8) < 0.4).float()
+    one_pass = decompose_many(model, x, masks, max_rows=None)
+    chunked = decompose_many(model, x, masks, max_rows=8)  # 4 streams: 2 samples a chunk
+    weights = torch.randn(one_pass[0].shape)
+    grads = [torch.autograd.grad((weights * (rel - irrel)).sum(), list(model.parameters()))
+             for rel, irrel in (one_pass, chunked)]
+    for a, b in zip(one_pass, chunked):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_many_masks_refuse_masks_without_a_mask_axis() -> None:
+    model = nn.Linear(4, 2)
+    with pytest.raises(ValueError, match="leading axis"):
+        decompose_many(model, torch.randn(3, 4), torch.ones(1, 1, 1, 4))

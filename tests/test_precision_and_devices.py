@@ -107,3 +107,16 @@ def test_sampled_mask_cdep_under_bf16_autocast_stays_close_to_float32() -> None:
         logits, value = CDEP(mask_samples=4)(model, x, y, weights)
     assert torch.isfinite(value) and torch.isfinite(logits).all()
     assert abs(value.float() - reference) / reference < 0.05
+
+
+def test_gpu_check_script_says_when_its_python_has_no_torch(tmp_path: Path) -> None:
+    """A python without torch must not pass for 'no CUDA device' (a GPU machine would then
+    report success having run nothing)."""
+    no_torch = tmp_path / "python"
+    no_torch.write_text("#!/bin/sh\nexit 1\n")
+    no_torch.chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OUT": str(tmp_path), "PYTHON": str(no_torch)})
+    assert done.returncode == 1
+    assert "cannot import torch" in (tmp_path / "gpu_check_summary.md").read_text()

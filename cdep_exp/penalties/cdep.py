@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdep_exp.cd import decompose, decompose_many
+from cdep_exp.cd import batch_coupled, decompose, decompose_many
 from cdep_exp.penalties.base import Penalty
 
 # softmax, text: the original's forms (faithful protocol). centred, normalised: sign-free and
@@ -45,11 +45,6 @@ def annotated_samples(annotation: torch.Tensor, x: torch.Tensor) -> torch.Tensor
         # Shared by every sample (no batch axis, or a broadcast one).
         return annotation.ne(0).any().expand(x.shape[0])
     return annotation.ne(0).flatten(1).any(1)
-
-
-def batch_coupled(model: nn.Module) -> bool:
-    """Does a sample's output depend on the rest of its batch (batch norm in training mode)?"""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
 
 
 def centred(values: torch.Tensor) -> torch.Tensor:
@@ -261,7 +256,7 @@ class CDEP(Penalty):
         rel, irrel = decompose_many(model, x, masks)  # (k, B, C) each: k relevant streams, one total
         per_sample = penalty_form(self.form, rel.flatten(0, 1), irrel.flatten(0, 1), y.repeat(k))
         if self.gap:
-            # x without mask j for copy j of the batch: k plain forwards, one per mask.
+            # Copy j of the batch without mask j: one plain forward of the k·B inputs.
             without = (x.unsqueeze(0) * (1 - masks)).flatten(0, 1)
             per_sample = per_sample + self.gap * self._gap(model, without, rel.flatten(0, 1), irrel.flatten(0, 1))
         value = per_sample.view(k, -1).mean(1).sum()

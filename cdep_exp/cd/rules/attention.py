@@ -71,7 +71,7 @@ def _probabilities(scores: Tensor, mask: Tensor | None, dropout_p: float) -> Ten
 
 
 def _attend(probs: Tensor, v: Decomposed) -> Tensor:
-    """probs (..., L, S) held fixed, times each part of v (2, ..., S, d)."""
+    """probs (..., L, S) held fixed, times each part of v (streams + 1, ..., S, d)."""
     return probs @ v.rel_total
 
 
@@ -119,7 +119,7 @@ def multihead_attention(m: nn.MultiheadAttention, query, key, value, key_padding
         key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
     if batched and m.batch_first:
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(1, 2)
-    # Now sequence-first: q (L, B, E), k (S, B, E), v (2, S, B, E).
+    # Now sequence-first: q (L, B, E), k (S, B, E), v (streams + 1, S, B, E).
     L, B, E = q.shape
     S, H = k.shape[0], m.num_heads
     d = E // H

@@ -28,11 +28,11 @@ def _gru_direction(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b
     zeros = x.new_zeros(3 * hidden)
     b_ih = zeros if b_ih is None else b_ih
     b_hh = zeros if b_hh is None else b_hh
-    gi = x @ w_ih.T  # (2, B, T, 3H), no bias
+    gi = x @ w_ih.T  # (S + 1, B, T, 3H), no bias
     steps = range(x.shape[2] - 1, -1, -1) if reverse else range(x.shape[2])
     outs: list[Tensor] = [None] * x.shape[2]  # type: ignore[list-item]
     for t in steps:
-        gh = h @ w_hh.T  # (2, B, 3H), no bias
+        gh = h @ w_hh.T  # (S + 1, B, 3H), no bias
         gates = gi[-1, :, t, : 2 * hidden] + b_ih[: 2 * hidden] + gh[-1, :, : 2 * hidden] + b_hh[: 2 * hidden]
         r, z = torch.sigmoid(gates).chunk(2, dim=-1)
         lin = gi[:, :, t, 2 * hidden:] + r * gh[:, :, 2 * hidden:]
@@ -60,11 +60,11 @@ def gru(m: nn.GRU, x: Decomposed, hx: Tensor | None = None) -> tuple[Decomposed,
     if not batched:
         t = t.unsqueeze(1 if m.batch_first else 2)
     if not m.batch_first:
-        t = t.transpose(1, 2)  # (2, B, T, I)
+        t = t.transpose(1, 2)  # (S + 1, B, T, I)
     batch = t.shape[1]
     dirs = 2 if m.bidirectional else 1
     if isinstance(hx, Decomposed):
-        h0 = hx.rel_total if batched else hx.rel_total.unsqueeze(2)  # (2, layers·dirs, B, H)
+        h0 = hx.rel_total if batched else hx.rel_total.unsqueeze(2)  # (S + 1, layers·dirs, B, H)
     else:
         h0 = t.new_zeros(len(t), m.num_layers * dirs, batch, m.hidden_size)
     finals = []
@@ -80,7 +80,7 @@ def gru(m: nn.GRU, x: Decomposed, hx: Tensor | None = None) -> tuple[Decomposed,
             outs.append(out)
             finals.append(h)
         t = torch.cat(outs, dim=-1) if dirs > 1 else outs[0]
-    h_n = torch.stack(finals, dim=1)  # (2, layers·dirs, B, H)
+    h_n = torch.stack(finals, dim=1)  # (S + 1, layers·dirs, B, H)
     if not m.batch_first:
         t = t.transpose(1, 2)
     if not batched:
