@@ -247,17 +247,19 @@ class CDEP(Penalty):
     def _sampled_masks(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, k = x.shape[0], self.mask_samples
+        k = self.mask_samples
         weights = weights.detach().to(torch.float)
         if weights.dim() == x.dim():
             weights = weights.mean(0)
         positions = torch.multinomial(weights.flatten(), k, replacement=True)
         masks = F.one_hot(positions, weights.numel()).to(x.dtype).view(k, 1, *weights.shape)
         rel, irrel = decompose_many(model, x, masks)  # (k, B, C) each: k relevant streams, one total
-        per_sample = penalty_form(self.form, rel.flatten(0, 1), irrel.flatten(0, 1), y.repeat(k))
+        logits = rel[0] + irrel[0]
+        rel, irrel = rel.flatten(0, 1), irrel.flatten(0, 1)  # copy j of the batch: mask j
+        per_sample = penalty_form(self.form, rel, irrel, y.repeat(k))
         if self.gap:
             # Copy j of the batch without mask j: one plain forward of the k·B inputs.
             without = (x.unsqueeze(0) * (1 - masks)).flatten(0, 1)
-            per_sample = per_sample + self.gap * self._gap(model, without, rel.flatten(0, 1), irrel.flatten(0, 1))
+            per_sample = per_sample + self.gap * self._gap(model, without, rel, irrel)
         value = per_sample.view(k, -1).mean(1).sum()
-        return rel[0] + irrel[0], value
+        return logits, value

@@ -33,8 +33,9 @@ def add_bias(x: Decomposed, bias: Tensor | float) -> Decomposed:
     exactly zero the original formula gives rel no share of the bias; here rel gets the share
     s, the sample's overall |rel| : |irrel| ratio at this layer (the batch's, or the chunk's
     under `decompose_many`'s CPU chunks, for a sample whose layer input is all zero), so an
-    empty mask still gives rel = 0 and a full mask irrel = 0 everywhere. `bias` must broadcast to the value's shape. ε is `eps_for(dtype)`; 16-bit
-    values sum their per-sample magnitudes in float32, which would overflow in float16.
+    empty mask still gives rel = 0 and a full mask irrel = 0 everywhere. `bias` must broadcast
+    to the value's shape. ε is `eps_for(dtype)`; 16-bit values sum their per-sample magnitudes
+    in float32, which would overflow in float16. With several streams each gets its own split.
     """
     t = x.rel_total
     if not isinstance(bias, Tensor):

@@ -53,7 +53,7 @@ class Decomposed:
 
     @property
     def streams(self) -> int:
-        """How many relevant parts are carried (1 but while several masks are decomposed at once)."""
+        """How many relevant parts are carried (1, except while several masks are decomposed at once)."""
         return self.rel_total.shape[0] - 1
 
     @property
