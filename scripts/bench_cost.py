@@ -2,9 +2,10 @@
 
 DecoyMNIST setting: MNISTCNN (1 channel, FC 256), batch 64, synthetic 28×28 inputs with the
 four-corner 5×5 annotation, Adam; ColorMNIST setting: MNISTCNN (3 channels, FC 500), batch 256,
-with the original CDEP's 8 sampled single-pixel masks a batch (the datasets' own batch sizes). Each method trains its own model; after
-warm-up the methods take their timed steps in turn (round-robin), so load from other processes
-hits all alike, in three runs whose spread is reported.
+with the original CDEP's 8 sampled single-pixel masks a batch (the datasets' own batch sizes).
+Each method trains its own model; after warm-up the methods take their timed steps in turn
+(round-robin), so load from other processes hits all alike, in three runs whose spread is
+reported.
 
 Then the cost of contextual decomposition on current architectures (torchvision resnet18 at
 batch 8, 64×64; a 2-layer transformer text classifier at batch 32, 40 tokens): a decompose
