@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -79,14 +79,20 @@ def _loader(node: fx.Node, index: dict[fx.Node, int]) -> Callable[[Env], tuple[l
     return load
 
 
-def _has_decomposed(values: Any) -> bool:
+def _decomposed_in(values: Any) -> Iterator[Decomposed]:
+    """The Decomposed values among `values`, through nested lists, tuples and dicts."""
     if isinstance(values, Decomposed):
-        return True
-    if isinstance(values, (list, tuple)):
-        return any(_has_decomposed(v) for v in values)
-    if isinstance(values, dict):
-        return any(_has_decomposed(v) for v in values.values())
-    return False
+        yield values
+    elif isinstance(values, (list, tuple)):
+        for v in values:
+            yield from _decomposed_in(v)
+    elif isinstance(values, dict):
+        for v in values.values():
+            yield from _decomposed_in(v)
+
+
+def _has_decomposed(values: Any) -> bool:
+    return next(_decomposed_in(values), None) is not None
 
 
 def _step(fn: Callable, plain: Callable, load: Callable[[Env], tuple[list, dict]], inplace_arg: int | None,
@@ -107,17 +113,6 @@ def _step(fn: Callable, plain: Callable, load: Callable[[Env], tuple[list, dict]
         return out
 
     return step
-
-
-def _streams_of(values: Any) -> int:
-    """The most relevant streams among the Decomposed values in `values` (nested), 1 if none."""
-    if isinstance(values, Decomposed):
-        return values.streams
-    if isinstance(values, (list, tuple)):
-        return max((_streams_of(v) for v in values), default=1)
-    if isinstance(values, dict):
-        return max((_streams_of(v) for v in values.values()), default=1)
-    return 1
 
 
 def _select_stream(values: Any, j: int) -> Any:
@@ -148,7 +143,7 @@ def _per_stream(fn: Callable) -> Callable:
     """Run a rule that reads one relevant part once per stream (see `multi_stream`)."""
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        streams = _streams_of((args, kwargs))
+        streams = max((d.streams for d in _decomposed_in((args, kwargs))), default=1)
         if streams == 1:
             return fn(*args, **kwargs)
         return _merge_streams([fn(*_select_stream(args, j), **_select_stream(kwargs, j)) for j in range(streams)])
