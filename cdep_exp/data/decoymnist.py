@@ -1,4 +1,4 @@
-"""DecoyMNIST: a grey corner square whose shade gives the label away in training only.
+"""DecoyMNIST and DecoyFMNIST: a grey corner square whose shade gives the label away in training only.
 
 Every image gets a square patch in one of its four corners (chosen uniformly at random per
 image). In the training set the patch's shade is a function of the label, 255 − 25·y, so a
@@ -18,6 +18,10 @@ Variants:
 Both scale pixels as the CDEP code does, x / 255 · 2 − 1 ∈ [−1, 1], shape (1, 28, 28). Unlike
 the original (no seed), the corner draws are seeded (`decoy_seed`; train and test draws
 independent) and the train/validation split is fixed by `split_seed` alone.
+
+DecoyFMNIST (`images="fashion_mnist"`) puts the same decoys on Fashion-MNIST, the harder
+variant of the XIL typology (Friedrich et al. 2023), which uses Ross et al.'s construction
+("ross"): clothes are harder to tell apart than digits, so a network leans on the patch more.
 """
 from __future__ import annotations
 
@@ -26,9 +30,19 @@ import torch
 from torch.utils.data import TensorDataset
 
 from cdep_exp.data.base import Counterfactual, Splits
-from cdep_exp.data.mnist_source import load_mnist
+from cdep_exp.data.mnist_source import MNISTArrays, load_fashion_mnist, load_mnist
 
 PATCH_SIZE = {"cdep": 5, "ross": 4}
+# The MNIST-format image sets a decoy can be put on.
+IMAGES = {"mnist": load_mnist, "fashion_mnist": load_fashion_mnist}
+
+
+def load_images(images: str, data_dir: str, source: str) -> MNISTArrays:
+    """The MNIST-format images named `images` ("mnist" or "fashion_mnist") from `source`
+    (`cdep_exp.data.mnist_source`); raises ValueError for another name."""
+    if images not in IMAGES:
+        raise ValueError(f"unknown images {images!r}; choose one of {tuple(IMAGES)}")
+    return IMAGES[images](data_dir, source)
 
 
 def corner_mask(size: int) -> torch.Tensor:
@@ -113,16 +127,18 @@ def build_decoymnist(
     decoy_seed: int = 0,
     max_train: int | None = None,
     max_test: int | None = None,
+    images: str = "mnist",
 ) -> Splits:
     """DecoyMNIST splits: train/val with train-style shades, tests {"test": decoyed MNIST test}.
 
-    data_dir, source: see `cdep_exp.data.mnist_source.load_mnist`.
+    data_dir, source: see `cdep_exp.data.mnist_source.load_mnist` (and `load_fashion_mnist`).
     variant: "cdep" (5×5, test shade 25·y) or "ross" (4×4, test shade of a random digit).
     val_fraction: share of the decoyed training images held out for validation (train shades).
     split_seed: fixes the train/validation split (and the subsamples), independent of run seeds.
     decoy_seed: fixes the corner (and, for "ross", test shade) draws.
     max_train: use only this many MNIST training images (before the train/val split).
     max_test: use only this many test images.
+    images: "mnist" (DecoyMNIST) or "fashion_mnist" (DecoyFMNIST).
 
     Counterfactuals of "test" (`cdep_exp.shortcut`): "patch_removed", the same digits without
     the patch (the background shade everywhere), and "patch_train_shade", the patch in the same
@@ -131,7 +147,7 @@ def build_decoymnist(
     if variant not in PATCH_SIZE:
         raise ValueError(f"unknown DecoyMNIST variant {variant!r}; choose one of {tuple(PATCH_SIZE)}")
     size = PATCH_SIZE[variant]
-    mnist = load_mnist(data_dir, source)
+    mnist = load_images(images, data_dir, source)
 
     train_rng, test_rng = (np.random.default_rng([int(decoy_seed), k]) for k in (0, 1))
     train_x, _ = add_decoy(mnist.train_x, train_shades(mnist.train_y), size, train_rng)
@@ -157,7 +173,7 @@ def build_decoymnist(
         tests={"test": dataset(xt, yt, annotation)},
         num_classes=10,
         input_shape=(1, 28, 28),
-        description=f"DecoyMNIST ({variant}) on {mnist.description}",
+        description=f"{'DecoyMNIST' if images == 'mnist' else 'DecoyFMNIST'} ({variant}) on {mnist.description}",
         counterfactuals={
             "patch_removed": counterfactual(mnist.test_x, "test digits without their patch"),
             "patch_train_shade": counterfactual(

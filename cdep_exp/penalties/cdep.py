@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdep_exp.cd import batch_coupled, decompose, decompose_many
-from cdep_exp.penalties.base import Penalty
+from cdep_exp.penalties.base import Penalty, sample_masks
 
 # softmax, text: the original's forms (faithful protocol). centred, normalised: sign-free and
 # invariant to a shift of all logits (see `penalty_form`).
@@ -248,11 +248,7 @@ class CDEP(Penalty):
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.mask_samples
-        weights = weights.detach().to(torch.float)
-        if weights.dim() == x.dim():
-            weights = weights.mean(0)
-        positions = torch.multinomial(weights.flatten(), k, replacement=True)
-        masks = F.one_hot(positions, weights.numel()).to(x.dtype).view(k, 1, *weights.shape)
+        masks = sample_masks(weights, k, x).unsqueeze(1)
         rel, irrel = decompose_many(model, x, masks)  # (k, B, C) each: k relevant streams, one total
         logits = rel[0] + irrel[0]
         rel, irrel = rel.flatten(0, 1), irrel.flatten(0, 1)  # copy j of the batch: mask j

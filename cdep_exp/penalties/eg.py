@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdep_exp.penalties.base import Penalty
+from cdep_exp.penalties.base import Penalty, SampledMasks
 from cdep_exp.penalties.rrr import differentiable_input
 
 
@@ -26,20 +26,30 @@ class ExpectedGradients(Penalty):
 
     x and the interpolants take separate forwards: in one concatenated batch, the double
     backprop would also run over the rows of x, which costs more than the pass it saves.
+
+    An annotation of sampling weights is a soft mask, or with `mask_samples=k` the original's
+    ColorMNIST protocol: k single-pixel masks drawn a batch and the penalty summed over them
+    (the attribution at each drawn pixel, times how often it was drawn).
     """
 
     annotations = ("mask", "weights")
 
-    def __init__(self, references: int = 1, faithful: bool = False) -> None:
+    def __init__(self, references: int = 1, faithful: bool = False, mask_samples: int | None = None) -> None:
         if references < 1:
             raise ValueError(f"ExpectedGradients needs references >= 1, got {references}")
         self.references = references
         self.faithful = faithful
+        self.sampling = SampledMasks(mask_samples)
+
+    def bind(self, annotation: str) -> None:
+        super().bind(annotation)
+        self.sampling.check(annotation)
 
     def __call__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, annotation: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = not torch.is_floating_point(x)
+        annotation = self.sampling.counts(annotation, x)
         inputs, forward, annotation = differentiable_input(model, x, annotation, "ExpectedGradients")
         if not tokens:
             inputs = inputs.detach()

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdep_exp.models.base import require_token_model
-from cdep_exp.penalties.base import Penalty
+from cdep_exp.penalties.base import Penalty, SampledMasks
 
 TARGETS = ("log_prob_sum", "loss")
 
@@ -45,15 +45,24 @@ class RRR(Penalty):
     Token ids x (B, T) with an annotation of token positions (B, T): the gradient is taken with
     respect to the embedded tokens (B, T, D) of a `TokenModel`, and the penalty sums its squares
     over the annotated positions and all D coordinates (`sum_channels` does not apply).
+
+    An annotation of sampling weights (ColorMNIST's pixel distribution) is a soft mask, or with
+    `mask_samples=k` the original's protocol: k single-pixel masks drawn a batch, the penalty
+    summed over them (Σ_j Σ_b (g_b at pixel j)², i.e. each drawn pixel weighted by its count).
     """
 
     annotations = ("mask", "weights")
 
-    def __init__(self, target: str = "log_prob_sum", sum_channels: bool = False) -> None:
+    def __init__(self, target: str = "log_prob_sum", sum_channels: bool = False, mask_samples: int | None = None) -> None:
         if target not in TARGETS:
             raise ValueError(f"RRR target must be one of {TARGETS}, got {target!r}")
         self.target = target
         self.sum_channels = sum_channels
+        self.sampling = SampledMasks(mask_samples)
+
+    def bind(self, annotation: str) -> None:
+        super().bind(annotation)
+        self.sampling.check(annotation)
 
     def __call__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, annotation: torch.Tensor
@@ -61,6 +70,10 @@ class RRR(Penalty):
         tokens = not torch.is_floating_point(x)
         if tokens and self.sum_channels:
             raise ValueError("RRR sum_channels sums image channels; it does not apply to token ids")
+        # Squared below, so a position drawn n times gets weight √n: n copies of its square.
+        annotation = self.sampling.counts(annotation, x)
+        if self.sampling.mask_samples is not None:
+            annotation = annotation.sqrt()
         inputs, forward, annotation = differentiable_input(model, x, annotation, "RRR")
         logits = forward(inputs)
         if self.target == "log_prob_sum":

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="accuracy next to the shortcut metric (counterfactual Δp and flips) per method and form")
     parser.add_argument("--select", help="with --shortcut: pick λ per method on this column, e.g. val/accuracy")
     parser.add_argument("--all-counterfactuals", action="store_true", help="with --shortcut: every counterfactual")
-    parser.add_argument("--scale", default="quick", choices=["quick", "paper"])
+    parser.add_argument("--scale", default="quick", choices=["quick", "full", "paper"])
     parser.add_argument("--outputs", type=Path, default=Path("outputs/tables"), help="root of the table runs")
     parser.add_argument("--results", type=Path, default=Path("results"), help="where tables and figures are written")
     args = parser.parse_args(argv)

@@ -20,6 +20,7 @@ from cdep_exp.reporting.selection import best_mean_validation
 PRIMARY = {
     "colormnist": "recoloured_train",
     "decoymnist": "patch_train_shade",
+    "decoyfmnist": "patch_train_shade",
     "isic": "patch_pasted",
     "isic_synthetic": "patch_pasted",
     "compas": "race_flipped",
