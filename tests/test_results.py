@@ -93,11 +93,51 @@ def test_sweep_params_expand_like_hydras_basic_sweeper() -> None:
 
 
 @pytest.mark.parametrize("table", sorted(tables.TABLES))
-def test_every_table_preset_expands_at_both_scales(table: str) -> None:
-    quick, paper = (sweeps.expected_runs(table, scale) for scale in ("quick", "paper"))
-    assert 0 < len(quick) < len(paper)
+def test_every_table_preset_expands_at_every_scale(table: str) -> None:
+    quick, full, paper = (sweeps.expected_runs(table, scale) for scale in ("quick", "full", "paper"))
+    assert 0 < len(quick) < len(paper) and len(quick) < len(full) <= len(paper)
     assert {"sweep", "method", "lam", "seed"} <= set(quick.columns)
-    assert not quick.duplicated().any()
+    assert not quick.duplicated().any() and not full.duplicated().any()
+
+
+def test_table2_full_scale_has_five_seeds_of_every_method_on_three_datasets() -> None:
+    full = sweeps.expected_runs("table2", "full")
+    datasets = full["sweep"].str.removeprefix("table2/").str.split("_").str[0]
+    assert set(datasets) == {"colormnist", "decoymnist", "decoyfmnist"}
+    assert set(full["method"]) == {"vanilla", "cdep_original", "cdep", "rrr", "eg"}
+    assert (full.groupby(["sweep", "lam"])["seed"].nunique() == 5).all()
+    assert (full[full["method"] != "vanilla"].groupby("sweep")["lam"].nunique() == 3).all()
+
+
+def mnist_metrics(val: float, test: float, counterfactual: str, flips: float) -> dict:
+    return {"val": {"accuracy": val}, "test": {"accuracy": test},
+            f"cf_{counterfactual}": {"prob_change": flips / 200, "flip_rate": flips, "accuracy": 50.0},
+            "cf_other": {"prob_change": 0.9, "flip_rate": 90.0, "accuracy": 1.0}}
+
+
+def test_table2_reads_each_datasets_primary_counterfactual_and_picks_lambda_on_validation(tmp_path: Path) -> None:
+    for seed in range(2):
+        # λ 100 validates better (the patch helps on train-style validation) but tests worse.
+        write_run(tmp_path, "table2", "table2/decoymnist_cdep_original", "cdep_original", 100, seed,
+                  mnist_metrics(99.0, 94.0 + seed, "patch_train_shade", 4.0), dataset="decoymnist",
+                  seconds_per_epoch=30.0, history=[{}] * 4)
+        write_run(tmp_path, "table2", "table2/decoymnist_cdep_original", "cdep_original", 1000, seed,
+                  mnist_metrics(98.0, 97.0, "patch_train_shade", 1.0), dataset="decoymnist")
+        write_run(tmp_path, "table2", "table2/decoyfmnist_vanilla", "vanilla", 0, seed,
+                  mnist_metrics(95.0, 60.0, "patch_train_shade", 30.0 + seed), dataset="decoyfmnist")
+        write_run(tmp_path, "table2", "table2/colormnist_cdep", "cdep", 1, seed,
+                  mnist_metrics(80.0, 90.0, "recoloured_train", 5.0), dataset="colormnist")
+    table = tables.build("table2", "quick", tmp_path / OUTPUTS)
+    cells = table.cells.set_index(["dataset", "method"])
+    cdep = cells.loc[("DecoyMNIST", "CDEP")]
+    assert cdep["lam"] == 100 and cdep["accuracy mean"] == 94.5 and cdep["accuracy paper mean"] == 97.2
+    assert cdep["flip_rate mean"] == 4.0 and cdep["prob_change mean"] == 0.02 and cdep["minutes mean"] == 2.0
+    fashion = cells.loc[("DecoyFMNIST", "Vanilla")]
+    assert fashion["flip_rate mean"] == 30.5 and math.isnan(fashion["accuracy paper mean"])
+    assert cells.loc[("ColorMNIST", "CDEP (corrected)"), "flip_rate mean"] == 5.0
+    assert math.isnan(cells.loc[("ColorMNIST", "RRR"), "accuracy mean"])
+    shown = table.display()
+    assert list(shown.columns[:4]) == ["dataset", "method", "λ", "seeds"] and "flips %" in shown.columns
 
 
 def test_compas_table_reports_missing_runs_and_the_faithful_accuracy(tmp_path: Path) -> None:

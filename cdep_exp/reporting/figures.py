@@ -2,9 +2,10 @@
 
     python -m cdep_exp.reporting --figures --scale quick     # results/figures/quick/*.png
 
-One figure per Table 2 dataset (ColorMNIST is the paper's Fig. S2) and per Table 4 SST variant.
-Other scripts (e.g. ISIC heatmaps) write their figures into results/figures/ too; the notebooks
-show them all.
+One figure per Table 2 dataset (ColorMNIST is the paper's Fig. S2), with the shortcut metric
+(flipped predictions under the counterfactual) against λ beside accuracy, and one per Table 4
+SST variant. Other scripts (e.g. ISIC heatmaps) write their figures into results/figures/ too;
+the notebooks show them all.
 """
 from pathlib import Path
 
@@ -13,22 +14,21 @@ from matplotlib.figure import Figure
 
 from cdep_exp.reporting.tables import TABLES, load, scored
 
-# (table, column that splits it into figures, rows kept, y label)
+# (table, column that splits it into figures, rows kept, panels: (metric column, y label))
 FIGURES = (
-    ("table2", "dataset", None, "test accuracy (%)"),
-    ("table4", "variant", ("protocol", "corrected"), "test accuracy (%), best-dev-loss epoch"),
+    ("table2", "dataset", None, (("accuracy", "test accuracy (%)"),
+                                 ("flip_rate", "flipped by the shortcut edit (%)"))),
+    ("table4", "variant", ("protocol", "corrected"), (("accuracy", "test accuracy (%), best-dev-loss epoch"),)),
 )
 
 
-def accuracy_vs_lam(runs: pd.DataFrame, ylabel: str, title: str) -> Figure:
-    """Mean ± std over seeds of `accuracy` against λ (log axis) for each penalised method; the
+def against_lam(ax, runs: pd.DataFrame, metric: str, ylabel: str) -> None:
+    """Mean ± std over seeds of `metric` against λ (log axis) for each penalised method; the
     unpenalised model (λ 0, which a log axis cannot show) as a dashed line with its ±std band."""
-    fig = Figure(figsize=(5.5, 3.8))  # no pyplot: no GUI backend, nothing global to close
-    ax = fig.subplots()
     for method, group in runs[runs["lam"] > 0].groupby("method", sort=False):
-        stats = group.groupby("lam")["accuracy"].agg(["mean", "std"]).sort_index()
+        stats = group.groupby("lam")[metric].agg(["mean", "std"]).sort_index()
         ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=3, label=method)
-    vanilla = runs.loc[runs["lam"] == 0, "accuracy"].dropna()
+    vanilla = runs.loc[runs["lam"] == 0, metric].dropna()
     if not vanilla.empty:
         mean, std = vanilla.mean(), vanilla.std() if len(vanilla) > 1 else 0.0
         ax.axhline(mean, color="grey", linestyle="--", label="Vanilla (λ = 0)")
@@ -36,8 +36,16 @@ def accuracy_vs_lam(runs: pd.DataFrame, ylabel: str, title: str) -> Figure:
     ax.set_xscale("log")
     ax.set_xlabel("λ")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize="small")
+
+
+def lambda_figure(runs: pd.DataFrame, panels: tuple[tuple[str, str], ...], title: str) -> Figure:
+    """One panel per (metric, y label) against λ, side by side, with one legend."""
+    fig = Figure(figsize=(5.5 * len(panels), 3.8))  # no pyplot: no GUI backend, nothing global to close
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (metric, ylabel) in zip(axes, panels):
+        against_lam(ax, runs, metric, ylabel)
+    axes[0].legend(fontsize="small")
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 
@@ -45,13 +53,13 @@ def accuracy_vs_lam(runs: pd.DataFrame, ylabel: str, title: str) -> Figure:
 def lambda_figures(scale: str, outputs: Path) -> dict[str, Figure]:
     """One figure per Table 2 dataset and Table 4 variant with finished runs, by file stem."""
     made = {}
-    for table, split, keep, ylabel in FIGURES:
+    for table, split, keep, panels in FIGURES:
         runs = scored(TABLES[table], load(table, scale, outputs).found)
         if keep:
             runs = runs[runs[keep[0]] == keep[1]]
         for name, group in runs.groupby(split):
             stem = f"{table}_{str(name).lower().replace(' ', '_')}_lambda"
-            made[stem] = accuracy_vs_lam(group, ylabel, f"{name}: accuracy against λ ({scale} scale)")
+            made[stem] = lambda_figure(group, panels, f"{name}: against λ ({scale} scale)")
     return made
 
 
