@@ -3,10 +3,12 @@ import os
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cdep_exp.app import run
-from cdep_exp.errors import ConfigError
+from cdep_exp.errors import ConfigError, RunFailed
+from cdep_exp.run import run
 from cdep_exp.training import NonFiniteLossError
 
 # Errors whose message says what to do: printed as one line. HYDRA_FULL_ERROR=1 keeps the traceback.
@@ -21,6 +23,9 @@ def main(cfg: DictConfig) -> float:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"Error: {err}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # The sweep's other runs go on; it ends with this line and exit status 1.
+            raise RunFailed(f"A run of the sweep failed ({' '.join(HydraConfig.get().overrides.task)}): {err}") from None
         sys.exit(2)
 
 

@@ -98,7 +98,7 @@ def main() -> None:
         train_set = CachedFeatures(cache, [row[r.image] for r in train])
         loader = DataLoader(train_set, batch_size=args.batch, shuffle=True)
         start = time.perf_counter()
-        timed_steps(head, CDEP(annotation="relevant"), loader, optimizer, weights, device)
+        timed_steps(head, CDEP().bind("relevant"), loader, optimizer, weights, device)
         cached_epoch = time.perf_counter() - start
 
         full = VGG16Classifier(features, head)
@@ -116,7 +116,7 @@ def main() -> None:
             _, whole = CDEP()(full, x.to(device), y.to(device), mask.to(device))
             cached = CachedFeatures(cache, [row[r.image] for r in patched])
             fx, fy, rel = next(iter(DataLoader(cached, batch_size=len(cached))))
-            _, from_cache = CDEP(annotation="relevant")(head, fx.to(device), fy.to(device), rel.to(device))
+            _, from_cache = CDEP().bind("relevant")(head, fx.to(device), fy.to(device), rel.to(device))
     gap = abs(whole.item() - from_cache.item()) / max(abs(whole.item()), 1e-12)
     verdict = "equal" if gap <= TOLERANCE[args.dtype] else "DIFFERENT"
     print(f"CDEP penalty on {len(patched)} patch images (eval): whole network {whole.item():.6f}, "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -52,15 +53,20 @@ def record(out: Path, data_dir: Path) -> None:
         subprocess.run(command, cwd=ROOT, env=env, check=True)
 
 
+def no_value(value):
+    """NaN as None: older records wrote NaN, newer ones write null (valid JSON); both mean none."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def numbers(run_dir: Path) -> dict[str, float]:
-    """The comparable numbers of a run's record, by dotted name."""
+    """The comparable numbers of a run's record, by dotted name (NaN and null alike as None)."""
     record = json.loads((run_dir / "metrics.json").read_text())
     out = {f"metrics.{split}.{key}": value for split, values in record["metrics"].items() for key, value in values.items()}
     for entry in record["history"]:
         out.update({f"history.{entry['epoch']}.{key}": value for key, value in entry.items()
                     if key != "epoch" and not any(word in key for word in NOT_NUMBERS)})
     out.update({key: record[key] for key in ("epochs_run", "best_epoch", "best_val_loss")})
-    return out
+    return {key: no_value(value) for key, value in out.items()}
 
 
 def compare(before: Path, after: Path) -> int:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import cdep_exp.cd.lstm as cd_lstm
+import cdep_exp.models.cd_rules as cd_lstm
 from cdep_exp.cd import decompose
 from cdep_exp.cd.rules import Decomposed
 from cdep_exp.penalties.cdep import CDEP, masked_mean

@@ -13,7 +13,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from cdep_exp import training
-from cdep_exp.app import build_model, run
+from cdep_exp.training import loop
+from cdep_exp.run import run
+from cdep_exp.run.compose import build_model
 from cdep_exp.data.base import Splits
 from cdep_exp.errors import ConfigError
 from cdep_exp.penalties import CDEP, RRR, ExpectedGradients, Vanilla
@@ -104,7 +106,7 @@ def test_interrupted_run_resumes_to_the_same_result(
     overrides = tiny(fake_mnist_dir, "method=cdep", "trainer.max_epochs=3", "trainer.patience=null")
     run(make_cfg(tmp_path, overrides), tmp_path / "straight")
 
-    real_epoch = training.train_one_epoch
+    real_epoch = loop.train_one_epoch
     calls = []
 
     def crash_in_third_epoch(*args, **kwargs):
@@ -113,7 +115,7 @@ def test_interrupted_run_resumes_to_the_same_result(
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(training, "train_one_epoch", crash_in_third_epoch)
+    monkeypatch.setattr(loop, "train_one_epoch", crash_in_third_epoch)
     with pytest.raises(KeyboardInterrupt):
         run(make_cfg(tmp_path, overrides), tmp_path / "resumed")
     assert not (tmp_path / "resumed" / "metrics.json").exists()

@@ -14,30 +14,27 @@ PACKAGE = ROOT / "cdep_exp"
 PLUGINS = Path(__file__).parent / "plugins"
 
 # Which top-level parts of the package each part may import (besides itself). Data flows
-# forward: config → data → model → penalty → loop → metrics → reporting.
+# forward: config → data → model → penalty → loop → scoring → run record → reporting.
 LOWER = {"errors", "atomic", "provenance"}
 ALLOWED = {
+    "cd": LOWER,
     "data": LOWER,
-    "models": LOWER,
-    "cd": LOWER | {"models"},
+    "models": LOWER | {"cd"},  # models register their own whole-model CD rules
     "penalties": LOWER | {"cd", "models"},
-    "metrics": LOWER,
-    "shortcut": LOWER,
     "feature_cache": LOWER | {"cd", "data"},
-    "checkpoint": LOWER,
-    "evaluation": LOWER | {"data", "metrics", "shortcut"},
-    "training": LOWER | {"checkpoint", "evaluation", "penalties"},
-    "run_record": LOWER,
-    "run_identity": LOWER | {"run_record"},
-    "config_schema": LOWER,
-    "gradcam": LOWER | {"models"},
-    "app": LOWER | {"data", "models", "cd", "penalties", "metrics", "feature_cache", "checkpoint",
-                    "evaluation", "training", "run_record", "run_identity", "config_schema"},
-    "reporting": LOWER | {"run_identity", "run_record"},
-    # Shortcut tables (read records) and the interaction diagnosis (rebuilds a run, like train.py).
-    "shortcut_diagnosis": LOWER | {"app", "cd", "data", "models", "penalties", "reporting", "run_record"},
-    **{part: set() for part in LOWER},
+    "scoring": LOWER | {"data"},
+    "training": LOWER | {"penalties", "scoring"},
+    "run": LOWER | {"data", "models", "cd", "penalties", "feature_cache", "scoring", "training"},
+    # Reporting reads records and composes table presets (the trainer schema must be registered).
+    "reporting": LOWER | {"run", "training"},
+    # Tools rebuild a run from its record and inspect the trained model.
+    "tools": LOWER | {"cd", "data", "models", "penalties", "run", "scoring"},
+    "errors": set(),
+    "atomic": {"errors"},
+    "provenance": set(),
 }
+# The package root: the lowest layer and the feature cache; everything else lives in a subpackage.
+ROOT_MODULES = {"__init__", "errors", "atomic", "provenance", "feature_cache"}
 
 
 def module_name(path: Path) -> str:
@@ -95,6 +92,41 @@ def test_every_module_imports_only_lower_layers() -> None:
             if target not in ALLOWED[part]:
                 offences.append(f"{path.relative_to(ROOT)} imports cdep_exp.{target}")
     assert not offences, offences
+
+
+def test_the_package_root_holds_only_the_lowest_layer() -> None:
+    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    assert modules <= ROOT_MODULES and len(modules) <= 8, sorted(modules - ROOT_MODULES)
+
+
+def module_edges() -> dict[str, set[str]]:
+    """Module → the package's modules it imports (a `from package import name` counts as
+    importing the module `package.name` when there is one, else the package)."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    edges: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("cdep_exp"):
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    targets.add(full if full in modules else node.module)
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names if a.name in modules}
+        edges[name] = {t for t in targets if t in modules and t != name and t != package}
+    return edges
+
+
+def test_no_two_modules_import_each_other() -> None:
+    """No import cycle between modules: a topological order of the import graph exists (a
+    package's own __init__, which gathers its modules, is not counted as a dependency of them)."""
+    remaining = module_edges()
+    while remaining:
+        free = [m for m, deps in remaining.items() if not deps & set(remaining)]
+        assert free, f"import cycle among {sorted(remaining)}"
+        for m in free:
+            del remaining[m]
 
 
 def test_layer_rules_catch_an_upward_import() -> None:

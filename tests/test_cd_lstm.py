@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from cdep_exp.cd import decompose
-from cdep_exp.cd.lstm import decompose_lstm
+from cdep_exp.models.cd_rules import decompose_lstm
 from cdep_exp.models import LSTMClassifier
 
 VOCAB, PAD = 20, 0

@@ -18,7 +18,8 @@ import torchvision.datasets
 
 from cdep_exp.data import mnist_source, packaged
 from cdep_exp.data.colormnist import build_colormnist, class_colors
-from cdep_exp.data.decoymnist import add_decoy, build_decoymnist, corner_mask, split_indices
+from cdep_exp.data.decoymnist import add_decoy, build_decoymnist, corner_mask
+from cdep_exp.data.sampling import split_indices
 from cdep_exp.data.mnist_source import (
     MNISTFallbackWarning,
     MNISTUnavailableError,

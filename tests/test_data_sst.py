@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from cdep_exp.app import DATASET_META_KEYS
+from cdep_exp.run.compose import DATASET_META_KEYS
 from cdep_exp.cd import decompose
 from cdep_exp.data.sst import (
     NEGATIVE, PAD, POSITIVE, UNK, Sample, TokenDataset, binary_samples, build_sst, build_vocab,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cdep_exp.app import run
+from cdep_exp.run import run
 from test_app import make_cfg
 from test_data_compas import write_csv
 from test_data_sst import write_trees

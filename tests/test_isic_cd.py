@@ -64,19 +64,20 @@ def test_relevant_annotation_penalises_only_samples_that_have_one() -> None:
     x = torch.rand(4, TinyFrozen.out_features)
     rel = torch.zeros_like(x)
     rel[:2] = 0.5 * x[:2]
-    logits, value = CDEP(annotation="relevant")(model, x, torch.zeros(4, dtype=torch.long), rel)
+    logits, value = CDEP().bind("relevant")(model, x, torch.zeros(4, dtype=torch.long), rel)
     r, i = decompose(model, x[:2], rel=rel[:2])
     assert torch.allclose(logits, model(x), atol=1e-6)
     assert torch.allclose(value, torch.sigmoid(r - i).mean(), atol=1e-6)
-    _, none = CDEP(annotation="relevant")(model, x, torch.zeros(4, dtype=torch.long), torch.zeros_like(x))
+    _, none = CDEP().bind("relevant")(model, x, torch.zeros(4, dtype=torch.long), torch.zeros_like(x))
     assert none.item() == 0
 
 
-def test_cdep_annotation_option_is_checked() -> None:
-    with pytest.raises(ValueError, match="annotation must be one of"):
-        CDEP(annotation="relevance")
-    with pytest.raises(ValueError, match="annotation='mask'"):
-        CDEP(annotation="relevant", mask_samples=8)
+def test_cdep_reads_the_annotation_kind_the_data_declares() -> None:
+    with pytest.raises(ValueError, match="cannot read a 'relevance' annotation"):
+        CDEP().bind("relevance")
+    with pytest.raises(ValueError, match="cannot read a relevant-part annotation"):
+        CDEP(mask_samples=8).bind("relevant")
+    assert CDEP().bind("relevant").annotation == "relevant" and CDEP().bind("mask").annotation == "mask"
 
 
 def test_cached_cdep_penalty_equals_whole_network_penalty(tmp_path: Path) -> None:
@@ -89,7 +90,7 @@ def test_cached_cdep_penalty_equals_whole_network_penalty(tmp_path: Path) -> Non
     rest = head().eval()
     cached = CachedFeatures(cache, list(range(len(records))))
     features, y, rel = next(iter(DataLoader(cached, batch_size=len(cached))))
-    _, from_cache = CDEP(annotation="relevant")(rest, features, y, rel)
+    _, from_cache = CDEP().bind("relevant")(rest, features, y, rel)
 
     x = torch.stack([load_image(r.image, SIZE) for r in records])
     masks = [dilate(load_mask(r.mask, SIZE), width) if r.mask else np.zeros((SIZE, SIZE), bool) for r in records]

@@ -10,7 +10,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from cdep_exp import feature_cache
-from cdep_exp.app import run, use_feature_cache
+from cdep_exp.run import run
+from cdep_exp.run.compose import use_feature_cache
 from cdep_exp.data import isic
 from cdep_exp.data.images import dilation_width, load_mask
 from cdep_exp.data.isic import ImageDataset, build_isic, scan_root, split_records

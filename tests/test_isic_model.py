@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cdep_exp.evaluation import evaluate_splits
+from cdep_exp.scoring.evaluation import evaluate_splits
 from cdep_exp.data.base import Splits
-from cdep_exp.gradcam import grad_cam, last_conv_activation
-from cdep_exp.metrics import compute_metrics
+from cdep_exp.tools.gradcam import grad_cam, last_conv_activation
+from cdep_exp.scoring.metrics import compute_metrics
 from cdep_exp.models.vgg import VGG16Classifier, VGG16Features, VGG16Head, build_vgg16
 from cdep_exp.models.vgg import PretrainedWeightsError
 

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from cdep_exp.metrics import METRICS, compute_metrics
+from cdep_exp.scoring.metrics import METRICS, compute_metrics
 
 
 def probs_for(pred: list[int], p: float = 0.8) -> np.ndarray:

@@ -108,7 +108,7 @@ def test_relevant_annotation_path_with_corrected_forms(form: str) -> None:
     x = torch.randn(4, 6)
     rel_part = torch.zeros_like(x)
     rel_part[:2, :2] = x[:2, :2]  # samples 2, 3 have nothing to penalise
-    _, value = CDEP(form=form, annotation="relevant")(model, x, torch.zeros(4, dtype=torch.long), rel_part)
+    _, value = CDEP(form=form).bind("relevant")(model, x, torch.zeros(4, dtype=torch.long), rel_part)
     mask = torch.zeros_like(x)
     mask[:2, :2] = 1
     _, by_mask = CDEP(form=form)(model, x[:2], torch.zeros(2, dtype=torch.long), mask[:2])

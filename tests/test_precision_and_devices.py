@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdep_exp.app import run
+from cdep_exp.run import run
 from cdep_exp.cd import decompose, decompose_many
 from cdep_exp.errors import ConfigError
 from cdep_exp.models import MNISTCNN

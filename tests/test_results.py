@@ -44,8 +44,8 @@ def test_collect_flattens_metrics_history_and_sweep(tmp_path: Path) -> None:
     write_run(tmp_path, "table4", "table4/vanilla", "vanilla", 0, 0, {"val": {"accuracy": 60.0}}, history=history)
     runs = collect(find_records(tmp_path / OUTPUTS))
     row = runs.iloc[0]
-    assert row["val/accuracy"] == 60.0 and row["val_max/accuracy"] == 71.5 and row["sweep"] == "table4/vanilla"
-    assert best_over_epochs(history) == {"accuracy": 71.5}
+    assert row["val/accuracy"] == 60.0 and row["history"] == history and row["sweep"] == "table4/vanilla"
+    assert best_over_epochs(history, "accuracy") == 71.5 and math.isnan(best_over_epochs(history, "auc"))
 
 
 def test_archived_previous_runs_are_not_collected(tmp_path: Path) -> None:
@@ -144,10 +144,10 @@ def test_compas_table_reports_missing_runs_and_the_faithful_accuracy(tmp_path: P
     # Corrected vanilla: seeds 0 and 1 of 3 (race shown); faithful CDEP: all 3 seeds.
     for seed, acc in ((0, 66.0), (1, 68.0)):
         write_run(tmp_path, "table3", "table3/vanilla", "vanilla", 0, seed, compas_metrics(70, acc),
-                  config={"dataset": {"hide_race": False}})
+                  config={"dataset": {"hide_race": False}, "protocol": "corrected"})
     for seed in range(3):
         write_run(tmp_path, "table3", "table3/faithful_cdep", "cdep_original", 1, seed, compas_metrics(70, 10, zeroed=69.0),
-                  config={"dataset": {"hide_race": False}})
+                  config={"dataset": {"hide_race": False}, "protocol": "faithful"})
     table = tables.build("table3", "quick", tmp_path / OUTPUTS)
     cells = table.cells.set_index(["protocol", "row"])
     assert cells.loc[("corrected", "Vanilla"), "accuracy mean"] == 67.0
@@ -200,7 +200,7 @@ def test_cost_table_gives_ratios_to_vanilla(tmp_path: Path) -> None:
 
 def test_table_is_written_as_markdown_csv_and_latex(tmp_path: Path) -> None:
     write_run(tmp_path, "table3", "table3/cdep", "cdep_original", 1, 0, compas_metrics(70, 68.0),
-              config={"dataset": {"hide_race": False}})
+              config={"dataset": {"hide_race": False}, "protocol": "corrected"})
     table = tables.build("table3", "quick", tmp_path / OUTPUTS)
     written = table.write(tmp_path / "results")
     assert [p.name for p in written] == ["table3.md", "table3.csv", "table3.tex", "table3_missing.csv"]

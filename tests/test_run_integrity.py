@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 import torch
 from filelock import FileLock
+from hydra.errors import ConfigCompositionException
 
-from cdep_exp import app, training
-from cdep_exp.app import run
+from cdep_exp import training
+from cdep_exp.run import app, compose
+from cdep_exp.training import loop
+from cdep_exp.run import run
 from cdep_exp.atomic import atomic_path
 from cdep_exp.errors import ConfigError
 from cdep_exp.reporting.__main__ import main as report
@@ -51,7 +54,7 @@ def test_interrupted_run_does_not_resume_on_other_data(
     tmp_path: Path, fake_mnist_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     overrides = ["trainer.max_epochs=3", "trainer.patience=null"]
-    real = training.train_one_epoch
+    real = loop.train_one_epoch
     calls = []
 
     def crash_second(*args, **kwargs):
@@ -60,10 +63,10 @@ def test_interrupted_run_does_not_resume_on_other_data(
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training, "train_one_epoch", crash_second)
+    monkeypatch.setattr(loop, "train_one_epoch", crash_second)
     with pytest.raises(KeyboardInterrupt):
         run(make_cfg(tmp_path, tiny(fake_mnist_dir, *overrides)), tmp_path / "run")
-    monkeypatch.setattr(training, "train_one_epoch", real)
+    monkeypatch.setattr(loop, "train_one_epoch", real)
     with pytest.raises(ConfigError, match="trained on other data"):
         run(make_cfg(tmp_path, tiny(other_mnist(tmp_path / "other"), *overrides)), tmp_path / "run")
 
@@ -81,7 +84,6 @@ def test_run_in_a_directory_of_another_config_is_refused(tmp_path: Path, fake_mn
         (["trainer.max_steps_per_epoch=0"], "trainer.max_steps_per_epoch=0 must be >= 1"),
         (["trainer.max_steps_per_epoch=-1"], "trainer.max_steps_per_epoch=-1 must be >= 1"),
         (["trainer.patience=-1", "trainer.restore_best=false"], "trainer.patience=-1 must be >= 0"),
-        (["trainer.max_epochs=abc"], "trainer.max_epochs='abc' must be int"),
         (["trainer.batch_size=-3"], "trainer.batch_size=-3 must be >= 1"),
         (["dataset.val_fraction=lots"], "dataset.val_fraction='lots' must be float"),
         (["dataset.max_train=half"], "dataset.max_train='half' must be int or null"),
@@ -100,6 +102,15 @@ def test_bad_values_fail_before_any_data_loads(
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+def test_a_mistyped_trainer_value_fails_while_composing(tmp_path: Path) -> None:
+    """The trainer group is a structured config: Hydra names the key and the expected type."""
+    with pytest.raises(ConfigCompositionException, match="trainer.max_epochs=abc") as err:
+        make_cfg(tmp_path, ["trainer.max_epochs=abc"])
+    assert "Integer" in str(err.value.__cause__)
+    with pytest.raises(ConfigCompositionException, match="trainer.max_epoch"):
+        make_cfg(tmp_path, ["trainer.max_epoch=3"])  # a misspelt key
+
+
 def test_a_value_the_builder_refuses_is_one_line(tmp_path: Path, fake_mnist_dir: Path) -> None:
     with pytest.raises(ConfigError, match="build_decoymnist: a subsample size must be positive, got -5"):
         run(make_cfg(tmp_path, tiny(fake_mnist_dir, "dataset.max_train=-5")), tmp_path / "run")
@@ -116,9 +127,10 @@ def test_another_optimizer_and_a_cosine_schedule_compose_with_a_dataset_recipe(t
 def test_an_epoch_without_batches_is_an_error() -> None:
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="no batch"):
-        training.train_one_epoch(model, app.build_penalty(make_cfg(Path("/tmp"), ["method=vanilla"]).method), 0.0,
-                                 [], torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.functional.cross_entropy,
-                                 torch.device("cpu"), progress=False)
+        penalty = compose.build_penalty(make_cfg(Path("/tmp"), ["method=vanilla"]).method)
+        loop.train_one_epoch(model, training.Objective(penalty, 0.0, torch.nn.functional.cross_entropy), [],
+                             training.Optimisation(torch.optim.SGD(model.parameters(), lr=0.1)),
+                             training.TrainerSettings(progress=False))
 
 
 # 3. One setting spelled two ways is one run (train.py names run directories).
@@ -157,10 +169,6 @@ def fit_steps(scheduler_factory, max_epochs: int = 2, steps: int = 3) -> tuple[t
     scheduler = scheduler_factory(optimizer)
     data = [(torch.randn(8, 4), torch.randint(0, 2, (8,)), torch.zeros(8, 4)) for _ in range(steps)]
 
-    class Writer:
-        def add_scalar(self, *args) -> None:
-            pass
-
     class NoCheckpoints:
         def resume(self, *args):
             return None
@@ -168,11 +176,14 @@ def fit_steps(scheduler_factory, max_epochs: int = 2, steps: int = 3) -> tuple[t
         def save(self, *args, **kwargs) -> None:
             pass
 
-    settings = training.TrainerSettings(max_epochs=max_epochs, progress=False,
-                                        step_scheduler_per_batch=app.steps_per_batch(scheduler))
-    penalty = app.build_penalty(make_cfg(Path("/tmp"), ["method=vanilla"]).method)
-    training.fit(model, penalty, 0.0, data, data, optimizer, torch.nn.functional.cross_entropy,
-                 torch.device("cpu"), NoCheckpoints(), Writer(), settings, scheduler=scheduler)
+    class Batches:
+        def epoch(self, epoch: int) -> list:
+            return data
+
+    settings = training.TrainerSettings(max_epochs=max_epochs, progress=False)
+    penalty = compose.build_penalty(make_cfg(Path("/tmp"), ["method=vanilla"]).method)
+    training.fit(model, training.Objective(penalty, 0.0, torch.nn.functional.cross_entropy), Batches(),
+                 training.Validation(data), training.Optimisation(optimizer, scheduler), settings, NoCheckpoints())
     return optimizer, scheduler
 
 
@@ -205,12 +216,12 @@ def test_force_on_an_interrupted_run_archives_and_restarts(
     tmp_path: Path, fake_mnist_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     overrides = ["trainer.max_epochs=2", "trainer.patience=null"]
-    real = training.train_one_epoch
-    monkeypatch.setattr(training, "train_one_epoch",
+    real = loop.train_one_epoch
+    monkeypatch.setattr(loop, "train_one_epoch",
                         lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt) if k["desc"] == "epoch 1" else real(*a, **k))
     with pytest.raises(KeyboardInterrupt):
         run(make_cfg(tmp_path, tiny(fake_mnist_dir, *overrides)), tmp_path / "run")
-    monkeypatch.setattr(training, "train_one_epoch", real)
+    monkeypatch.setattr(loop, "train_one_epoch", real)
     run(make_cfg(tmp_path, tiny(fake_mnist_dir, *overrides, "trainer.force=true")), tmp_path / "run")
     [archived] = (tmp_path / "run" / "previous").iterdir()
     assert (archived / "checkpoints" / "last.pt").exists()

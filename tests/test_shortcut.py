@@ -5,9 +5,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cdep_exp.app import evaluate_splits
+from cdep_exp.scoring import evaluate_splits
 from cdep_exp.data.base import Counterfactual, Splits
-from cdep_exp.shortcut import shortcut_reliance
+from cdep_exp.scoring.shortcut import shortcut_reliance
 
 N, C = 40, 4
 
@@ -102,7 +102,7 @@ def test_report_rows_split_cdep_by_form_and_pick_lambda_on_validation() -> None:
 
 
 def test_diagnosis_of_a_linear_model_finds_no_interactions() -> None:
-    from cdep_exp.shortcut_diagnosis import interaction_energies
+    from cdep_exp.tools.shortcut_diagnosis import interaction_energies
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4, bias=False))

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cdep_exp.cd.engine import _initial, _plan
+from cdep_exp.cd.engine import initial_streams, plan_of
 from cdep_exp.cd.rules import model_rule
 
 
@@ -64,7 +64,7 @@ def drift_report(
     rule is wrong shows the first jump in `rel_error`; later nodes inherit it. A whole-model
     rule (the LSTM) gets a single 'output' entry.
     """
-    rel_total = _initial(x, mask, rel)
+    rel_total = initial_streams(x, mask, rel)
     devices = [x.device] if x.device.type == "cuda" else []
     whole = model_rule(type(model))
     with torch.random.fork_rng(devices=devices):
@@ -75,7 +75,7 @@ def drift_report(
             r, i = whole(model, x, mask)
             ours = [("output", "model rule", (r + i).detach())]
         else:
-            plan = _plan(model)
+            plan = plan_of(model)
             record: list = []
             plan.run(model, rel_total, (), record)
             ours = [(plan.names[i], plan.ops[i], v) for i, v in record]

@@ -17,7 +17,7 @@ Two guarantees beyond the rules themselves:
   decomposed value of its input, so later users of the input see the updated value, as they
   do in the plain forward. An in-place update of a value that a view was taken of earlier
   cannot be followed and raises UnsupportedOperationError.
-* `decompose(..., check=True)` runs the plain forward node by node next to the decomposition
+* `cdep_exp.cd.decompose(..., check=True)` runs the plain forward node by node next to the decomposition
   and raises DecompositionDriftError naming the first node where rel + irrel leaves the
   plain value; `drift_report` returns the per-node numbers (cdep_exp/cd/check.py).
 """
@@ -471,7 +471,7 @@ def _state_key(model: nn.Module) -> tuple:
     return tuple(key)
 
 
-def _plan(model: nn.Module) -> _Plan:
+def plan_of(model: nn.Module) -> _Plan:
     """The cached plan for the model's current state (tracing bakes branches in)."""
     plans = _PLANS.setdefault(model, {})
     key = _state_key(model)
@@ -514,7 +514,7 @@ def propagate(model: nn.Module, x: Decomposed, *extras: Any) -> Decomposed:
     """Run a decomposed value through `model`'s graph; `extras` feed its further inputs as plain
     values (a padding mask, the token ids). For whole-model rules built on the generic engine
     (text classifiers: embeddings split by the token mask, then the rest of the network)."""
-    return _plan(model).run(model, x.rel_total, extras)
+    return plan_of(model).run(model, x.rel_total, extras)
 
 
 def _initial_many(x: Tensor, masks: Tensor) -> Tensor:
@@ -522,7 +522,7 @@ def _initial_many(x: Tensor, masks: Tensor) -> Tensor:
     return torch.cat((x * torch.stack([_broadcast_mask(x, m) for m in masks]), x.unsqueeze(0)))
 
 
-def _initial(x: Tensor, mask: Tensor | None, rel: Tensor | None) -> Tensor:
+def initial_streams(x: Tensor, mask: Tensor | None, rel: Tensor | None) -> Tensor:
     if (mask is None) == (rel is None):
         raise TypeError("decompose needs exactly one of mask= (features to credit) or rel= (their part of x)")
     if rel is None:
@@ -533,8 +533,7 @@ def _initial(x: Tensor, mask: Tensor | None, rel: Tensor | None) -> Tensor:
 
 
 def decompose(
-    model: nn.Module, x: Tensor, mask: Tensor | None = None, *, rel: Tensor | None = None,
-    check: bool | float = False,
+    model: nn.Module, x: Tensor, mask: Tensor | None = None, *, rel: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Contextual decomposition of `model(x)` into the part due to `mask`ed features and the rest.
 
@@ -549,16 +548,9 @@ def decompose(
     the batch statistics, so a call stands in for one plain forward; it refuses what the plain
     forward refuses (a train-mode batch norm over one value per channel: ValueError).
 
-    `check=True` (or a relative tolerance, default 1e-4 for True) also runs the plain forward
-    node by node and raises DecompositionDriftError at the first node where rel + irrel
-    differs from it by more than the tolerance, relative to the node's largest value: for
-    debugging a rule, at about twice the cost. Raises UnsupportedOperationError for an
-    operation without a rule, TypeError/ValueError for bad mask/rel arguments.
+    Raises UnsupportedOperationError for an operation without a rule, TypeError/ValueError for
+    bad mask/rel arguments. `cdep_exp.cd.decompose` adds the optional drift check.
     """
-    if check:
-        from cdep_exp.cd.check import raise_on_drift  # the check builds on this module
-
-        raise_on_drift(model, x, mask, rel, 1e-4 if check is True else float(check))
     whole = model_rule(type(model))
     if whole is not None:
         if rel is not None:
@@ -566,7 +558,7 @@ def decompose(
         if (mask is None) == (rel is None):
             raise TypeError("decompose needs exactly one of mask= (features to credit) or rel= (their part of x)")
         return whole(model, x, mask)
-    out = _plan(model).run(model, _initial(x, mask, rel)).rel_total
+    out = plan_of(model).run(model, initial_streams(x, mask, rel)).rel_total
     return out[0], out[1] - out[0]
 
 
@@ -611,7 +603,7 @@ def decompose_many(model: nn.Module, x: Tensor, masks: Tensor, max_rows: int | N
         return _whole_model_many(whole, model, x, masks)
     chunk = len(x) if max_rows is None or not x.is_cpu else max(1, max_rows // (len(masks) + 1))
     if x.ndim == 0 or chunk >= len(x) or batch_coupled(model):
-        out = _plan(model).run(model, _initial_many(x, masks)).rel_total
+        out = plan_of(model).run(model, _initial_many(x, masks)).rel_total
         return out[:-1], out[-1] - out[:-1]
     # A mask with the batch axis (k, B, ...) is cut with x; a shared one (k, 1, ...) is not.
     per_sample = masks.ndim == x.ndim + 1 and masks.shape[1] == len(x) > 1

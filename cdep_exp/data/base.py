@@ -37,7 +37,10 @@ class Splits:
     What a model needs to fit the data: `num_classes`, `input_shape` (one sample's x shape;
     None for variable-length token ids) and `vocab` (token id → word, for text).
     `counterfactuals` maps a name (e.g. "patch_removed") to a `Counterfactual` of a test set;
-    the app measures how far predictions move between the two (`cdep_exp.shortcut`).
+    the app measures how far predictions move between the two (`cdep_exp.scoring.shortcut`).
+    `shortcut` names the counterfactual that measures the shortcut (the annotated feature set
+    to point at the true class, e.g. "patch_train_shade"): runs record it, and reports show its
+    numbers beside accuracy.
     """
 
     train: Dataset
@@ -53,6 +56,7 @@ class Splits:
     description: str = ""
     batch_sampler: Callable[[int, torch.Generator], Sampler[list[int]]] | None = None
     counterfactuals: dict[str, Counterfactual] = field(default_factory=dict)
+    shortcut: str | None = None
 
     def named_datasets(self) -> dict[str, Dataset]:
         """Every dataset of the experiment by name: train, val, the tests, cf_<name> counterfactuals."""

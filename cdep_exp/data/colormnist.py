@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from cdep_exp.data.base import Counterfactual, Splits
-from cdep_exp.data.decoymnist import dataset, split_indices, subsample
+from cdep_exp.data.sampling import shared_annotation, split_indices, subsample
 from cdep_exp.data.mnist_source import load_mnist
 
 START_RGB = (1.0, 0.0, 0.0)  # "red"
@@ -102,7 +102,7 @@ def build_colormnist(
         from pixels: `method.penalty.annotation=relevant method.penalty.mask_samples=null`.
         RRR and EG cannot use it (it is not a mask).
 
-    Counterfactuals of "test" (`cdep_exp.shortcut`), the same digits recoloured:
+    Counterfactuals of "test" (`cdep_exp.scoring.shortcut`), the same digits recoloured:
     "recoloured_train", in their training colour colour[y] (the shortcut now names the true
     class), and "recoloured_random", in a colour drawn uniformly from the ten, independently of
     the label (seeded by `split_seed`).
@@ -134,7 +134,7 @@ def build_colormnist(
     def make(d: np.ndarray, c: np.ndarray, y: torch.Tensor) -> TensorDataset:
         x = standardised(d, c)
         if annotation == "pixels":
-            return dataset(x, y, weights)
+            return shared_annotation(x, y, weights)
         chroma = np.asarray(c, dtype=np.float64) - np.asarray(c, dtype=np.float64).mean(1, keepdims=True)
         colour_part = colorize(d, chroma).div_(std_t)
         return TensorDataset(x, y, colour_part)
@@ -153,6 +153,7 @@ def build_colormnist(
         input_shape=(3, 28, 28),
         annotation="weights" if annotation == "pixels" else "relevant",
         description=f"ColorMNIST (val colours {val_colors}, annotation {annotation}) on {mnist.description}",
+        shortcut="recoloured_train",
         counterfactuals={
             "recoloured_train": recoloured(test_labels, "test digits in their training colour colour[y]"),
             "recoloured_random": recoloured(random_colors, "test digits in a random colour, independent of y"),

@@ -171,6 +171,11 @@ def compas_features(df: pd.DataFrame, keyword_bug: bool = False) -> pd.DataFrame
         axis=1,
     ).astype(float)
     assert list(features.columns) == FEATURES, list(features.columns)
+    empty = [name for name in FEATURES if features[name].isna().any()]
+    if empty:
+        rows = int(features[empty].isna().any(axis=1).sum())
+        raise ValueError(f"empty cells in column(s) {', '.join(empty)} of {rows} row(s) that pass ProPublica's "
+                         f"filter; is the file complete?")
     return features
 
 
@@ -251,7 +256,7 @@ def build_compas(
     617-row reported split. groups[name] holds each sample's race for the fairness metrics.
     The annotation is 1 on the non-race columns (see race_annotation for the direction).
 
-    Counterfactuals of "test" (`cdep_exp.shortcut`), race changed and nothing else:
+    Counterfactuals of "test" (`cdep_exp.scoring.shortcut`), race changed and nothing else:
     "race_flipped", African-American ↔ Caucasian exchanged (other races unchanged, so their
     rows add 0 to the means), and "race_removed", every race column zeroed. With
     `hide_race` both equal the test set.
@@ -293,6 +298,7 @@ def build_compas(
         num_classes=2,
         input_shape=tuple(x.shape[1:]),
         class_weights=class_weights(y[torch.as_tensor(train_idx)]),
+        shortcut="race_flipped",
         counterfactuals={
             "race_flipped": Counterfactual("test", subset(test_idx, swap_black_white(x)),
                                            "African-American and Caucasian exchanged"),

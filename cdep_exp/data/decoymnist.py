@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
 
 from cdep_exp.data.base import Counterfactual, Splits
+from cdep_exp.data.sampling import shared_annotation, split_indices, subsample
 from cdep_exp.data.mnist_source import MNISTArrays, load_fashion_mnist, load_mnist
 
 PATCH_SIZE = {"cdep": 5, "ross": 4}
@@ -94,30 +94,6 @@ def scale(images: np.ndarray) -> torch.Tensor:
     return x.div_(255.0).mul_(2.0).sub_(1.0)
 
 
-def split_indices(n: int, val_fraction: float, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train and validation indices of n samples, as `torch.utils.data.random_split` with a
-    generator seeded with `split_seed` returns them (train first). Touches no global RNG."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    n_val = int(round(n * val_fraction))
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(split_seed)))
-    return perm[: n - n_val], perm[n - n_val:]
-
-
-def subsample(n: int, k: int | None, seed: int) -> np.ndarray:
-    """Sorted indices of min(k, n) of n samples, seeded; all of them when k is None."""
-    if k is None or k >= n:
-        return np.arange(n)
-    if k <= 0:
-        raise ValueError(f"a subsample size must be positive, got {k}")
-    return np.sort(np.random.default_rng(seed).choice(n, size=int(k), replace=False))
-
-
-def dataset(x: torch.Tensor, y: torch.Tensor, annotation: torch.Tensor) -> TensorDataset:
-    """(x, y, annotation) items; the one annotation is expanded, not copied, to every sample."""
-    return TensorDataset(x, y, annotation.expand(len(x), *annotation.shape))
-
-
 def build_decoymnist(
     data_dir: str,
     source: str = "auto",
@@ -140,7 +116,7 @@ def build_decoymnist(
     max_test: use only this many test images.
     images: "mnist" (DecoyMNIST) or "fashion_mnist" (DecoyFMNIST).
 
-    Counterfactuals of "test" (`cdep_exp.shortcut`): "patch_removed", the same digits without
+    Counterfactuals of "test" (`cdep_exp.scoring.shortcut`): "patch_removed", the same digits without
     the patch (the background shade everywhere), and "patch_train_shade", the patch in the same
     corner painted with the training rule 255 − 25·y, i.e. the shortcut pointing at the true class.
     """
@@ -166,14 +142,15 @@ def build_decoymnist(
     annotation = corner_mask(size)
     train_rule = paint_decoy(mnist.test_x, train_shades(mnist.test_y), size, test_offsets)
     counterfactual = lambda images, what: Counterfactual(  # noqa: E731
-        "test", dataset(scale(images[keep_test]), yt, annotation), what)
+        "test", shared_annotation(scale(images[keep_test]), yt, annotation), what)
     return Splits(
-        train=dataset(x[tr], y[tr], annotation),
-        val=dataset(x[va], y[va], annotation),
-        tests={"test": dataset(xt, yt, annotation)},
+        train=shared_annotation(x[tr], y[tr], annotation),
+        val=shared_annotation(x[va], y[va], annotation),
+        tests={"test": shared_annotation(xt, yt, annotation)},
         num_classes=10,
         input_shape=(1, 28, 28),
         description=f"{'DecoyMNIST' if images == 'mnist' else 'DecoyFMNIST'} ({variant}) on {mnist.description}",
+        shortcut="patch_train_shade",
         counterfactuals={
             "patch_removed": counterfactual(mnist.test_x, "test digits without their patch"),
             "patch_train_shade": counterfactual(

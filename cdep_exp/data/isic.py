@@ -169,7 +169,7 @@ def build_isic(
     drop_patch_images: leave patch images out of training (the paper's "excluded" baseline).
     Tests: "test", "test_no_patches" (images without a patch), and on generated data
     "test_malignant_patched" (benign test images plus the patched versions of the malignant ones).
-    Counterfactuals of "test" (`cdep_exp.shortcut`), generated data only: "patch_pasted" (that
+    Counterfactuals of "test" (`cdep_exp.scoring.shortcut`), generated data only: "patch_pasted" (that
     same set: patches pasted onto the malignant images, the benign ones unchanged) and
     "patch_removed" (the patched benign images rendered without their patches, the rest
     unchanged; sets generated before these renders existed lack it).
@@ -178,7 +178,7 @@ def build_isic(
     """
     if "<data_dir>" in str(root):
         raise ConfigError(f"dataset.root={root} still holds the <data_dir> placeholder of a run record; "
-                          f"replace it by the data root (cdep_exp.run_record.with_data_root).")
+                          f"replace it by the data root (RunRecord.config_on).")
     root = Path(root)
     if source == "generated":
         generate_isic_like(root, size=image_size, **dict(generate or {}))
@@ -217,6 +217,7 @@ def build_isic(
         input_shape=(3, image_size, image_size),
         class_weights=class_weights(records),
         counterfactuals=counterfactuals,
+        shortcut="patch_pasted" if "patch_pasted" in counterfactuals else None,
         description=(
             f"ISIC {source} ({root}): {len(records) - n_malignant} benign, {n_malignant} malignant, "
             f"{n_patch} with patches, {image_size} px"

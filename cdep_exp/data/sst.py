@@ -250,7 +250,7 @@ def build_sst(
     tests["test"] = SST test. The vocabulary (on train + dev + test, as the original) is
     `splits.vocab`; batches need `splits.collate_fn`.
 
-    Counterfactuals (`cdep_exp.shortcut`; none for `none`). decoy: tests["test_decoy"] is the
+    Counterfactuals (`cdep_exp.scoring.shortcut`; none for `none`). decoy: tests["test_decoy"] is the
     test set with the true class's decoy inserted as in training (position drawn with
     `bias_seed` + 1), and its counterfactuals "bias_swapped" (the other class's decoy at the
     same position) and "bias_removed" (the plain test sentence). articles, gender: counterfactuals
@@ -300,6 +300,7 @@ def build_sst(
             name: Counterfactual(of, TokenDataset(samples, vocab), what)
             for name, (of, samples, what) in counterfactual_sets.items()
         },
+        shortcut="bias_swapped" if "bias_swapped" in counterfactual_sets else None,
         collate_fn=pad_collate,
         batch_sampler=partial(LengthBuckets, lengths) if bucket else None,
         description=(

@@ -1,9 +1,15 @@
-"""The one interface every explanation penalty implements, so the training loop stays method-agnostic."""
+"""The one interface every explanation penalty implements, so the training loop stays
+method-agnostic, and the helpers the penalties (and the tools that inspect them) share: reading
+annotations, sampling masks, class-centring, eval mode for CD, and differentiable inputs."""
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cdep_exp.models.base import require_token_model
 
 
 class Penalty(ABC):
@@ -17,13 +23,15 @@ class Penalty(ABC):
 
     annotations: tuple[str, ...] = ("mask",)
 
-    def bind(self, annotation: str) -> None:
-        """Prepare to read annotations of this kind; raises ValueError for one it cannot read."""
+    def bind(self, annotation: str) -> "Penalty":
+        """Prepare to read annotations of this kind (`Splits.annotation`); returns the penalty.
+        Raises ValueError for a kind it cannot read."""
         if annotation not in self.annotations:
             raise ValueError(
                 f"{type(self).__name__} cannot read a {annotation!r} annotation (it reads: "
                 f"{', '.join(self.annotations)})"
             )
+        return self
 
     @abstractmethod
     def __call__(
@@ -84,3 +92,86 @@ class SampledMasks:
         if self.mask_samples is None:
             return annotation
         return sample_masks(annotation, self.mask_samples, x).sum(0)
+
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run the block with every submodule but batch norm in eval mode, then restore each one's
+    own mode. Batch norm keeps its mode: the original's models had none, and one in eval mode
+    here would never learn its statistics, since every training forward runs through CD."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    for module, training in modes:
+        if isinstance(module, BATCH_NORMS):
+            module.training = training
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def annotated_samples(annotation: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per sample of x (bool, shape (B,)): does its annotation mark any feature?"""
+    if annotation.dim() < x.dim() or annotation.shape[0] == 1:
+        # Shared by every sample (no batch axis, or a broadcast one).
+        return annotation.ne(0).any().expand(x.shape[0])
+    return annotation.ne(0).flatten(1).any(1)
+
+
+def centred(values: torch.Tensor) -> torch.Tensor:
+    """values (B, C) minus their mean over classes: what is left once a shift of all classes,
+    which no softmax can see, is taken out."""
+    return values - values.mean(1, keepdim=True)
+
+
+def without_annotated(x: torch.Tensor, annotation: torch.Tensor, relevant: bool) -> torch.Tensor:
+    """x with its annotated features taken out, as CD's irrelevant input sees it.
+
+    Float inputs: (1 − mask)·x, or x − rel when the annotation is the relevant part itself.
+    Token ids (B, T), right-padded with 0: the annotated tokens deleted and the rest moved left
+    (an embedding of 0 mid-sentence would read as the end of the text).
+    """
+    if relevant:
+        return x - annotation
+    if x.dtype.is_floating_point:
+        return x * (1 - annotation.to(x.dtype))
+    keep = (annotation == 0) & (x != 0)
+    out = torch.zeros_like(x)
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    moved = x.gather(1, order)
+    width = keep.sum(1, keepdim=True)
+    positions = torch.arange(x.shape[1], device=x.device).expand_as(x)
+    return torch.where(positions < width, moved, out)
+
+
+def masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over the samples in `keep`; 0 (still in the graph) when none is kept."""
+    keep = keep.to(values.dtype)
+    return (values * keep).sum() / keep.sum().clamp_min(1)
+
+
+def differentiable_input(
+    model: nn.Module, x: torch.Tensor, annotation: torch.Tensor, method: str
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """(inputs, forward, annotation) for an input-gradient penalty.
+
+    Continuous x: inputs = x (detached, a leaf that requires grad), forward = model, annotation
+    as given. Token ids (B, T) (any integer dtype): inputs = model.embed(x) (B, T, D), kept in
+    the graph so the penalty also trains a trainable embedding, forward = the model on embedded
+    tokens with x's lengths, annotation (B, T) → (B, T, 1), so every coordinate of a marked
+    token's vector counts. Raises TypeError when token ids meet a model without
+    `cdep_exp.models.base.TokenModel`.
+    """
+    if torch.is_floating_point(x):
+        return x.detach().requires_grad_(True), model, annotation
+    token_model = require_token_model(model, method)
+    embedded = token_model.embed(x)
+    if not embedded.requires_grad:  # a frozen embedding table
+        embedded = embedded.detach().requires_grad_(True)
+    if annotation.dim() == x.dim():
+        annotation = annotation.unsqueeze(-1)
+    return embedded, lambda e: token_model.forward_embedded(e, x), annotation

@@ -1,13 +1,12 @@
 """Contextual decomposition explanation penalty (Rieger et al. 2020)."""
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cdep_exp.cd import batch_coupled, decompose, decompose_many
-from cdep_exp.penalties.base import Penalty, sample_masks
+from cdep_exp.penalties.base import (
+    Penalty, annotated_samples, centred, eval_mode, masked_mean, sample_masks, without_annotated,
+)
 
 # softmax, text: the original's forms (faithful protocol). centred, normalised: sign-free and
 # invariant to a shift of all logits (see `penalty_form`).
@@ -16,41 +15,6 @@ FORMS = ("softmax", "text", "centred", "normalised")
 # constant prediction (an untrained model), where the share is undefined.
 NORMALISED_FLOOR = 1.0
 DROPOUT = ("shared", "off")
-ANNOTATIONS = ("mask", "relevant")
-
-
-BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run the block with every submodule but batch norm in eval mode, then restore each one's
-    own mode. Batch norm keeps its mode: the original's models had none, and one in eval mode
-    here would never learn its statistics, since every training forward runs through CD."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    for module, training in modes:
-        if isinstance(module, BATCH_NORMS):
-            module.training = training
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-def annotated_samples(annotation: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per sample of x (bool, shape (B,)): does its annotation mark any feature?"""
-    if annotation.dim() < x.dim() or annotation.shape[0] == 1:
-        # Shared by every sample (no batch axis, or a broadcast one).
-        return annotation.ne(0).any().expand(x.shape[0])
-    return annotation.ne(0).flatten(1).any(1)
-
-
-def centred(values: torch.Tensor) -> torch.Tensor:
-    """values (B, C) minus their mean over classes: what is left once a shift of all classes,
-    which no softmax can see, is taken out."""
-    return values - values.mean(1, keepdim=True)
 
 
 def normaliser(rel: torch.Tensor, irrel: torch.Tensor) -> torch.Tensor:
@@ -92,32 +56,6 @@ def penalty_form(form: str, rel: torch.Tensor, irrel: torch.Tensor, y: torch.Ten
     raise ValueError(f"CDEP form must be one of {FORMS}, got {form!r}")
 
 
-def without_annotated(x: torch.Tensor, annotation: torch.Tensor, relevant: bool) -> torch.Tensor:
-    """x with its annotated features taken out, as CD's irrelevant input sees it.
-
-    Float inputs: (1 − mask)·x, or x − rel when the annotation is the relevant part itself.
-    Token ids (B, T), right-padded with 0: the annotated tokens deleted and the rest moved left
-    (an embedding of 0 mid-sentence would read as the end of the text).
-    """
-    if relevant:
-        return x - annotation
-    if x.dtype.is_floating_point:
-        return x * (1 - annotation.to(x.dtype))
-    keep = (annotation == 0) & (x != 0)
-    out = torch.zeros_like(x)
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-    moved = x.gather(1, order)
-    width = keep.sum(1, keepdim=True)
-    positions = torch.arange(x.shape[1], device=x.device).expand_as(x)
-    return torch.where(positions < width, moved, out)
-
-
-def masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` over the samples in `keep`; 0 (still in the graph) when none is kept."""
-    keep = keep.to(values.dtype)
-    return (values * keep).sum() / keep.sum().clamp_min(1)
-
-
 class CDEP(Penalty):
     """Penalise the share of the prediction that contextual decomposition credits to the annotation.
 
@@ -143,7 +81,7 @@ class CDEP(Penalty):
       x' is x without the annotated features (one more forward): the interactions of the
       annotated features that CD books under irrel, through which a model can otherwise keep
       using them while rel goes to 0.
-    * `annotation="relevant"` (ISIC on cached features): the annotation is not a mask but the
+    * bound to a "relevant" annotation (ISIC on cached features): the annotation is not a mask but the
       relevant part of x itself, the decomposition of a frozen network in front of the model
       (all zero for samples without anything to penalise, which are left out of the mean).
     * `dropout="shared"`: CD runs in the model's current mode (train-mode dropout draws one mask
@@ -157,17 +95,12 @@ class CDEP(Penalty):
         form: str = "softmax",
         mask_samples: int | None = None,
         dropout: str = "shared",
-        annotation: str = "mask",
         gap: float = 0.0,
     ) -> None:
         if form not in FORMS:
             raise ValueError(f"CDEP form must be one of {FORMS}, got {form!r}")
         if dropout not in DROPOUT:
             raise ValueError(f"CDEP dropout must be one of {DROPOUT}, got {dropout!r}")
-        if annotation not in ANNOTATIONS:
-            raise ValueError(f"CDEP annotation must be one of {ANNOTATIONS}, got {annotation!r}")
-        if annotation == "relevant" and mask_samples is not None:
-            raise ValueError("CDEP mask_samples draws masks, so it needs annotation='mask'")
         if mask_samples is not None and (mask_samples < 1 or form == "text"):
             raise ValueError(
                 f"CDEP mask_samples must be a positive int used with a form other than 'text', "
@@ -179,12 +112,12 @@ class CDEP(Penalty):
         self.form = form
         self.mask_samples = mask_samples
         self.dropout = dropout
-        self.annotation = annotation
+        self.annotation = "mask"  # what `bind` reads the data's annotation as: "mask" or "relevant"
         self.gap = float(gap)
 
     annotations = ("mask", "weights", "relevant")
 
-    def bind(self, annotation: str) -> None:
+    def bind(self, annotation: str) -> "CDEP":
         """Read `annotation` kind: a mask, sampling weights (needs `mask_samples`) or the relevant part."""
         super().bind(annotation)
         if annotation == "weights" and self.mask_samples is None:
@@ -193,6 +126,7 @@ class CDEP(Penalty):
         if annotation == "relevant" and self.mask_samples is not None:
             raise ValueError("CDEP mask_samples draws masks, so it cannot read a relevant-part annotation")
         self.annotation = "relevant" if annotation == "relevant" else "mask"
+        return self
 
     def __call__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, annotation: torch.Tensor

@@ -3,8 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdep_exp.penalties.base import Penalty, SampledMasks
-from cdep_exp.penalties.rrr import differentiable_input
+from cdep_exp.penalties.base import Penalty, SampledMasks, differentiable_input
 
 
 class ExpectedGradients(Penalty):
@@ -41,9 +40,10 @@ class ExpectedGradients(Penalty):
         self.faithful = faithful
         self.sampling = SampledMasks(mask_samples)
 
-    def bind(self, annotation: str) -> None:
+    def bind(self, annotation: str) -> Penalty:
         super().bind(annotation)
         self.sampling.check(annotation)
+        return self
 
     def __call__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, annotation: torch.Tensor

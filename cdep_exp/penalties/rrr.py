@@ -1,37 +1,12 @@
 """Right for the right reasons (Ross et al. 2017): penalise input gradients in the annotation."""
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdep_exp.models.base import require_token_model
-from cdep_exp.penalties.base import Penalty, SampledMasks
+from cdep_exp.penalties.base import Penalty, SampledMasks, differentiable_input
 
 TARGETS = ("log_prob_sum", "loss")
-
-
-def differentiable_input(
-    model: nn.Module, x: torch.Tensor, annotation: torch.Tensor, method: str
-) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
-    """(inputs, forward, annotation) for an input-gradient penalty.
-
-    Continuous x: inputs = x (detached, a leaf that requires grad), forward = model, annotation
-    as given. Token ids (B, T) (any integer dtype): inputs = model.embed(x) (B, T, D), kept in
-    the graph so the penalty also trains a trainable embedding, forward = the model on embedded
-    tokens with x's lengths, annotation (B, T) → (B, T, 1), so every coordinate of a marked
-    token's vector counts. Raises TypeError when token ids meet a model without
-    `cdep_exp.models.base.TokenModel`.
-    """
-    if torch.is_floating_point(x):
-        return x.detach().requires_grad_(True), model, annotation
-    token_model = require_token_model(model, method)
-    embedded = token_model.embed(x)
-    if not embedded.requires_grad:  # a frozen embedding table
-        embedded = embedded.detach().requires_grad_(True)
-    if annotation.dim() == x.dim():
-        annotation = annotation.unsqueeze(-1)
-    return embedded, lambda e: token_model.forward_embedded(e, x), annotation
 
 
 class RRR(Penalty):
@@ -60,9 +35,10 @@ class RRR(Penalty):
         self.sum_channels = sum_channels
         self.sampling = SampledMasks(mask_samples)
 
-    def bind(self, annotation: str) -> None:
+    def bind(self, annotation: str) -> Penalty:
         super().bind(annotation)
         self.sampling.check(annotation)
+        return self
 
     def __call__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, annotation: torch.Tensor

@@ -7,9 +7,20 @@
     python -m cdep_exp.reporting --shortcut --glob 'outputs/demo/**/metrics.json'  # accuracy next to shortcut reliance
 """
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
+from cdep_exp.errors import StorageError
 from cdep_exp.reporting.records import collect, glob_records, summarise
+
+
+def writing(write: Callable[[], list[Path]], where: Path) -> list[Path]:
+    """Run `write`; a folder that cannot be written ends the command with one line."""
+    try:
+        return write()
+    except (OSError, StorageError) as err:
+        reason = err.strerror if isinstance(err, OSError) else str(err)
+        raise SystemExit(f"Error: cannot write into {where} ({reason}); choose a writable --results folder.") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,13 +47,14 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"{name}: no finished run under {args.outputs / args.scale / name}; the "
                                  f"tables in {args.results / args.scale} are left as they are. Train first "
                                  f"(make {name}).")
-            written = table.write(args.results / args.scale)
+            written = writing(lambda: table.write(args.results / args.scale), args.results)
             print(table.markdown(), f"\nWritten: {', '.join(map(str, written))}\n")
         return
     if args.figures:
         from cdep_exp.reporting.figures import write_figures
 
-        written = write_figures(args.scale, args.outputs, args.results / "figures" / args.scale)
+        out = args.results / "figures" / args.scale
+        written = writing(lambda: write_figures(args.scale, args.outputs, out), out)
         print("\n".join(map(str, written)) or "No finished runs to plot yet (run `make tables` first).")
         return
     paths = glob_records(args.glob)

@@ -1,59 +1,62 @@
 """Collect run records (metrics.json) into one DataFrame and summarise them over seeds."""
 import glob
-import hashlib
-import json
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
-from cdep_exp.reporting.selection import max_over_epochs
-from cdep_exp.run_identity import identity_of
+from cdep_exp.run.identity import identity_hash, identity_of
+from cdep_exp.run.record import RunRecord
 
 # A run is identified by these plus its seed; `settings` is the hash of its normalised config
 # without the seed (cdep_exp.run_identity; the run directory's last component), and
 # `overrides` its command-line overrides, for reading.
 KEYS = ["dataset", "method", "lam", "settings"]
 RECORD_FIELDS = ("dataset", "data", "method", "lam", "seed", "device", "device_name", "epochs_run", "best_epoch",
-                 "seconds_per_epoch", "peak_memory_gib", "peak_memory_kind")
+                 "seconds_per_epoch", "peak_memory_gib", "peak_memory_kind", "shortcut")
 
 
-def flatten_record(record: dict, path: Path) -> dict:
-    """One row per run: identifying keys, `<split>/<metric>` and `val_max/<metric>` columns, and
-    the resolved config (`config`), whose `sweep` names the table preset that launched it."""
-    config = record.get("config", {})
-    row = {key: record.get(key) for key in RECORD_FIELDS}
-    identity = {k: v for k, v in config.items() if k != "seed"}
-    row.update(settings=settings_key(identity), path=str(path.parent), mtime=path.stat().st_mtime,
-               sweep=config.get("sweep"), config=config, overrides=" ".join(record.get("overrides", [])))
-    for split, values in record["metrics"].items():
+def flatten_record(record: RunRecord, path: Path) -> dict:
+    """One row per run: identifying keys, `<split>/<metric>` columns, the per-epoch `history`
+    and the resolved config (`config`), whose `sweep` names the table preset that launched it."""
+    config = record.config
+    row = {key: getattr(record, key) for key in RECORD_FIELDS}
+    row.update(settings=settings_key(config), path=str(path.parent), mtime=path.stat().st_mtime,
+               sweep=config.get("sweep"), protocol=config.get("protocol"), config=config,
+               history=record.history, overrides=" ".join(record.overrides))
+    for split, values in record.metrics.items():
         for name, value in values.items():
             row[f"{split}/{name}"] = value
-    for name, value in max_over_epochs(record.get("history", [])).items():
-        row[f"val_max/{name}"] = value
     return row
 
 
 def settings_key(config: dict) -> str:
     """A short hash of a run's recorded config without the seed and what cannot change its
-    numbers (run_identity.NOT_IDENTITY): the runs of one setting (all its seeds) share it,
+    numbers (`cdep_exp.run.identity`): the runs of one setting (all its seeds) share it,
     whatever spelling their overrides used."""
-    kept = identity_of({k: v for k, v in config.items() if k != "seed"})
-    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
+    return identity_hash(identity_of(config, without=("seed",)), length=8)
 
 
 def collect(paths: Iterable[Path]) -> pd.DataFrame:
-    """One row per readable record; unreadable ones (truncated, not JSON) are skipped with a
-    warning that names each file."""
-    rows, unreadable = [], []
+    """One row per finished run. Unreadable records (truncated, not JSON) are skipped with a
+    warning that names each file; failed runs (status "failed", e.g. a diverged loss) are left
+    out with a warning that counts them."""
+    rows, unreadable, failed = [], [], []
     for path in sorted(paths):
         try:
-            rows.append(flatten_record(json.loads(Path(path).read_text()), Path(path)))
-        except (OSError, ValueError, KeyError) as err:
+            record = RunRecord.load(Path(path))
+        except (OSError, ValueError) as err:
             unreadable.append(f"{path} ({type(err).__name__})")
+            continue
+        if record.finished:
+            rows.append(flatten_record(record, Path(path)))
+        else:
+            failed.append(str(Path(path).parent))
     if unreadable:
         warnings.warn(f"Skipped {len(unreadable)} unreadable run record(s): {'; '.join(unreadable)}")
+    if failed:
+        warnings.warn(f"Left out {len(failed)} failed run(s) (see their metrics.json 'error'): {'; '.join(failed[:5])}")
     return pd.DataFrame(rows)
 
 

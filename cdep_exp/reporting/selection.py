@@ -1,21 +1,25 @@
-"""Model-selection rules: which λ (and which epoch) a reported number comes from.
+"""Model-selection rules: which epoch, and which λ, a reported number comes from.
 
 Named after the way DomainBed names its selection methods, so a table says which rule produced
-it instead of hiding the choice in table code.
+it instead of hiding the choice in table code; each table names its λ rule in its header.
 
-* Epoch: `best_val_loss_epoch` (the checkpoint restored before testing, trainer.restore_best) or
-  `max_over_epochs` (the best per-epoch validation score: the SST paper's number, an oracle on
-  the validation set, docs/reference.md §7.6).
-* λ: `best_mean_validation` — the λ whose mean validation score over seeds is best, as the
+* Epoch: the checkpoint restored before testing (trainer.restore_best, chosen while training)
+  or `max_over_epochs` (the best per-epoch validation score: the SST paper's number, an oracle
+  on the validation set, docs/reference.md §7.6), which a table applies to a run's history.
+* λ: `BEST_MEAN_VALIDATION` — the λ whose mean validation score over seeds is best, as the
   paper chose λ (DomainBed's "training-domain validation" with the seeds averaged first).
 """
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import pandas as pd
 
 
-def max_over_epochs(history: list[dict]) -> dict[str, float]:
-    """Max over epochs of each validation metric (`val_<name>`, the loss left out) in a run's history."""
-    names = {key for epoch in history for key in epoch if key.startswith("val_") and key != "val_loss"}
-    return {name.removeprefix("val_"): max(epoch[name] for epoch in history if name in epoch) for name in names}
+def max_over_epochs(history: list[dict], metric: str) -> float:
+    """The best per-epoch value of validation `metric` (e.g. "accuracy") in a run's history
+    (NaN when no epoch recorded it)."""
+    values = [epoch[f"val_{metric}"] for epoch in history if epoch.get(f"val_{metric}") is not None]
+    return max(values) if values else float("nan")
 
 
 def lower_is_better(metric: str) -> bool:
@@ -30,4 +34,16 @@ def best_mean_validation(runs: pd.DataFrame, by: list[str], metric: str) -> pd.D
     return runs.merge(best[[*by, "lam"]], on=[*by, "lam"])
 
 
-SELECTION_RULES = {"best_mean_validation": best_mean_validation}
+@dataclass(frozen=True)
+class LambdaRule:
+    """A named rule that keeps, per table row, the runs of one λ: `choose(runs, row keys,
+    score column)`."""
+
+    name: str
+    summary: str
+    choose: Callable[[pd.DataFrame, list[str], str], pd.DataFrame]
+
+
+BEST_MEAN_VALIDATION = LambdaRule(
+    "best mean validation", "the λ whose validation score, averaged over seeds, is best (ties: the smaller λ)",
+    best_mean_validation)

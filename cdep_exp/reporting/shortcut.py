@@ -3,36 +3,38 @@
     python -m cdep_exp.reporting --shortcut --glob 'outputs/demo/**/metrics.json'
     python -m cdep_exp.reporting --shortcut --glob 'outputs/sc/**/metrics.json' --select val/accuracy
 
-Shortcut reliance (`cdep_exp.shortcut`) is the counterfactual sensitivity of the prediction:
+Shortcut reliance (`cdep_exp.scoring.shortcut`) is the counterfactual sensitivity of the prediction:
 the mean absolute change of the true-class probability, |p_y(x) − p_y(x')|, when only the
-annotated features of a test sample x are changed (x'), and the prediction flip rate. Each
-dataset has one primary counterfactual (`PRIMARY`); `--all-counterfactuals` lists every one.
+annotated features of a test sample x are changed (x'), and the prediction flip rate. Each run
+records which counterfactual measures its dataset's shortcut (`RunRecord.shortcut`, from the
+dataset's builder); `--all-counterfactuals` lists every one.
 Rows are methods, CDEP split by penalty form ("original": the paper's softmax/text forms).
 """
 from pathlib import Path
 
 import pandas as pd
 
-from cdep_exp.reporting.records import collect, find_records
+from cdep_exp.reporting.records import collect
 from cdep_exp.reporting.selection import best_mean_validation
+from cdep_exp.run.identity import spell_number
 
-# The counterfactual each dataset's table reports (the others stay in metrics.json).
-PRIMARY = {
-    "colormnist": "recoloured_train",
-    "decoymnist": "patch_train_shade",
-    "decoyfmnist": "patch_train_shade",
-    "isic": "patch_pasted",
-    "isic_synthetic": "patch_pasted",
-    "compas": "race_flipped",
-    "sst": "bias_swapped",
+# Records written before runs named their shortcut counterfactual: the one each dataset's
+# builder names now, by dataset name (SST variants share one: sst_decoy → sst).
+LEGACY_SHORTCUT = {
+    "colormnist": "recoloured_train", "decoymnist": "patch_train_shade", "decoyfmnist": "patch_train_shade",
+    "isic": "patch_pasted", "isic_synthetic": "patch_pasted", "compas": "race_flipped", "sst": "bias_swapped",
 }
 ACCURACY = {"isic": "auc", "isic_synthetic": "auc"}
 ORIGINAL_FORMS = ("softmax", "text")
 
 
-def primary_counterfactual(dataset: str) -> str:
-    """The counterfactual reported for `dataset` (SST variants share one: sst_decoy → sst)."""
-    return PRIMARY.get(dataset, PRIMARY.get(dataset.split("_")[0], ""))
+def shortcut_names(runs: pd.DataFrame) -> pd.Series:
+    """Per run, the counterfactual that measures its dataset's shortcut: the record's own
+    `shortcut`, else (records of older code) LEGACY_SHORTCUT by dataset name; NaN for none."""
+    recorded = runs["shortcut"] if "shortcut" in runs else pd.Series(None, index=runs.index, dtype=object)
+    datasets = runs["dataset"].astype(str).str.lower()
+    legacy = datasets.map(lambda d: LEGACY_SHORTCUT.get(d, LEGACY_SHORTCUT.get(d.split("_")[0])))
+    return recorded.where(recorded.notna(), legacy)
 
 
 def variant(config: dict) -> str:
@@ -67,10 +69,10 @@ def shortcut_table(
     rows = []
     for (dataset, name, lam), group in runs.groupby(["dataset", "variant", "lam"], sort=False):
         accuracy = ACCURACY.get(dataset, "accuracy")
-        row = {"dataset": dataset, "method": name, "λ": f"{lam:g}", "seeds": group["seed"].nunique(),
+        row = {"dataset": dataset, "method": name, "λ": spell_number(lam), "seeds": group["seed"].nunique(),
                f"test {accuracy}": spread(group.get(f"test/{accuracy}"))}
         names = sorted({c.split("/")[0][3:] for c in group.columns if c.startswith("cf_")
-                        and group[c].notna().any()}) if all_counterfactuals else [primary_counterfactual(dataset)]
+                        and group[c].notna().any()}) if all_counterfactuals else list(shortcut_names(group).dropna().unique())
         for cf in names:
             row[f"Δp_y {cf}"] = spread(group.get(f"cf_{cf}/prob_change"))
             row[f"flips % {cf}"] = spread(group.get(f"cf_{cf}/flip_rate"), digits=1)

@@ -3,9 +3,12 @@
 A table's sweeps are the presets in `conf/experiment/<table>/`; each sweeps at least `method`,
 `method.lam` and `seed` with `hydra.sweeper.params`. Expanding those params the way Hydra's
 basic sweeper does gives the expected grid, so a table lists exactly the runs `make` would
-launch, and the ones without a `metrics.json` are reported as missing.
+launch, and the ones without a `metrics.json` are reported as missing. Each expected run also
+carries what its composed preset says of it (`DESCRIBED`: the dataset's name, the protocol), so
+tables label found and missing runs alike without reading preset names.
 """
 import itertools
+import math
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -15,11 +18,17 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+import cdep_exp.training.settings  # noqa: F401  (registers the trainer group's schema for composing)
+from cdep_exp.run.identity import normalise
+
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Every preset sweeps these (a single value is fine), so each expected run has a method, λ and seed.
 REQUIRED = ("method", "method.lam", "seed")
 # Swept keys that metrics.json records at its top level, and the column each becomes.
 TOP_LEVEL = {"method": "method", "method.lam": "lam", "seed": "seed"}
+# Columns that describe an expected run from its composed preset (not matched against records):
+# column: dotted key of the config.
+DESCRIBED = {"dataset": "dataset.name", "protocol": "protocol"}
 
 
 def table_presets(table: str, conf_dir: Path = CONF_DIR) -> list[str]:
@@ -31,8 +40,9 @@ def table_presets(table: str, conf_dir: Path = CONF_DIR) -> list[str]:
     return presets
 
 
-def sweep_params(preset: str, scale: str, conf_dir: Path = CONF_DIR) -> dict[str, str]:
-    """The preset's `hydra.sweeper.params` at this scale, interpolations resolved."""
+def sweep_params(preset: str, scale: str, conf_dir: Path = CONF_DIR) -> tuple[dict[str, str], dict[str, Any]]:
+    """The preset's `hydra.sweeper.params` at this scale (interpolations resolved) and its
+    DESCRIBED values (None where the preset has no such key)."""
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment={preset}", f"scale={scale}"], return_hydra_config=True)
     params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True) or {}
@@ -40,18 +50,8 @@ def sweep_params(preset: str, scale: str, conf_dir: Path = CONF_DIR) -> dict[str
     if missing:
         raise ValueError(f"Preset {preset} does not sweep {missing}; add them to hydra.sweeper.params "
                          f"(a single value is fine) so its runs can be matched to the table.")
-    return {key: str(value) for key, value in params.items()}
-
-
-def normalise(key: str, value: Any) -> Any:
-    """One spelling per value, so a swept `method.lam=10` matches a recorded 10.0."""
-    if key == "seed":
-        return int(value)
-    if isinstance(value, bool) or value is None:
-        return value
-    if isinstance(value, int | float):
-        return float(value)
-    return str(value)
+    described = {name: OmegaConf.select(cfg, key, default=None) for name, key in DESCRIBED.items()}
+    return {key: str(value) for key, value in params.items()}, described
 
 
 def expand(params: dict[str, str]) -> list[dict[str, Any]]:
@@ -61,7 +61,7 @@ def expand(params: dict[str, str]) -> list[dict[str, Any]]:
     overrides = parser.parse_overrides([f"{key}={value}" for key, value in params.items()])
     choices = [[f"{o.key_or_group}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
                else [f"{o.key_or_group}={o.get_value_element_as_str()}"] for o in overrides]
-    return [{o.key_or_group: normalise(o.key_or_group, o.value()) for o in parser.parse_overrides(list(job))}
+    return [{o.key_or_group: normalise(o.value()) for o in parser.parse_overrides(list(job))}
             for job in itertools.product(*choices)]
 
 
@@ -78,9 +78,12 @@ def expected_runs(table: str, scale: str, conf_dir: Path = CONF_DIR) -> pd.DataF
 @cache
 def _expected(table: str, scale: str, conf_dir: Path) -> tuple[dict[str, Any], ...]:
     """Composing a preset takes about a second, so each (table, scale) is expanded once per process."""
-    return tuple({"sweep": preset, **{column(key): value for key, value in job.items()}}
-                 for preset in table_presets(table, conf_dir)
-                 for job in expand(sweep_params(preset, scale, conf_dir)))
+    expected = []
+    for preset in table_presets(table, conf_dir):
+        params, described = sweep_params(preset, scale, conf_dir)
+        expected += [{"sweep": preset, **described, **{column(key): value for key, value in job.items()}}
+                     for job in expand(params)]
+    return tuple(expected)
 
 
 def lookup(config: dict, dotted: str) -> Any:
@@ -95,23 +98,30 @@ def lookup(config: dict, dotted: str) -> Any:
 
 def run_value(run: pd.Series, key: str) -> Any:
     """A swept key's value in a collected run: its own column, else its recorded config."""
-    return normalise(key, run[key] if key in TOP_LEVEL.values() else lookup(run["config"], key))
+    return normalise(run[key] if key in TOP_LEVEL.values() else lookup(run["config"], key))
+
+
+def _absent(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def match(expected: pd.DataFrame, runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Pair expected runs with finished ones on the keys each preset sweeps.
 
-    Returns (found, missing): the finished runs that a preset expects, with its swept keys as
-    columns (when a run was recorded twice, e.g. once with `scale=quick` spelled out, the newest
-    record counts), and the expected rows that have no record yet.
+    Returns (found, missing): the finished runs that a preset expects, with its swept keys and
+    DESCRIBED values as columns (when a run was recorded twice, e.g. once with `scale=quick`
+    spelled out, the newest record counts), and the expected rows that have no record yet.
     """
     found, missing = [], []
     for preset, jobs in expected.groupby("sweep", sort=False):
-        keys = [key for key in jobs.columns if key != "sweep" and not jobs[key].isna().all()]
+        keys = [key for key in jobs.columns
+                if key != "sweep" and key not in DESCRIBED and not jobs[key].isna().all()]
         records = runs[runs["sweep"] == preset].sort_values("mtime") if "sweep" in runs else runs.iloc[:0]
         newest = {tuple(run_value(run, key) for key in keys): index for index, run in records.iterrows()}
-        wanted = jobs[["sweep", *keys]].to_dict("records")
+        wanted = jobs[["sweep", *[c for c in DESCRIBED if c in jobs], *keys]].to_dict("records")
         hits = [newest.get(tuple(job[key] for key in keys)) for job in wanted]
-        found += [runs.loc[index].to_dict() | job for index, job in zip(hits, wanted) if index is not None]
+        # What a record says of itself wins over what its preset says of the grid, where it says it.
+        found += [job | {k: v for k, v in runs.loc[index].to_dict().items() if not _absent(v)}
+                  for index, job in zip(hits, wanted) if index is not None]
         missing += [job for index, job in zip(hits, wanted) if index is None]
     return pd.DataFrame(found), pd.DataFrame(missing, columns=expected.columns)

@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cdep_exp.atomic import write_atomic
 from cdep_exp.reporting import sweeps
 from cdep_exp.reporting.paper_numbers import paper_number
 from cdep_exp.reporting.records import aggregate, collect, find_records, format_mean_std
-from cdep_exp.reporting.selection import best_mean_validation
-from cdep_exp.reporting.shortcut import primary_counterfactual
+from cdep_exp.reporting.selection import BEST_MEAN_VALIDATION, LambdaRule, max_over_epochs
+from cdep_exp.reporting.shortcut import shortcut_names
+from cdep_exp.run.identity import spell_number
 
 # The paper tables reproduce the original penalties: their CDEP is method=cdep_original.
 # Runs of the corrected CDEP (method=cdep) are labelled apart, never mixed into the paper's row.
@@ -49,6 +51,9 @@ class Spec:
     block: str | None = None
     # Columns computed from the aggregated rows (Table S1's ratios to vanilla).
     finish: Callable[[pd.DataFrame], pd.DataFrame] | None = None
+    # How λ is chosen per row from the `select` column that `score` adds, and what that column is.
+    selection: LambdaRule = BEST_MEAN_VALIDATION
+    selects_on: str = "validation accuracy"
 
 
 def column(runs: pd.DataFrame, name: str) -> pd.Series:
@@ -83,13 +88,13 @@ MNIST_DATASETS = {"colormnist": "ColorMNIST", "decoymnist": "DecoyMNIST", "decoy
 
 
 def label_mnist(runs: pd.DataFrame) -> pd.DataFrame:
-    return runs.assign(dataset=runs["sweep"].str.removeprefix("table2/").str.split("_").str[0].map(MNIST_DATASETS),
-                       method=method_label(runs))
+    return runs.assign(dataset=runs["dataset"].map(MNIST_DATASETS), method=method_label(runs))
 
 
-def primary_shortcut(runs: pd.DataFrame, metric: str) -> pd.Series:
-    """Each run's `metric` (prob_change, flip_rate) under its dataset's primary counterfactual."""
-    names = runs["dataset"].map({label: primary_counterfactual(key) for key, label in MNIST_DATASETS.items()})
+def shortcut_column(runs: pd.DataFrame, metric: str) -> pd.Series:
+    """Each run's `metric` (prob_change, flip_rate) under the counterfactual its record names as
+    the dataset's shortcut (`RunRecord.shortcut`)."""
+    names = shortcut_names(runs)
     out = pd.Series(np.nan, index=runs.index)
     for name in names.dropna().unique():
         rows = names.eq(name)
@@ -98,20 +103,19 @@ def primary_shortcut(runs: pd.DataFrame, metric: str) -> pd.Series:
 
 
 def score_shortcut(runs: pd.DataFrame) -> pd.DataFrame:
-    """Test accuracy, the shortcut metric of each dataset's primary counterfactual (Δp_y and
-    flips, `cdep_exp.shortcut`), minutes per run, and validation accuracy to choose λ on."""
+    """Test accuracy, the shortcut metric (Δp_y and flips, `cdep_exp.scoring.shortcut`),
+    minutes per run, and validation accuracy to choose λ on."""
     minutes = column(runs, "seconds_per_epoch") * column(runs, "epochs_run") / 60
-    return runs.assign(accuracy=column(runs, "test/accuracy"), prob_change=primary_shortcut(runs, "prob_change"),
-                       flip_rate=primary_shortcut(runs, "flip_rate"), minutes=minutes,
+    return runs.assign(accuracy=column(runs, "test/accuracy"), prob_change=shortcut_column(runs, "prob_change"),
+                       flip_rate=shortcut_column(runs, "flip_rate"), minutes=minutes,
                        select=column(runs, "val/accuracy"))
 
 
 # Table 3: COMPAS, in the corrected protocol and the original's ("faithful": charge-keyword bug,
 # accuracy on race-zeroed inputs, CD without dropout).
 def label_compas(runs: pd.DataFrame) -> pd.DataFrame:
-    protocol = np.where(runs["sweep"].str.startswith("table3/faithful"), "faithful", "corrected")
     row = method_label(runs).where(~flag(runs, "dataset.hide_race"), "Race hidden")
-    return runs.assign(protocol=protocol, row=row)
+    return runs.assign(row=row)
 
 
 def score_compas(runs: pd.DataFrame) -> pd.DataFrame:
@@ -131,7 +135,7 @@ def score_sst(runs: pd.DataFrame) -> pd.DataFrame:
     """faithful: the original's number, int(max over epochs of dev accuracy), λ chosen on it too;
     corrected: test accuracy of the best-dev-loss epoch, λ chosen on dev accuracy."""
     faithful = runs["protocol"].eq("faithful")
-    best_dev = np.floor(column(runs, "val_max/accuracy"))
+    best_dev = np.floor(column(runs, "history").map(lambda history: max_over_epochs(history or [], "accuracy")))
     accuracy = best_dev.where(faithful, column(runs, "test/accuracy"))
     return runs.assign(accuracy=accuracy, select=best_dev.where(faithful, column(runs, "val/accuracy")))
 
@@ -164,7 +168,7 @@ TABLES: dict[str, Spec] = {
             Metric("f1_all", "F1 all", 2), Metric("f1_best_all", "F1* all", 2),
             Metric("malignant_patched", "Acc. malignant + patch", 1),
         ),
-        label=label_isic, score=score_isic,
+        label=label_isic, score=score_isic, selects_on="validation AUC",
         notes=("F1 thresholds are chosen on validation; F1* takes the best threshold on the test set "
                "itself, as the paper did. λ (RRR) is chosen on validation AUC.",
                "Acc. malignant + patch: accuracy on malignant test images with patches pasted on "
@@ -183,11 +187,10 @@ TABLES: dict[str, Spec] = {
                "steps a batch on DecoyMNIST and one joint step on ColorMNIST, as the original. EG draws one "
                "reference per sample (the original 200 on DecoyMNIST, 50 on ColorMNIST), so its λ is the "
                "original's times 200 (50).",
-               "λ: each method's λ is the one with the best mean validation accuracy over seeds, as the paper "
-               "says it chose. DecoyMNIST's and DecoyFMNIST's validation images carry the training shades; "
-               "ColorMNIST's carry the test colours, as in the original, so there the choice sees the test "
-               "distribution.",
-               "Shortcut reliance (cdep_exp/shortcut.py): the mean |Δp_y| of the true class and the % of "
+               "λ is chosen as the paper says it chose it. DecoyMNIST's and DecoyFMNIST's validation images "
+               "carry the training shades; ColorMNIST's carry the test colours, as in the original, so there "
+               "the choice sees the test distribution.",
+               "Shortcut reliance (cdep_exp/scoring/shortcut.py): the mean |Δp_y| of the true class and the % of "
                "flipped predictions when only the annotated feature of each test image changes: the patch "
                "repainted in its training shade (DecoyMNIST, DecoyFMNIST) or the digit recoloured in its "
                "training colour (ColorMNIST). 0 = the model ignores the shortcut; a constant predictor "
@@ -215,6 +218,7 @@ TABLES: dict[str, Spec] = {
         rows=tuple((p, v, m) for p in PROTOCOLS for v in SST_VARIANTS.values() for m in ("Vanilla", "CDEP")),
         metrics=(Metric("accuracy", "Accuracy"),),
         label=label_sst, score=score_sst, block="protocol",
+        selects_on="dev accuracy (faithful: int of the best epoch's; corrected: of the best-dev-loss epoch)",
         notes=("faithful: what the paper reported, int(max over epochs of dev accuracy) with λ "
                "chosen on the same dev set (docs/reference.md §7.6); corrected: test accuracy of the "
                "best-dev-loss epoch with λ chosen on dev accuracy. Both from the same runs.",),
@@ -275,7 +279,9 @@ class Table:
                 .agg(lambda seeds: ", ".join(map(str, sorted(seeds)))).reset_index())
 
     def markdown(self) -> str:
-        lines = [f"# {self.title}", "", *[f"- {note}" for note in self.notes], "",
+        rule = self.spec.selection
+        lines = [f"# {self.title}", "", f"λ per row: {rule.name} ({rule.summary}), on {self.spec.selects_on}.", "",
+                 *[f"- {note}" for note in self.notes], "",
                  self.display().to_markdown(index=False, disable_numparse=True), ""]
         if not self.missing.empty:
             lines += [f"## Missing runs: {len(self.missing)} of {self.expected}", "",
@@ -286,18 +292,18 @@ class Table:
         """<name>.md (table, notes, missing runs), <name>.csv (numeric cells), <name>.tex and
         <name>_missing.csv under out_dir."""
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         paths = [out_dir / f"{self.name}{suffix}" for suffix in (".md", ".csv", ".tex", "_missing.csv")]
-        paths[0].write_text(self.markdown())
-        self.cells.to_csv(paths[1], index=False)
         caption = self.title.replace("%", r"\%")
-        paths[2].write_text(self.display().to_latex(index=False, escape=True, caption=caption, label=f"tab:{self.name}"))
-        self.missing.to_csv(paths[3], index=False)
+        texts = (self.markdown(), self.cells.to_csv(index=False),
+                 self.display().to_latex(index=False, escape=True, caption=caption, label=f"tab:{self.name}"),
+                 self.missing.to_csv(index=False))
+        for path, text in zip(paths, texts):
+            write_atomic(path, text)
         return paths
 
 
 def fmt_lam(lam: float) -> str:
-    return "–" if pd.isna(lam) else f"{lam:g}"
+    return "–" if pd.isna(lam) else spell_number(lam)
 
 
 def with_paper(table: str, spec: Spec, cells: pd.DataFrame) -> pd.DataFrame:
@@ -316,8 +322,9 @@ def score_rows(spec: Spec, runs: pd.DataFrame, missing: pd.DataFrame) -> pd.Data
     many expected runs of the row are missing."""
     labels = list(spec.labels)
     metrics = [m.key for m in spec.metrics]
-    cells = aggregate(best_mean_validation(scored(spec, runs), labels, "select"), labels, metrics)
-    cells = pd.DataFrame(spec.rows, columns=labels).merge(cells, on=labels, how="left")
+    cells = aggregate(spec.selection.choose(scored(spec, runs), labels, "select"), labels, metrics)
+    cells = pd.DataFrame(spec.rows, columns=labels).merge(cells.astype({key: object for key in labels}), on=labels,
+                                                          how="left")
     if spec.finish:
         cells = spec.finish(cells)
     gaps = spec.label(missing).groupby(labels).size() if not missing.empty else pd.Series(dtype=int)

@@ -9,7 +9,6 @@ images with one pasted on), the image and each model's heat map of the class it 
 """
 import argparse
 import inspect
-import json
 from pathlib import Path
 
 import matplotlib
@@ -22,9 +21,9 @@ import torch
 
 from cdep_exp.data.isic import CLASSES, build_isic
 from cdep_exp.data.images import IMAGENET_MEAN, IMAGENET_STD
-from cdep_exp.gradcam import grad_cam, last_conv_activation
+from cdep_exp.tools.gradcam import grad_cam, last_conv_activation
 from cdep_exp.models.vgg import VGG16Classifier, build_vgg16
-from cdep_exp.run_record import with_data_root
+from cdep_exp.run.record import RunRecord
 
 # Settings that fix the frozen layers and the images; both runs must share them.
 SHARED = ("root", "image_size", "split_seed", "mask_dir")
@@ -32,7 +31,7 @@ SHARED = ("root", "image_size", "split_seed", "mask_dir")
 
 def load_run(run_dir: Path) -> tuple[dict, VGG16Classifier]:
     """The run's resolved config and its best weights in a whole-network VGG16."""
-    config = with_data_root(json.loads((run_dir / "metrics.json").read_text())["config"])
+    config = RunRecord.load(run_dir / RunRecord.FILE).config_on()
     settings = {k: v for k, v in config["model"].items() if k != "_target_"}
     model = build_vgg16(**settings)
     model.load_trained(torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=True))

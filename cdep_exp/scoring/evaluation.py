@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cdep_exp.data.base import Splits
-from cdep_exp.metrics import compute_metrics
-from cdep_exp.shortcut import shortcut_reliance
+from cdep_exp.scoring.metrics import compute_metrics
+from cdep_exp.scoring.shortcut import shortcut_reliance
 
 
 @dataclass
@@ -61,7 +61,7 @@ def scores(
     groups: list[str] | None,
     thresholds: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """The loss and the named metrics (`cdep_exp.metrics`) of one evaluation."""
+    """The loss and the named metrics (`cdep_exp.scoring.metrics`) of one evaluation."""
     metrics = compute_metrics(metric_names, evaluation.probs, evaluation.labels, groups, thresholds)
     return {"loss": evaluation.loss, **metrics}
 
@@ -75,7 +75,7 @@ def evaluate_splits(
     val_weights: torch.Tensor | None,
 ) -> dict[str, dict[str, float]]:
     """Loss and the dataset's metrics on validation and on every test set it declares, and the
-    shortcut reliance (`cdep_exp.shortcut`) under each counterfactual, as split `cf_<name>`.
+    shortcut reliance (`cdep_exp.scoring.shortcut`) under each counterfactual, as split `cf_<name>`.
 
     Decision thresholds (e.g. F1's, recorded as `f1_threshold`) are chosen on validation and
     reused on the test sets. Raises ValueError when a counterfactual's labels differ from its

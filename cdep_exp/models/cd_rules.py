@@ -1,16 +1,26 @@
-"""Contextual decomposition of LSTMClassifier (Murdoch et al. 2018; REFERENCE §1.9), batched.
+"""Contextual decomposition of this package's text classifiers: whole-model rules that the CD
+engine (`cdep_exp.cd`) calls for them. They live with the models, not in the engine, so the
+engine imports no model zoo.
 
-Every step splits the cell and hidden state into a part from the relevant tokens (rel) and the
-rest (irrel) such that rel + irrel is the real state, so rel + irrel equals the logits exactly.
+* `LSTMClassifier` (Murdoch et al. 2018; REFERENCE §1.9), batched: every step splits the cell
+  and hidden state into a part from the relevant tokens (rel) and the rest (irrel) such that
+  rel + irrel is the real state, so rel + irrel equals the logits exactly.
+* `TransformerClassifier`, `GRUClassifier`: as in the LSTM's rule, the relevant part of the
+  input is the embedding of the relevant tokens, rel0 = mask·emb, irrel0 = (1 − mask)·emb per
+  token (for the transformer a position's embedding goes with the token there); from there the
+  generic engine decomposes the body (encoder or GRU, pooling, head) with the rules of
+  cdep_exp/cd/rules/.
 """
+from __future__ import annotations
+
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from cdep_exp.cd.engine import split_input
-from cdep_exp.cd.rules import register_model_rule, split_bias
+from cdep_exp.cd import Decomposed, propagate, register_model_rule, split_bias, split_input
 from cdep_exp.models.lstm import LSTMClassifier
+from cdep_exp.models.text import GRUClassifier, TransformerClassifier
 
 
 def _split3(
@@ -72,4 +82,27 @@ def decompose_lstm(
         hs.append(h)
     last = model.at_last_token(torch.stack(hs, dim=2), tokens)  # (2, B, H)
     out = split_bias(last @ model.head.weight.T, model.head.bias)
+    return out.rel, out.irrel
+
+
+def _split_tokens(emb: Tensor, tokens: Tensor, mask: Tensor) -> Decomposed:
+    """(rel, total) of embeddings (B, T, D) for a token mask broadcastable to (B, T)."""
+    m = torch.as_tensor(mask, device=emb.device).to(emb.dtype)
+    m = m.expand(tokens.shape).unsqueeze(-1)
+    return Decomposed(torch.stack((emb * m, emb)))
+
+
+@register_model_rule(TransformerClassifier)
+def decompose_transformer_classifier(model: TransformerClassifier, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(rel, irrel) logits (B, num_classes) of token ids (B, T) and a token mask broadcastable to
+    (B, T), 1 = relevant; rel + irrel == model(tokens)."""
+    out = propagate(model.body, _split_tokens(model.embed(tokens), tokens, mask), model.keep_mask(tokens))
+    return out.rel, out.irrel
+
+
+@register_model_rule(GRUClassifier)
+def decompose_gru_classifier(model: GRUClassifier, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(rel, irrel) logits (B, num_classes) of token ids (B, T) and a token mask broadcastable to
+    (B, T), 1 = relevant; rel + irrel == model(tokens)."""
+    out = propagate(model.body, _split_tokens(model.embedding(tokens), tokens, mask), tokens)
     return out.rel, out.irrel

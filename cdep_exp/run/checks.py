@@ -2,8 +2,8 @@
 
 The groups whose nodes build an object (`dataset`, `model`, `method.penalty`, `optimizer`,
 `scheduler`) are checked against the signature and type hints of their `_target_`: an
-unknown key or a value of the wrong type fails with one line naming the key. The trainer's
-keys have a fixed schema (`TRAINER_SCHEMA`).
+unknown key or a value of the wrong type fails with one line naming the key. The trainer group
+is a structured config (`cdep_exp.training.TrainerSettings`) that Hydra checks itself.
 """
 import inspect
 import os
@@ -61,8 +61,9 @@ def matches(value: Any, hint: Any) -> bool:
         return len(args) != 1 or all(matches(v, args[0]) for v in value)
     if container in (dict, Mapping) or (isinstance(container, type) and issubclass(container, Mapping)):
         return isinstance(value, dict | DictConfig)
-    # Tensors, modules and other objects: a config cannot write one as a number, string or bool.
-    return not isinstance(value, str | int | float | bool)
+    # Tensors, modules and other objects: a config cannot write one as a number, string, bool
+    # or list.
+    return not isinstance(value, str | int | float | bool | list | tuple | dict | ListConfig | DictConfig)
 
 
 def check_target(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:
@@ -94,38 +95,3 @@ def check_target(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:
         hint = hints.get(name, inspect.Parameter.empty)
         if not matches(value, hint):
             raise ConfigError(f"{key}.{name}={value!r} must be {_describe(hint)}.")
-
-
-# key: (type(s), minimum or None, nullable)
-TRAINER_SCHEMA: dict[str, tuple[type | tuple[type, ...], int | None, bool]] = {
-    "batch_size": (int, 1, False), "eval_batch_size": (int, 1, False), "max_epochs": (int, 1, False),
-    "patience": (int, 0, True), "max_steps_per_epoch": (int, 1, True), "num_workers": (int, 0, False),
-    "restore_best": (bool, None, False), "weighted_val_loss": (bool, None, False),
-    "two_step": (bool, None, False), "resume": (bool, None, False), "force": (bool, None, False),
-    "progress": ((bool, str), None, False), "deterministic": (bool, None, False),
-    "precision": ((int, str), None, False),
-}
-
-
-def check_trainer(trainer: DictConfig) -> None:
-    """Every trainer key against TRAINER_SCHEMA; raises ConfigError naming the first bad key."""
-    unknown = sorted(set(trainer) - set(TRAINER_SCHEMA))
-    if unknown:
-        raise ConfigError(f"trainer.{unknown[0]} is not a trainer setting (known: {', '.join(TRAINER_SCHEMA)}).")
-    for name, (kind, minimum, nullable) in TRAINER_SCHEMA.items():
-        if name not in trainer:
-            continue
-        value = trainer[name]
-        if value is None and nullable:
-            continue
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        is_bool = isinstance(value, bool)
-        if not isinstance(value, kinds) or (is_bool and bool not in kinds):
-            what = " or ".join(k.__name__ for k in kinds) + (" or null" if nullable else "")
-            raise ConfigError(f"trainer.{name}={value!r} must be {what}.")
-        if minimum is not None and value < minimum:
-            raise ConfigError(f"trainer.{name}={value} must be >= {minimum}" + (" or null." if nullable else "."))
-    if "precision" in trainer and str(trainer.precision) not in ("32", "bf16", "16"):
-        raise ConfigError(f"trainer.precision={trainer.precision!r} must be one of 32, bf16, 16.")
-    if trainer.get("progress") not in (True, False, "auto"):
-        raise ConfigError(f"trainer.progress={trainer.get('progress')!r} must be true, false or auto.")

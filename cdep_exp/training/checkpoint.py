@@ -12,7 +12,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from cdep_exp.atomic import atomic_path
-from cdep_exp.errors import ConfigError
+from cdep_exp.errors import ConfigError, StorageError
 
 
 @dataclass
@@ -28,9 +28,16 @@ class TrainState:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file and rename, so a crash never leaves a half-written checkpoint."""
+    """Write to a temporary file and rename, so a crash never leaves a half-written checkpoint.
+    Raises StorageError naming the file when the disk is full, read-only or over a size limit
+    (torch reports those as a RuntimeError of its zip writer)."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:
+            raise StorageError(f"Cannot write the checkpoint {path} ({str(err).splitlines()[0]}): is the disk "
+                               f"full, or a file-size limit set (ulimit -f)? Free space, or choose another "
+                               f"paths.output_dir.") from err
 
 
 def _rng_state() -> dict[str, Any]:

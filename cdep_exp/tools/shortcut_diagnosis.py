@@ -1,10 +1,10 @@
 """Where a trained model keeps the annotated features' effect: in CD's rel, or in the interactions
 CD books under irrel, through which a CDEP-trained model can bypass the penalty.
 
-    python -m cdep_exp.shortcut_diagnosis outputs/sc/isic_synthetic/cdep/lam=1/seed=0/<tag> [...]
+    python -m cdep_exp.tools.shortcut_diagnosis outputs/sc/isic_synthetic/cdep/lam=1/seed=0/<tag> [...]
 
 For the annotated samples of a split (default: each dataset's primary counterfactual's samples,
-else "test") and x' = x without the annotated features (`cdep_exp.penalties.cdep.without_annotated`),
+else "test") and x' = x without the annotated features (`cdep_exp.penalties.base.without_annotated`),
 with c(·) the centring over classes and means over samples:
 
 * ``rel``: mean Σ_c c(rel)², what every CD penalty sees;
@@ -18,7 +18,6 @@ annotations (not ColorMNIST's sampled masks).
 """
 import argparse
 import inspect
-import json
 from pathlib import Path
 
 import torch
@@ -26,10 +25,10 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from cdep_exp.app import DATASET_META_KEYS, build_model, build_splits
 from cdep_exp.cd import decompose
-from cdep_exp.penalties.cdep import annotated_samples, centred, eval_mode, without_annotated
-from cdep_exp.reporting.shortcut import primary_counterfactual
+from cdep_exp.penalties.base import annotated_samples, centred, eval_mode, without_annotated
+from cdep_exp.run.compose import DATASET_META_KEYS, build_model, build_splits
+from cdep_exp.run.record import RunRecord
 
 
 @torch.no_grad()
@@ -69,11 +68,7 @@ def diagnose(run_dir: Path, split: str | None = None, dataset_overrides: dict | 
     """Energies of the run's best checkpoint on `split` (see the module docstring), with the
     dataset config changed by `dataset_overrides` (e.g. {"annotation": "colour"} to read a
     vanilla ColorMNIST run through the colour-part annotation)."""
-    record = json.loads((run_dir / "metrics.json").read_text())
-    config = record["config"]
-    # Records write data paths as <data_dir> (cdep_exp.app.recorded_config); put the root back.
-    data_dir = (config.get("paths") or {}).get("data_dir", "data")
-    cfg = OmegaConf.create(json.loads(json.dumps(config).replace("<data_dir>", data_dir)))
+    cfg = OmegaConf.create(RunRecord.load(run_dir / RunRecord.FILE).config_on())
     dataset = current_dataset_keys(cfg.dataset)
     for key, value in (dataset_overrides or {}).items():
         dataset[key] = value
@@ -86,7 +81,7 @@ def diagnose(run_dir: Path, split: str | None = None, dataset_overrides: dict | 
         set(state) <= set(head.state_dict()) else model
     target.load_state_dict(state)
     if split is None:
-        cf = splits.counterfactuals.get(primary_counterfactual(cfg.dataset.name))
+        cf = splits.counterfactuals.get(splits.shortcut)
         dataset = cf.dataset if cf is not None else splits.tests["test"]
     else:
         dataset = splits.counterfactuals[split].dataset if split in splits.counterfactuals else splits.tests[split]

@@ -1,0 +1,249 @@
+"""Composing a run from its config: checks before any data loads, then the data, the model (its
+`???` keys filled in from the data), the penalty, the feature cache of a frozen backbone, the
+loaders and the optimisation. Each step is a small function; `cdep_exp.run.app` strings them
+together."""
+import dataclasses
+import logging
+import random
+import sys
+from collections.abc import Callable
+from functools import partial
+from numbers import Real
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+
+from cdep_exp.data.base import ANNOTATIONS, Splits
+from cdep_exp.data.word_vectors import word_vectors
+from cdep_exp.errors import ConfigError
+from cdep_exp.feature_cache import CacheSettings, cache_splits, frozen_backbone
+from cdep_exp.penalties.base import Penalty
+from cdep_exp.run.checks import check_target
+from cdep_exp.training import EpochBatches, Optimisation, Precision, TrainerSettings
+
+log = logging.getLogger(__name__)
+
+# Keys of a dataset config that describe the experiment rather than being builder arguments.
+DATASET_META_KEYS = ("name", "metrics")
+
+
+
+def validate(cfg: DictConfig) -> float:
+    """Fail before any data loads on settings that cannot run (every key is named); returns λ."""
+    lam = cfg.method.lam
+    if isinstance(lam, bool) or not isinstance(lam, Real) or not np.isfinite(lam) or lam < 0:
+        raise ConfigError(f"method.lam={lam!r} is invalid: λ must be a finite number >= 0 (e.g. method.lam=100).")
+    if cfg.method.name == "vanilla" and lam != 0:
+        raise ConfigError("method=vanilla has no penalty, so method.lam must be 0; choose method=cdep|rrr|eg.")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise ConfigError(f"seed={cfg.seed!r} must be an integer >= 0.")
+    for key in ("data_dir", "output_dir"):
+        value = cfg.paths.get(key)
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"paths.{key}={value!r} must be one folder (a path), e.g. paths.{key}=data.")
+    check_target(cfg.dataset, "dataset", skip=DATASET_META_KEYS)
+    check_target(cfg.model, "model", skip=("embeddings",))
+    check_target(cfg.method.penalty, "method.penalty")
+    for group in ("optimizer", "scheduler"):
+        if cfg.get(group):
+            check_target(cfg[group], group)
+    return float(lam)
+
+
+def check_splits(splits: Splits, builder: str) -> None:
+    """Every split must hold samples, and tensor inputs must be finite: an empty split or a NaN
+    in the data fails here, before the first step, instead of as a NaN loss blamed on λ."""
+    parts = splits.named_datasets()
+    empty = [name for name, dataset in parts.items() if len(dataset) == 0]
+    if empty:
+        raise ConfigError(f"{builder} returned an empty {empty[0]} split; check the data files and the "
+                          f"dataset's split settings.")
+    for name, dataset in parts.items():
+        x = dataset.tensors[0] if isinstance(dataset, TensorDataset) else None
+        if x is not None and x.is_floating_point() and not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+            raise ConfigError(f"{builder}: {bad} sample(s) of the {name} split hold NaN or infinite inputs; "
+                              f"check the data files.")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def instantiate_plain(node: DictConfig, **kwargs):
+    """hydra.utils.instantiate, but a user error raised inside the target (a ConfigError, a
+    missing file) comes out as itself, not wrapped in Hydra's InstantiationException."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, ConfigError | FileNotFoundError):
+            raise cause from None
+        if type(cause) in (ValueError, TypeError):  # a builder refusing an argument's value
+            raise ConfigError(f"{node.get('_target_')}: {cause}") from cause
+        raise
+
+
+def build_splits(dataset_cfg: DictConfig) -> Splits:
+    """Call the dataset's builder (`_target_`) with its arguments; checks what it returns."""
+    builder_cfg = {k: v for k, v in dataset_cfg.items() if k not in DATASET_META_KEYS}
+    splits = instantiate_plain(OmegaConf.create(builder_cfg))
+    if not isinstance(splits, Splits):
+        raise ConfigError(f"dataset._target_={dataset_cfg._target_} must return cdep_exp.data.base.Splits, "
+                          f"got {type(splits).__name__}.")
+    if splits.annotation not in ANNOTATIONS:
+        raise ConfigError(f"{dataset_cfg._target_} declares annotation {splits.annotation!r}; use one of {ANNOTATIONS}.")
+    if splits.shortcut is not None and splits.shortcut not in splits.counterfactuals:
+        raise ConfigError(f"{dataset_cfg._target_} names shortcut={splits.shortcut!r}, which is none of its "
+                          f"counterfactuals ({', '.join(splits.counterfactuals) or 'none'}).")
+    check_splits(splits, dataset_cfg._target_)
+    return splits
+
+
+def data_contract(splits: Splits) -> dict[str, int]:
+    """Model arguments the data fixes: class count, input channels or features, vocabulary size."""
+    known = {"num_classes": splits.num_classes}
+    if splits.input_shape:
+        known["in_channels"] = known["in_features"] = splits.input_shape[0]
+    if splits.vocab is not None:
+        known["vocab_size"] = len(splits.vocab)
+    return known
+
+
+def build_model(model_cfg: DictConfig, splits: Splits) -> torch.nn.Module:
+    """Instantiate the model, filling each `???` key that the data fixes (`data_contract`:
+    num_classes, in_channels, in_features, vocab_size; written back so the run record shows
+    them) and its word vectors for text (`embeddings`: a `word_vectors` source; `embed_dim` is set to
+    the vectors' dimension)."""
+    contract = data_contract(splits)
+    for key in model_cfg.keys():
+        if OmegaConf.is_missing(model_cfg, key):
+            if key not in contract:
+                raise ConfigError(f"model.{key} is unset and the dataset does not fix it; set model.{key}=...")
+            model_cfg[key] = contract[key]
+    if model_cfg.get("embeddings") in (None, "random"):
+        return instantiate_plain(model_cfg, embeddings=None) if "embeddings" in model_cfg else instantiate_plain(model_cfg)
+    if splits.vocab is None:
+        raise ConfigError("model.embeddings (word vectors) needs a text dataset with a vocabulary.")
+    loaded = word_vectors(splits.vocab, model_cfg.embeddings)
+    if loaded.dim is not None:
+        model_cfg.embed_dim = loaded.dim
+    return instantiate_plain(model_cfg, embeddings=loaded.vectors)
+
+
+def build_penalty(method_cfg: DictConfig) -> Penalty:
+    penalty = instantiate(method_cfg.penalty)
+    if not isinstance(penalty, Penalty):
+        raise ConfigError(f"method.penalty._target_ must build a cdep_exp.penalties.Penalty, got {type(penalty).__name__}.")
+    return penalty
+
+
+def use_feature_cache(model: torch.nn.Module, penalty: Penalty, settings: CacheSettings, method: str) -> bool:
+    """Whether to train the head of a frozen-backbone model on cached backbone outputs."""
+    if settings.enabled is False or frozen_backbone(model) is None:
+        return False
+    if "relevant" not in penalty.annotations:
+        if settings.enabled is True:
+            raise ConfigError(f"method={method} needs input gradients, which cached features do not have: "
+                              f"set feature_cache.enabled=auto or false.")
+        log.info("Feature cache off: method=%s needs gradients with respect to the inputs, so the whole "
+                 "%s runs on them.", method, type(model).__name__)
+        return False
+    return True
+
+
+def check_model_fits(model: torch.nn.Module, splits: Splits, device: torch.device) -> None:
+    """One eval-mode forward of two validation samples; a model that does not fit the data fails
+    here with one line instead of a shape traceback inside training. Draws no random numbers."""
+    items = [splits.val[i] for i in range(min(2, len(splits.val)))]
+    if not items:
+        raise ConfigError("The validation split is empty; check the dataset's split settings.")
+    x = (splits.collate_fn or default_collate)(items)[0].to(device)
+    mode = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    except (RuntimeError, ValueError, IndexError) as err:
+        raise ConfigError(f"{type(model).__name__} does not fit this data (input {tuple(x.shape)}): "
+                          f"{str(err).splitlines()[0]}") from err
+    finally:
+        model.train(mode)
+    if logits.shape != (len(items), splits.num_classes):
+        raise ConfigError(f"{type(model).__name__} gives outputs {tuple(logits.shape)} for {len(items)} samples "
+                          f"of a {splits.num_classes}-class dataset; set model.num_classes={splits.num_classes}.")
+
+
+def trainer_settings(trainer_cfg: DictConfig) -> TrainerSettings:
+    """The trainer group as its structured config (Hydra has checked the types while composing;
+    the ranges are checked here, with the key named in a ConfigError), `progress="auto"`
+    resolved: bars in a terminal, one log line per epoch otherwise."""
+    settings = OmegaConf.to_object(trainer_cfg)
+    return dataclasses.replace(settings, progress=progress_bars(settings.progress))
+
+
+def make_loaders(splits: Splits, settings: TrainerSettings, seed: int, device: torch.device
+                 ) -> tuple[EpochBatches, Callable[[Dataset], DataLoader]]:
+    """(the training batches, reshuffled per epoch from `seed`; a factory of evaluation loaders)."""
+    generator = torch.Generator()
+    loader = partial(DataLoader, num_workers=settings.num_workers, collate_fn=splits.collate_fn,
+                     pin_memory=device.type == "cuda")
+    if splits.batch_sampler is None:
+        train = loader(splits.train, batch_size=settings.batch_size, shuffle=True, generator=generator)
+    else:
+        train = loader(splits.train, batch_sampler=splits.batch_sampler(settings.batch_size, generator))
+    return EpochBatches(train, generator, seed), partial(loader, batch_size=settings.eval_batch_size, shuffle=False)
+
+
+def build_optimisation(cfg: DictConfig, model: torch.nn.Module, max_epochs: int) -> Optimisation:
+    """The optimizer over the model's parameters and the learning-rate schedule, if any
+    (`T_max: ???` of a cosine schedule becomes the run's epoch count)."""
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    scheduler_cfg = cfg.get("scheduler")
+    if not scheduler_cfg:
+        return Optimisation(optimizer)
+    if "T_max" in scheduler_cfg.keys() and OmegaConf.is_missing(scheduler_cfg, "T_max"):
+        scheduler_cfg.T_max = max_epochs
+    return Optimisation(optimizer, instantiate_plain(scheduler_cfg)(optimizer))
+
+
+def progress_bars(setting: bool | str) -> bool:
+    """trainer.progress: true / false, or auto: bars in a terminal, one log line per epoch otherwise."""
+    return sys.stderr.isatty() if setting == "auto" else bool(setting)
+
+
+
+
+def build_learner(cfg: DictConfig, splits: Splits, device: torch.device, settings: TrainerSettings
+                  ) -> tuple[torch.nn.Module, Penalty, Splits]:
+    """The model (on `device`) and the penalty bound to the data's annotation; for a model with a
+    frozen backbone that the method can train on cached features, the trainable head and the
+    splits of cached backbone outputs instead. Every combination that cannot train fails here
+    with one line (a penalty that cannot read the annotation, a model that does not fit the
+    data, a precision the device lacks)."""
+    model = build_model(cfg.model, splits).to(device)
+    penalty = build_penalty(cfg.method)
+    cache = CacheSettings(**OmegaConf.to_container(cfg.feature_cache, resolve=True))
+    if use_feature_cache(model, penalty, cache, cfg.method.name):
+        backbone, model = frozen_backbone(model)
+        cache_dir = Path(cache.dir) if cache.dir else Path(cfg.paths.data_dir) / "cache" / "features"
+        splits = cache_splits(splits, backbone, cache, cache_dir, device, bool(settings.progress))
+    try:
+        penalty.bind(splits.annotation)
+    except ValueError as err:
+        raise ConfigError(f"method={cfg.method.name} on dataset {cfg.dataset.name}: {err}.") from err
+    check_model_fits(model, splits, device)
+    try:
+        Precision(settings.precision, device)
+    except ValueError as err:
+        raise ConfigError(f"{err}.") from err
+    return model, penalty, splits
