@@ -45,5 +45,5 @@ class LambdaRule:
 
 
 BEST_MEAN_VALIDATION = LambdaRule(
-    "best mean validation", "the λ whose validation score, averaged over seeds, is best (ties: the smaller λ)",
+    "best mean validation", "the λ whose validation score averaged over seeds is best, ties to the smaller λ",
     best_mean_validation)

@@ -170,7 +170,7 @@ TABLES: dict[str, Spec] = {
         ),
         label=label_isic, score=score_isic, selects_on="validation AUC",
         notes=("F1 thresholds are chosen on validation; F1* takes the best threshold on the test set "
-               "itself, as the paper did. λ (RRR) is chosen on validation AUC.",
+               "itself, as the paper did.",
                "Acc. malignant + patch: accuracy on malignant test images with patches pasted on "
                "(generated data only); a model that reads 'patch ⇒ benign' fails there."),
     ),
@@ -280,7 +280,7 @@ class Table:
 
     def markdown(self) -> str:
         rule = self.spec.selection
-        lines = [f"# {self.title}", "", f"λ per row: {rule.name} ({rule.summary}), on {self.spec.selects_on}.", "",
+        lines = [f"# {self.title}", "", f"λ per row: {rule.name}, {rule.summary}; the score is {self.spec.selects_on}.", "",
                  *[f"- {note}" for note in self.notes], "",
                  self.display().to_markdown(index=False, disable_numparse=True), ""]
         if not self.missing.empty:

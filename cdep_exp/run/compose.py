@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 DATASET_META_KEYS = ("name", "metrics")
 
 
-
 def validate(cfg: DictConfig) -> float:
     """Fail before any data loads on settings that cannot run (every key is named); returns λ."""
     lam = cfg.method.lam
@@ -219,8 +218,6 @@ def build_optimisation(cfg: DictConfig, model: torch.nn.Module, max_epochs: int)
 def progress_bars(setting: bool | str) -> bool:
     """trainer.progress: true / false, or auto: bars in a terminal, one log line per epoch otherwise."""
     return sys.stderr.isatty() if setting == "auto" else bool(setting)
-
-
 
 
 def build_learner(cfg: DictConfig, splits: Splits, device: torch.device, settings: TrainerSettings
