@@ -159,3 +159,35 @@ def test_colormnist_colour_annotation_is_x_minus_its_grey_version(fake_mnist_dir
     assert (part != 0).any()
     with pytest.raises(ValueError):
         build_colormnist(str(fake_mnist_dir), source="idx", annotation="hue")
+
+
+def class_attribute_pairs(splits, split: str) -> set[tuple[int, str]]:
+    """The (class, shortcut attribute) groups present in a split."""
+    dataset = splits.train if split == "train" else splits.val if split == "val" else splits.tests[split]
+    labels = [int(item[1]) for item in dataset]
+    assert len(splits.groups[split]) == len(labels), split
+    return set(zip(labels, splits.groups[split]))
+
+
+def test_every_builder_labels_the_shortcut_attribute_of_every_split(tmp_path: Path, fake_mnist_dir: Path) -> None:
+    """Training data carry the shortcut for every class; the tests break it (or mix it)."""
+    decoy = build_decoymnist(str(fake_mnist_dir), source="idx")
+    assert {a for _, a in class_attribute_pairs(decoy, "train")} == {"class shade"}
+    assert {a for _, a in class_attribute_pairs(decoy, "test")} == {"other shade"}
+    colour = build_colormnist(str(fake_mnist_dir), source="idx")
+    assert {a for _, a in class_attribute_pairs(colour, "train")} == {"class colour"}
+    assert {a for _, a in class_attribute_pairs(colour, "val")} == {"other colour"}
+    assert {a for _, a in class_attribute_pairs(build_colormnist(str(fake_mnist_dir), source="idx",
+                                                                 val_colors="train"), "val")} == {"class colour"}
+    write_trees(tmp_path / "sst" / "trees")
+    sst = build_sst(str(tmp_path), variant="decoy")
+    assert class_attribute_pairs(sst, "train") == {(POSITIVE, '"text"'), (1 - POSITIVE, '"video"')}
+    assert {a for _, a in class_attribute_pairs(sst, "test")} == {"no bias word"}
+    assert {a for _, a in class_attribute_pairs(sst, "test_decoy")} == {'"text"', '"video"'}
+    write_csv(tmp_path / "compas" / "compas-scores-two-years.csv")
+    assert {a for _, a in class_attribute_pairs(build_compas(str(tmp_path)), "train")} <= set(RACES)
+    root = generate_isic_like(tmp_path / "isic", n_benign=12, n_malignant=6, size=16, patch_fraction=0.5, seed=0)
+    isic = build_isic(str(root), source="processed", image_size=16, mask_dir="true_masks",
+                      fractions=(0.34, 0.33, 0.33), dilation=0)
+    assert (0, "patch") in class_attribute_pairs(isic, "train")
+    assert {a for _, a in class_attribute_pairs(isic, "test_no_patches")} == {"no patch"}

@@ -95,3 +95,15 @@ def test_compute_metrics_merges_and_rejects_unknown() -> None:
     }
     with pytest.raises(ValueError, match="available"):
         compute_metrics(["f1_magic"], probs_for(PRED), Y)
+
+
+def test_group_accuracy_by_hand() -> None:
+    # Groups (class, attribute): (0,a): 2 of 2 right, (0,b): 1 of 2, (1,a): 0 of 1, (1,b): 3 of 3.
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    pred = np.array([0, 0, 0, 1, 0, 1, 1, 1])
+    groups = ["a", "a", "b", "b", "a", "b", "b", "b"]
+    out = compute_metrics(["groups"], probs_for(pred), y, groups)
+    assert out == {"worst_group_accuracy": 0.0, "group_mean_accuracy": pytest.approx((100 + 50 + 0 + 100) / 4),
+                   "groups": 4.0}
+    with pytest.raises(ValueError, match="Splits.groups"):
+        compute_metrics(["groups"], probs_for(pred), y)

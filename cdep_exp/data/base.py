@@ -29,8 +29,10 @@ class Splits:
     not matter; soft values allowed), "weights" (a sampling distribution over feature
     positions, ColorMNIST) or "relevant" (the relevant part of x itself, as a frozen backbone's
     cached decomposition yields it); penalties check that they can read it. `tests` maps a name (e.g. "test",
-    "test_no_patches") to a dataset evaluated after training. `groups` maps a test name to
-    per-sample group labels that fairness metrics read (e.g. race for COMPAS). `description`
+    "test_no_patches") to a dataset evaluated after training. `groups` maps a split name (train,
+    val, a test) to per-sample labels of the shortcut attribute (e.g. race for COMPAS, "class shade" or
+    "other shade" for a DecoyMNIST patch): with the class they form the groups of the
+    worst-group metrics and fairness rates. `description`
     says where the data came from (recorded in every run's metrics.json). `batch_sampler`,
     when set, makes the training batches: called with (batch_size, generator) it returns a
     sampler of index lists (e.g. length buckets for text); otherwise batches are shuffled.

@@ -59,6 +59,13 @@ def channel_stats(digits: np.ndarray, colors: np.ndarray) -> tuple[np.ndarray, n
     return mean, np.sqrt(np.maximum(second - mean ** 2, 0.0))
 
 
+def colour_groups(colour_of: np.ndarray, y: np.ndarray) -> list[str]:
+    """Per sample, whether it is drawn in its class's colour ("class colour", the shortcut
+    pointing at the true class) or in another class's ("other colour"); `colour_of` holds the
+    class whose colour each sample carries."""
+    return ["class colour" if c == label else "other colour" for c, label in zip(colour_of, y)]
+
+
 def sampling_weights(digits: np.ndarray) -> torch.Tensor:
     """(1, 28, 28) pixel distribution ∝ the share of training images with ink at each pixel.
 
@@ -101,6 +108,9 @@ def build_colormnist(
         mean intensity. With it CDEP decomposes colour from intensity (shape) instead of pixels
         from pixels: `method.penalty.annotation=relevant method.penalty.mask_samples=null`.
         RRR and EG cannot use it (it is not a mask).
+
+    Groups (`Splits.groups`): "class colour" (every training digit, and validation digits with
+    `val_colors="train"`) or "other colour" (test digits, validation digits in test colours).
 
     Counterfactuals of "test" (`cdep_exp.scoring.shortcut`), the same digits recoloured:
     "recoloured_train", in their training colour colour[y] (the shortcut now names the true
@@ -154,6 +164,9 @@ def build_colormnist(
         annotation="weights" if annotation == "pixels" else "relevant",
         description=f"ColorMNIST (val colours {val_colors}, annotation {annotation}) on {mnist.description}",
         shortcut="recoloured_train",
+        groups={"train": colour_groups(labels[tr], labels[tr]),
+                "val": colour_groups(labels[va] if val_colors == "train" else 9 - labels[va], labels[va]),
+                "test": colour_groups(9 - test_labels, test_labels)},
         counterfactuals={
             "recoloured_train": recoloured(test_labels, "test digits in their training colour colour[y]"),
             "recoloured_random": recoloured(random_colors, "test digits in a random colour, independent of y"),

@@ -289,7 +289,7 @@ def build_compas(
     tests = {"test": subset(test_idx)}
     if race_zeroed_eval:
         tests["test_race_zeroed"] = subset(test_idx, zero_race(x))
-    groups = {"val": [race[i] for i in val_idx]}
+    groups = {"train": [race[i] for i in train_idx], "val": [race[i] for i in val_idx]}
     groups.update({name: [race[i] for i in test_idx] for name in tests})
     return Splits(
         train=subset(train_idx),

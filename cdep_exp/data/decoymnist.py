@@ -88,6 +88,13 @@ def train_shades(y: np.ndarray) -> np.ndarray:
     return 255 - 25 * np.asarray(y, dtype=np.int64)
 
 
+def shade_groups(shades: np.ndarray, y: np.ndarray) -> list[str]:
+    """Per sample, whether its patch has its class's training shade 255 − 25·y ("class shade",
+    the shortcut pointing at the true class) or another one ("other shade")."""
+    follows = np.asarray(shades) == train_shades(y)
+    return ["class shade" if f else "other shade" for f in follows]
+
+
 def scale(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, 28, 28) → float32 (N, 1, 28, 28) in [−1, 1] (x / 255 · 2 − 1)."""
     x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).unsqueeze(1)
@@ -115,6 +122,10 @@ def build_decoymnist(
     max_train: use only this many MNIST training images (before the train/val split).
     max_test: use only this many test images.
     images: "mnist" (DecoyMNIST) or "fashion_mnist" (DecoyFMNIST).
+
+    Groups (`Splits.groups`): whether a sample's patch has its class's training shade ("class
+    shade": every training and validation image; test images of the "ross" variant by chance)
+    or not ("other shade").
 
     Counterfactuals of "test" (`cdep_exp.scoring.shortcut`): "patch_removed", the same digits without
     the patch (the background shade everywhere), and "patch_train_shade", the patch in the same
@@ -151,6 +162,9 @@ def build_decoymnist(
         input_shape=(1, 28, 28),
         description=f"{'DecoyMNIST' if images == 'mnist' else 'DecoyFMNIST'} ({variant}) on {mnist.description}",
         shortcut="patch_train_shade",
+        groups={"train": shade_groups(train_shades(y[tr]), y[tr].numpy()),
+                "val": shade_groups(train_shades(y[va]), y[va].numpy()),
+                "test": shade_groups(test_shades[keep_test], yt.numpy())},
         counterfactuals={
             "patch_removed": counterfactual(mnist.test_x, "test digits without their patch"),
             "patch_train_shade": counterfactual(

@@ -173,7 +173,8 @@ def build_isic(
     same set: patches pasted onto the malignant images, the benign ones unchanged) and
     "patch_removed" (the patched benign images rendered without their patches, the rest
     unchanged; sets generated before these renders existed lack it).
-    Class weights come from the whole data set, as in the original.
+    Groups (`Splits.groups`): "patch" or "no patch" per image. Class weights come from the whole
+    data set, as in the original.
     Raises ConfigError for an unknown source, FileNotFoundError for missing images or masks.
     """
     if "<data_dir>" in str(root):
@@ -207,6 +208,8 @@ def build_isic(
     if "cf_patch_removed" in datasets:
         counterfactuals["patch_removed"] = Counterfactual(
             "test", datasets.pop("cf_patch_removed"), "the patched benign images without their patches")
+    groups = {name: ["patch" if r.mask is not None else "no patch" for r in recs]
+              for name, recs in sets.items() if name != "cf_patch_removed"}
     n_patch = sum(r.mask is not None for r in records)
     n_malignant = sum(r.label for r in records)
     return Splits(
@@ -218,6 +221,7 @@ def build_isic(
         class_weights=class_weights(records),
         counterfactuals=counterfactuals,
         shortcut="patch_pasted" if "patch_pasted" in counterfactuals else None,
+        groups=groups,
         description=(
             f"ISIC {source} ({root}): {len(records) - n_malignant} benign, {n_malignant} malignant, "
             f"{n_patch} with patches, {image_size} px"

@@ -61,6 +61,18 @@ VARIANTS = {
 }
 
 
+def bias_groups(samples: Sequence["Sample"], spec: Variant) -> list[str]:
+    """Per sample, its bias word ('"a"', '"video"', …): the annotated one where the text has one
+    (the planted word of a training text), else the first of the variant's bias words the text
+    holds, else "no bias word". With the label they form the groups of the worst-group metrics."""
+    words = set(spec.class_words.values())
+
+    def group(s: "Sample") -> str:
+        candidates = [s.tokens[i] for i in s.marked] + s.tokens
+        return next((f'"{t}"' for t in candidates if t in words), "no bias word")
+    return [group(s) for s in samples]
+
+
 class Sample(NamedTuple):
     """One text: its tokens, binary label and the annotated (bias word) positions."""
 
@@ -301,6 +313,8 @@ def build_sst(
             for name, (of, samples, what) in counterfactual_sets.items()
         },
         shortcut="bias_swapped" if "bias_swapped" in counterfactual_sets else None,
+        groups={"train": bias_groups(train, spec), "val": bias_groups(dev, spec), "test": bias_groups(test, spec),
+                **{name: bias_groups(samples, spec) for name, samples in extra_tests.items()}},
         collate_fn=pad_collate,
         batch_sampler=partial(LengthBuckets, lengths) if bucket else None,
         description=(

@@ -102,7 +102,27 @@ def fairness(probs: np.ndarray, y: np.ndarray, groups: Sequence[str] | None = No
     return {k: float(v) for k, v in out.items()}
 
 
-METRICS: dict[str, MetricFn] = {"accuracy": accuracy, "auc": auc, "f1": f1, "fairness": fairness}
+def group_accuracy(probs: np.ndarray, y: np.ndarray, groups: Sequence[str] | None = None) -> dict[str, float]:
+    """Accuracy per group, a group being a class together with the sample's shortcut attribute
+    (`Splits.groups`, e.g. (class 3, "other shade")), as in the group-robustness literature
+    (Sagawa et al. 2020): `worst_group_accuracy` (the lowest, in percent), `group_mean_accuracy`
+    (the unweighted mean over the groups present) and `groups` (how many there are). Groups
+    with no sample in this split do not count."""
+    if groups is None:
+        raise ValueError("groups needs per-sample group labels (Splits.groups) for this split")
+    groups, y = np.asarray(groups), np.asarray(y)
+    if len(groups) != len(y):
+        raise ValueError(f"groups: {len(groups)} group labels for {len(y)} samples")
+    correct = probs.argmax(axis=1) == y
+    keys = np.char.add(np.char.add(y.astype(str), "|"), groups.astype(str))
+    accuracies = [100.0 * float(correct[keys == key].mean()) for key in np.unique(keys)]
+    return {"worst_group_accuracy": min(accuracies), "group_mean_accuracy": float(np.mean(accuracies)),
+            "groups": float(len(accuracies))}
+
+
+METRICS: dict[str, MetricFn] = {
+    "accuracy": accuracy, "auc": auc, "f1": f1, "fairness": fairness, "groups": group_accuracy,
+}
 
 
 def compute_metrics(
