@@ -20,7 +20,7 @@ ALLOWED = {
     "cd": LOWER,
     "data": LOWER,
     "models": LOWER | {"cd"},  # models register their own whole-model CD rules
-    "penalties": LOWER | {"cd", "models"},
+    "penalties": LOWER | {"cd", "models", "data"},  # data: the batch helpers (token deletion)
     "feature_cache": LOWER | {"cd", "data"},
     "scoring": LOWER | {"data"},
     "training": LOWER | {"penalties", "scoring"},

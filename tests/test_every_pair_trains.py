@@ -1,5 +1,6 @@
 """Every dataset × method pair trains with only `dataset=` and `method=` chosen (plus the data
-root and caps that make it a few steps on tiny data): 5 datasets × 4 methods."""
+root and caps that make it a few steps on tiny data): 5 datasets × 6 methods; a method that
+cannot apply to a dataset fails with one line saying why."""
 import json
 import math
 import shutil
@@ -7,13 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from cdep_exp.errors import ConfigError
 from cdep_exp.run import run
 from test_app import make_cfg
 from test_data_compas import write_csv
 from test_data_sst import write_trees
 
 DATASETS = ("decoymnist", "colormnist", "compas", "sst", "isic_synthetic")
-METHODS = ("vanilla", "cdep", "rrr", "eg")
+METHODS = ("vanilla", "cdep", "rrr", "eg", "augment", "clp")
+# Pairs that cannot apply, and what their one-line error says.
+REFUSED = {("isic_synthetic", m): "cannot build them" for m in ("augment", "clp")}
 CAPS = ["trainer.max_epochs=1", "trainer.max_steps_per_epoch=2", "trainer.batch_size=4", "trainer.progress=false"]
 # Tiny data, not other settings: how many images the generator draws, at what size.
 TINY_DATA = {
@@ -43,6 +47,11 @@ def test_pair_trains_from_its_defaults(
                  *TINY_DATA.get(dataset, []), *CAPS]
     if dataset == "isic_synthetic":
         overrides.append("model.hidden=8")
+    if (dataset, method) in REFUSED:
+        with pytest.raises(ConfigError, match=REFUSED[dataset, method]) as err:
+            run(make_cfg(tmp_path, overrides), tmp_path / "run")
+        assert "\n" not in str(err.value)
+        return
     with caplog.at_level("INFO"):
         run(make_cfg(tmp_path, overrides), tmp_path / "run")
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())

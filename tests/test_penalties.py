@@ -6,7 +6,9 @@ from torch import nn
 
 import cdep_exp.penalties.cdep as cdep_module
 from cdep_exp.models import MLP, MNISTCNN, LSTMClassifier
-from cdep_exp.penalties import CDEP, RRR, ExpectedGradients, Vanilla
+from cdep_exp.penalties import (
+    CDEP, RRR, CounterfactualAugmentation, CounterfactualLogitPairing, ExpectedGradients, Vanilla,
+)
 from cdep_exp.penalties.base import sample_masks
 
 
@@ -383,3 +385,51 @@ def test_cdep_keeps_the_whole_batch_together_under_train_mode_batch_norm(monkeyp
     monkeypatch.setattr(cdep_module, "decompose", lambda m, xs, *a, **k: sizes.append(len(xs)) or decompose(m, xs, *a, **k))
     CDEP()(model, x, torch.zeros(6, dtype=torch.long), annotation)
     assert sizes == [6]
+
+
+def linear_case() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    annotation = torch.zeros(5, 4)
+    annotation[:, :2] = 1
+    return model, x, torch.randint(3, (5,)), annotation
+
+
+def test_counterfactual_logit_pairing_by_hand() -> None:
+    model, x, y, annotation = linear_case()
+    clp = CounterfactualLogitPairing()
+    clp.counterfactual = lambda x, a: x * (1 - a)
+    logits, value = clp.bind("mask")(model, x, y, annotation)
+    f, f_cf = model(x), model(x * (1 - annotation))
+    centre = lambda t: t - t.mean(1, keepdim=True)  # noqa: E731
+    torch.testing.assert_close(logits, f)
+    torch.testing.assert_close(value, (centre(f) - centre(f_cf)).pow(2).sum(1).mean())
+    value.backward()
+    assert model.weight.grad[:, :2].abs().sum() > 0 and model.weight.grad[:, 2:].abs().sum() == 0  # only what x' lacks
+
+
+def test_counterfactual_augmentation_is_the_task_loss_on_the_counterfactual() -> None:
+    model, x, y, annotation = linear_case()
+    augment = CounterfactualAugmentation()
+    augment.counterfactual = lambda x, a: x * (1 - a)
+    _, value = augment.bind("mask")(model, x, y, annotation)
+    torch.testing.assert_close(value, F.cross_entropy(model(x * (1 - annotation)), y))
+
+
+@pytest.mark.parametrize("penalty", [CounterfactualAugmentation, CounterfactualLogitPairing])
+def test_counterfactual_penalties_need_counterfactual_inputs(penalty) -> None:
+    with pytest.raises(ValueError, match="cannot build them"):
+        penalty().bind("mask")
+
+
+def test_cdep_gap_only_ablation_is_the_gap_term_alone() -> None:
+    model, x, y, annotation = mlp_case()
+    model.eval()
+    _, both = CDEP(form="centred", gap=1.0)(model, x, y, annotation)
+    _, rel_only = CDEP(form="centred")(model, x, y, annotation)
+    _, gap_only = CDEP(form="centred", gap=1.0, rel_weight=0.0)(model, x, y, annotation)
+    torch.testing.assert_close(gap_only, both - rel_only)
+    assert gap_only > 0 and rel_only > 0
+    with pytest.raises(ValueError, match="rel_weight"):
+        CDEP(form="centred", rel_weight=0.0)

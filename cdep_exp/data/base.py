@@ -42,7 +42,11 @@ class Splits:
     the app measures how far predictions move between the two (`cdep_exp.scoring.shortcut`).
     `shortcut` names the counterfactual that measures the shortcut (the annotated feature set
     to point at the true class, e.g. "patch_train_shade"): runs record it, and reports show its
-    numbers beside accuracy.
+    numbers beside accuracy. `counterfactual_input(x, annotation)` builds, for a batch, the
+    inputs with the annotated feature removed (the patch painted over, the colour taken out, the
+    bias word deleted, race zeroed), which augmentation and counterfactual logit pairing train
+    on; None where the data only say where the feature is (ISIC's patch masks) and no such
+    input can be built.
     """
 
     train: Dataset
@@ -59,6 +63,7 @@ class Splits:
     batch_sampler: Callable[[int, torch.Generator], Sampler[list[int]]] | None = None
     counterfactuals: dict[str, Counterfactual] = field(default_factory=dict)
     shortcut: str | None = None
+    counterfactual_input: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def named_datasets(self) -> dict[str, Dataset]:
         """Every dataset of the experiment by name: train, val, the tests, cf_<name> counterfactuals."""

@@ -35,3 +35,13 @@ class LengthBuckets(Sampler[list[int]]):
             batches.extend(by_length.split(self.batch_size))
         for i in torch.randperm(len(batches), generator=self.generator).tolist():
             yield batches[i].tolist()
+
+
+def delete_tokens(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token ids (B, T), right-padded with 0, with the tokens where `mask` (B, T) is non-zero
+    deleted and the rest moved left (an id of 0 mid-sentence would read as the end of the text)."""
+    keep = (mask == 0) & (tokens != 0)
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    moved = tokens.gather(1, order)
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    return torch.where(positions < keep.sum(1, keepdim=True), moved, torch.zeros_like(tokens))

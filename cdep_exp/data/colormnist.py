@@ -164,6 +164,8 @@ def build_colormnist(
         annotation="weights" if annotation == "pixels" else "relevant",
         description=f"ColorMNIST (val colours {val_colors}, annotation {annotation}) on {mnist.description}",
         shortcut="recoloured_train",
+        # The colour part annotation gives the grey digit, x − colour part; sampled pixels give none.
+        counterfactual_input=(lambda x, colour_part: x - colour_part) if annotation == "colour" else None,
         groups={"train": colour_groups(labels[tr], labels[tr]),
                 "val": colour_groups(labels[va] if val_colors == "train" else 9 - labels[va], labels[va]),
                 "test": colour_groups(9 - test_labels, test_labels)},

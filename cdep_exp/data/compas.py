@@ -305,5 +305,6 @@ def build_compas(
             "race_removed": Counterfactual("test", subset(test_idx, zero_race(x)), "race columns zeroed"),
         },
         groups=groups,
+        counterfactual_input=lambda x, annotation: zero_race(x),
         description=f"COMPAS ({races} races, {len(df):,} rows after the ProPublica filter; file: {origin})",
     )

@@ -95,6 +95,12 @@ def shade_groups(shades: np.ndarray, y: np.ndarray) -> list[str]:
     return ["class shade" if f else "other shade" for f in follows]
 
 
+def paint_background(x: torch.Tensor, annotation: torch.Tensor) -> torch.Tensor:
+    """Scaled images x (B, 1, 28, 28) with the annotated corners painted in the background's
+    value (−1, a pixel of 0): the patches removed."""
+    return x.masked_fill(annotation.bool().expand_as(x), -1.0)
+
+
 def scale(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, 28, 28) → float32 (N, 1, 28, 28) in [−1, 1] (x / 255 · 2 − 1)."""
     x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).unsqueeze(1)
@@ -162,6 +168,7 @@ def build_decoymnist(
         input_shape=(1, 28, 28),
         description=f"{'DecoyMNIST' if images == 'mnist' else 'DecoyFMNIST'} ({variant}) on {mnist.description}",
         shortcut="patch_train_shade",
+        counterfactual_input=paint_background,
         groups={"train": shade_groups(train_shades(y[tr]), y[tr].numpy()),
                 "val": shade_groups(train_shades(y[va]), y[va].numpy()),
                 "test": shade_groups(test_shades[keep_test], yt.numpy())},

@@ -32,7 +32,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from cdep_exp.data.base import Counterfactual, Splits
-from cdep_exp.data.batching import LengthBuckets
+from cdep_exp.data.batching import LengthBuckets, delete_tokens
 from cdep_exp.data.sst_trees import SST_URL, Phrase, ensure_sst_trees, read_trees
 
 log = logging.getLogger(__name__)
@@ -313,6 +313,7 @@ def build_sst(
             for name, (of, samples, what) in counterfactual_sets.items()
         },
         shortcut="bias_swapped" if "bias_swapped" in counterfactual_sets else None,
+        counterfactual_input=delete_tokens,
         groups={"train": bias_groups(train, spec), "val": bias_groups(dev, spec), "test": bias_groups(test, spec),
                 **{name: bias_groups(samples, spec) for name, samples in extra_tests.items()}},
         collate_fn=pad_collate,

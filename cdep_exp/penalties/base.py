@@ -9,7 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdep_exp.data.batching import delete_tokens
 from cdep_exp.models.base import require_token_model
+
+# Builds inputs with the annotated feature removed from a batch (x, annotation).
+CounterfactualInput = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Penalty(ABC):
@@ -18,14 +22,18 @@ class Penalty(ABC):
     `annotation` marks, per sample and broadcastable to `x`, the features whose influence the
     penalty suppresses (1 = must not matter). The loop minimises task_loss(logits, y) + λ·value.
     `annotations` lists the kinds of annotation (`Splits.annotation`: mask, weights, relevant)
-    the penalty can read; the app calls `bind` with the data's kind before training.
+    the penalty can read; before training the app sets `counterfactual` to the data's builder of
+    inputs with the annotated feature removed (`Splits.counterfactual_input`, or None), then
+    calls `bind` with the data's annotation kind.
     """
 
     annotations: tuple[str, ...] = ("mask",)
+    counterfactual: CounterfactualInput | None = None
 
     def bind(self, annotation: str) -> "Penalty":
         """Prepare to read annotations of this kind (`Splits.annotation`); returns the penalty.
-        Raises ValueError for a kind it cannot read."""
+        Raises ValueError for a kind it cannot read (or, for a penalty that trains on
+        counterfactual inputs, when `counterfactual` is None)."""
         if annotation not in self.annotations:
             raise ValueError(
                 f"{type(self).__name__} cannot read a {annotation!r} annotation (it reads: "
@@ -139,13 +147,7 @@ def without_annotated(x: torch.Tensor, annotation: torch.Tensor, relevant: bool)
         return x - annotation
     if x.dtype.is_floating_point:
         return x * (1 - annotation.to(x.dtype))
-    keep = (annotation == 0) & (x != 0)
-    out = torch.zeros_like(x)
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-    moved = x.gather(1, order)
-    width = keep.sum(1, keepdim=True)
-    positions = torch.arange(x.shape[1], device=x.device).expand_as(x)
-    return torch.where(positions < width, moved, out)
+    return delete_tokens(x, annotation)
 
 
 def masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

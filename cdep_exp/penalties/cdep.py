@@ -81,6 +81,8 @@ class CDEP(Penalty):
       x' is x without the annotated features (one more forward): the interactions of the
       annotated features that CD books under irrel, through which a model can otherwise keep
       using them while rel goes to 0.
+    * `rel_weight=w` (default 1): the weight of the form's term; 0 with a gap keeps the gap term
+      alone, the ablation that asks what the decomposition adds to holding irrel to f(x').
     * bound to a "relevant" annotation (ISIC on cached features): the annotation is not a mask but the
       relevant part of x itself, the decomposition of a frozen network in front of the model
       (all zero for samples without anything to penalise, which are left out of the mean).
@@ -96,6 +98,7 @@ class CDEP(Penalty):
         mask_samples: int | None = None,
         dropout: str = "shared",
         gap: float = 0.0,
+        rel_weight: float = 1.0,
     ) -> None:
         if form not in FORMS:
             raise ValueError(f"CDEP form must be one of {FORMS}, got {form!r}")
@@ -109,6 +112,10 @@ class CDEP(Penalty):
         if not gap >= 0 or (gap and form in ("softmax", "text")):
             raise ValueError(f"CDEP gap must be >= 0 and needs form 'centred' or 'normalised', "
                              f"got gap={gap!r} with form={form!r}")
+        if not rel_weight >= 0 or (rel_weight == 0 and not gap):
+            raise ValueError(f"CDEP rel_weight must be >= 0, and 0 only with a gap term (else nothing is "
+                             f"penalised), got rel_weight={rel_weight!r} with gap={gap!r}")
+        self.rel_weight = float(rel_weight)
         self.form = form
         self.mask_samples = mask_samples
         self.dropout = dropout
@@ -160,7 +167,7 @@ class CDEP(Penalty):
             rel, irrel = decompose(model, x, rel=annotation)
         else:
             rel, irrel = decompose(model, x, annotation)
-        per_sample = penalty_form(self.form, rel, irrel, y)
+        per_sample = self.rel_weight * penalty_form(self.form, rel, irrel, y)
         if self.gap:
             x_without = without_annotated(x, annotation, self.annotation == "relevant")
             per_sample = per_sample + self.gap * self._gap(model, x_without, rel, irrel)
@@ -186,7 +193,7 @@ class CDEP(Penalty):
         rel, irrel = decompose_many(model, x, masks)  # (k, B, C) each: k relevant streams, one total
         logits = rel[0] + irrel[0]
         rel, irrel = rel.flatten(0, 1), irrel.flatten(0, 1)  # copy j of the batch: mask j
-        per_sample = penalty_form(self.form, rel, irrel, y.repeat(k))
+        per_sample = self.rel_weight * penalty_form(self.form, rel, irrel, y.repeat(k))
         if self.gap:
             # Copy j of the batch without mask j: one plain forward of the k·B inputs.
             without = (x.unsqueeze(0) * (1 - masks)).flatten(0, 1)

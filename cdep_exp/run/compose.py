@@ -235,6 +235,7 @@ def build_learner(cfg: DictConfig, splits: Splits, device: torch.device, setting
         cache_dir = Path(cache.dir) if cache.dir else Path(cfg.paths.data_dir) / "cache" / "features"
         splits = cache_splits(splits, backbone, cache, cache_dir, device, bool(settings.progress))
     try:
+        penalty.counterfactual = splits.counterfactual_input
         penalty.bind(splits.annotation)
     except ValueError as err:
         raise ConfigError(f"method={cfg.method.name} on dataset {cfg.dataset.name}: {err}.") from err
