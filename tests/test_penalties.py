@@ -387,7 +387,7 @@ def test_cdep_keeps_the_whole_batch_together_under_train_mode_batch_norm(monkeyp
     assert sizes == [6]
 
 
-def linear_case() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+def counterfactual_case() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     x = torch.randn(5, 4)
@@ -397,7 +397,7 @@ def linear_case() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def test_counterfactual_logit_pairing_by_hand() -> None:
-    model, x, y, annotation = linear_case()
+    model, x, y, annotation = counterfactual_case()
     clp = CounterfactualLogitPairing()
     clp.counterfactual = lambda x, a: x * (1 - a)
     logits, value = clp.bind("mask")(model, x, y, annotation)
@@ -410,7 +410,7 @@ def test_counterfactual_logit_pairing_by_hand() -> None:
 
 
 def test_counterfactual_augmentation_is_the_task_loss_on_the_counterfactual() -> None:
-    model, x, y, annotation = linear_case()
+    model, x, y, annotation = counterfactual_case()
     augment = CounterfactualAugmentation()
     augment.counterfactual = lambda x, a: x * (1 - a)
     _, value = augment.bind("mask")(model, x, y, annotation)
