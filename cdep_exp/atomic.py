@@ -13,7 +13,14 @@ PARTIAL = ".part"
 
 def default_mode() -> int:
     """The mode a new file gets from open(): 0o666 without the process's umask (mkstemp's files
-    are 0600 whatever the umask, which would hide results from a cluster group)."""
+    are 0600 whatever the umask, which would hide results from a cluster group). The umask is
+    read from /proc where Linux shows it; elsewhere it is set and restored, for an instant in
+    which another thread's new file would get 0666."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask

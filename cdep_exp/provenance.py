@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from cdep_exp.errors import ConfigError
+
 # Linux: writing 5 to clear_refs resets VmHWM, the peak resident set size in status.
 CLEAR_REFS = Path("/proc/self/clear_refs")
 STATUS = Path("/proc/self/status")
@@ -29,9 +31,12 @@ def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when present; an unavailable CUDA device is an error, not a silent CPU run."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"device={name} is not a torch device ({str(err).splitlines()[0]}); use auto, cpu or cuda.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name} was asked for but CUDA is not available; use device=cpu or device=auto")
+        raise ConfigError(f"device={name} was asked for but CUDA is not available; use device=cpu or device=auto.")
     return device
 
 

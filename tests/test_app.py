@@ -121,7 +121,7 @@ def test_interrupted_run_resumes_to_the_same_result(
     assert not (tmp_path / "resumed" / "metrics.json").exists()
     calls.clear()
     run(make_cfg(tmp_path, overrides), tmp_path / "resumed")
-    assert calls == ["epoch 2"]
+    assert calls == ["epoch 3"]
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 

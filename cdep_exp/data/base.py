@@ -71,4 +71,7 @@ class Splits:
                 **{f"cf_{name}": cf.dataset for name, cf in self.counterfactuals.items()}}
 
 
-ANNOTATIONS = ("mask", "weights", "relevant")
+# What the annotation of a sample holds; "group" (a one-hot of its training group,
+# `cdep_exp.data.groups`) and "weight" (a per-sample loss weight) are made by the run for the
+# group-robust methods, never by a builder.
+ANNOTATIONS = ("mask", "weights", "relevant", "group", "weight")

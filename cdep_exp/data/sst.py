@@ -232,12 +232,14 @@ def pad_collate(
     batch: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack items into (tokens (B, T), labels (B,), annotation (B, T)), right-padded to the
-    batch's longest text with PAD_INDEX and 0 (padding is never annotated)."""
+    batch's longest text with PAD_INDEX and 0 (padding is never annotated). Annotations that are
+    not per token (a group one-hot, a sample weight) are stacked as they are."""
     tokens, labels, annotations = zip(*batch)
+    per_token = all(a.shape == t.shape for a, t in zip(annotations, tokens))
     return (
         pad_sequence(tokens, batch_first=True, padding_value=PAD_INDEX),
         torch.stack(labels),
-        pad_sequence(annotations, batch_first=True),
+        pad_sequence(annotations, batch_first=True) if per_token else torch.stack(annotations),
     )
 
 

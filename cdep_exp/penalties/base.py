@@ -29,6 +29,11 @@ class Penalty(ABC):
 
     annotations: tuple[str, ...] = ("mask",)
     counterfactual: CounterfactualInput | None = None
+    # True: the value is the whole objective (a reweighted loss), and the task loss is not added.
+    replaces_task_loss: bool = False
+    # True: the penalty differentiates with respect to the inputs (RRR, EG), so a frozen backbone's
+    # cached features cannot stand in for the images.
+    input_gradients: bool = False
 
     def bind(self, annotation: str) -> "Penalty":
         """Prepare to read annotations of this kind (`Splits.annotation`); returns the penalty.

@@ -32,6 +32,7 @@ class ExpectedGradients(Penalty):
     """
 
     annotations = ("mask", "weights")
+    input_gradients = True
 
     def __init__(self, references: int = 1, faithful: bool = False, mask_samples: int | None = None) -> None:
         if references < 1:

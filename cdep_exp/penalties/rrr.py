@@ -27,6 +27,7 @@ class RRR(Penalty):
     """
 
     annotations = ("mask", "weights")
+    input_gradients = True
 
     def __init__(self, target: str = "log_prob_sum", sum_channels: bool = False, mask_samples: int | None = None) -> None:
         if target not in TARGETS:

@@ -7,6 +7,7 @@
     python -m cdep_exp.reporting --shortcut --glob 'outputs/demo/**/metrics.json'  # accuracy next to shortcut reliance
 """
 import argparse
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,12 +20,14 @@ def writing(write: Callable[[], list[Path]], where: Path) -> list[Path]:
     try:
         return write()
     except (OSError, StorageError) as err:
-        reason = err.strerror if isinstance(err, OSError) else str(err)
+        cause = err if isinstance(err, OSError) else err.__cause__
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(err)
         raise SystemExit(f"Error: cannot write into {where} ({reason}); choose a writable --results folder.") from None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+    lines = __doc__.splitlines()
+    parser = argparse.ArgumentParser(description=lines[0], epilog="\n".join(lines[1:]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--glob", default="outputs/**/metrics.json", help="run records to summarise")
     parser.add_argument("--metric", default="test/accuracy", help="column(s) to summarise, comma-separated")
@@ -38,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--outputs", type=Path, default=Path("outputs/tables"), help="root of the table runs")
     parser.add_argument("--results", type=Path, default=Path("results"), help="where tables and figures are written")
     args = parser.parse_args(argv)
+    # Warnings about the records read (unreadable, failed runs) as plain lines in a terminal.
+    warnings.formatwarning = lambda message, *args, **kwargs: f"Warning: {message}\n"
     if args.table:
         from cdep_exp.reporting.tables import TABLES, build  # composing presets needs Hydra: import on use
 
@@ -60,12 +65,14 @@ def main(argv: list[str] | None = None) -> None:
     paths = glob_records(args.glob)
     if not paths:
         raise SystemExit(f"No run records match {args.glob!r}; train something first (see README).")
+    runs = collect(paths)
+    if runs.empty:
+        raise SystemExit(f"None of the {len(paths)} run record(s) matching {args.glob!r} is of a finished run.")
     if args.shortcut:
         from cdep_exp.reporting.shortcut import print_shortcut_tables
 
-        print_shortcut_tables(paths, args.select, args.all_counterfactuals)
+        print_shortcut_tables(runs, args.select, args.all_counterfactuals)
         return
-    runs = collect(paths)
     columns = [c for c in args.metric.split(",") if c in runs.columns]
     print(summarise(runs, columns).to_markdown(index=False))
 

@@ -10,7 +10,7 @@ from cdep_exp.run.identity import identity_hash, identity_of
 from cdep_exp.run.record import RunRecord
 
 # A run is identified by these plus its seed; `settings` is the hash of its normalised config
-# without the seed (cdep_exp.run_identity; the run directory's last component), and
+# without the seed (cdep_exp.run.identity; the run directory's last component), and
 # `overrides` its command-line overrides, for reading.
 KEYS = ["dataset", "method", "lam", "settings"]
 RECORD_FIELDS = ("dataset", "data", "method", "lam", "seed", "device", "device_name", "epochs_run", "best_epoch",
@@ -54,9 +54,10 @@ def collect(paths: Iterable[Path]) -> pd.DataFrame:
         else:
             failed.append(str(Path(path).parent))
     if unreadable:
-        warnings.warn(f"Skipped {len(unreadable)} unreadable run record(s): {'; '.join(unreadable)}")
+        warnings.warn(f"Skipped {len(unreadable)} unreadable run record(s): {'; '.join(unreadable)}", stacklevel=2)
     if failed:
-        warnings.warn(f"Left out {len(failed)} failed run(s) (see their metrics.json 'error'): {'; '.join(failed[:5])}")
+        warnings.warn(f"Left out {len(failed)} failed run(s) (see their metrics.json 'error'): {'; '.join(failed[:5])}",
+                      stacklevel=2)
     return pd.DataFrame(rows)
 
 

@@ -10,11 +10,9 @@ records which counterfactual measures its dataset's shortcut (`RunRecord.shortcu
 dataset's builder); `--all-counterfactuals` lists every one.
 Rows are methods, CDEP split by penalty form ("original": the paper's softmax/text forms).
 """
-from pathlib import Path
 
 import pandas as pd
 
-from cdep_exp.reporting.records import collect
 from cdep_exp.reporting.selection import best_mean_validation
 from cdep_exp.run.identity import spell_number
 
@@ -115,9 +113,10 @@ def interpretation(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def print_shortcut_tables(paths: list[Path], select: str | None = None, every: bool = False) -> None:
-    """Print one table per dataset (accuracy next to the shortcut metric) and its interpretation."""
-    table = shortcut_table(collect(paths), select, every)
+def print_shortcut_tables(runs: pd.DataFrame, select: str | None = None, every: bool = False) -> None:
+    """Print one table per dataset (accuracy next to the shortcut metric) and its interpretation,
+    from collected runs (`cdep_exp.reporting.records.collect`)."""
+    table = shortcut_table(runs, select, every)
     for _, rows in table.groupby("dataset", sort=False):
         rows = rows.dropna(axis=1, how="all")
         print(rows.to_markdown(index=False))

@@ -357,6 +357,7 @@ class Runs:
     missing: pd.DataFrame
     expected: int
     root: Path
+    other: pd.DataFrame  # records under the table's folder trained with other settings (not counted)
 
 
 def load(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_dir: Path = sweeps.CONF_DIR) -> Runs:
@@ -365,8 +366,9 @@ def load(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_dir
         raise KeyError(f"Unknown table {name!r}; choose one of {sorted(TABLES)}.")
     expected = sweeps.expected_runs(name, scale, conf_dir)
     root = Path(outputs) / scale / name
-    found, missing = sweeps.match(expected, collect(find_records(root) if root.is_dir() else []))
-    return Runs(found, missing, len(expected), root)
+    records = collect(find_records(root) if root.is_dir() else [])
+    found, missing, other = sweeps.match(expected, records, sweeps.preset_identities(name, scale, conf_dir))
+    return Runs(found, missing, len(expected), root, other)
 
 
 def scored(spec: Spec, runs: pd.DataFrame) -> pd.DataFrame:
@@ -382,6 +384,10 @@ def build(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_di
     spec = TABLES[name]
     cells = with_paper(name, spec, score_rows(spec, runs.found, runs.missing))
     notes = data_notes(scale, runs.root, runs.found, runs.expected) + list(spec.notes)
+    if not runs.other.empty:
+        example = runs.other["conflicts"].iloc[0]
+        notes.insert(1, f"Not counted: {len(runs.other)} run record(s) under {runs.root} trained with other "
+                        f"settings than their preset's (e.g. {example}), such as a debugging sweep with ARGS=.")
     if not runs.found.empty and runs.found["dataset"].eq("isic_synthetic").any():
         spec = replace(spec, title=spec.title + " (GENERATED data)")
     return Table(name, spec, cells, notes, runs.missing, runs.expected)

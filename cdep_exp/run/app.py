@@ -6,10 +6,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from functools import partial
 from pathlib import Path
 
-import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
@@ -17,9 +15,7 @@ from torch.utils.tensorboard import SummaryWriter
 from cdep_exp.data.fingerprint import splits_fingerprint
 from cdep_exp.errors import ConfigError
 from cdep_exp.provenance import device_name, git_revision, peak_memory_gib, reset_peak_memory, resolve_device
-from cdep_exp.run.compose import (
-    build_learner, build_optimisation, build_splits, make_loaders, seed_everything, trainer_settings, validate,
-)
+from cdep_exp.run.compose import build_learner, build_splits, seed_everything, trainer_settings, validate
 from cdep_exp.run.directory import RunDirectory
 from cdep_exp.run.identity import DataRoot, config_hash, config_identity, register_resolvers
 from cdep_exp.run.record import FAILED, RunRecord
@@ -112,19 +108,16 @@ def _run_locked(cfg: DictConfig, directory: RunDirectory, lam: float, settings: 
     finished = _start(directory, identity, settings, writable)
     if finished is not None:
         return finished.best_val_loss
-    model, penalty, splits = build_learner(cfg, splits, device, settings)
-    optimisation = build_optimisation(cfg, model, settings.max_epochs)
+    model, penalty, splits, stage, context = build_learner(cfg, splits, device, settings, directory.checkpoints)
     log.info("%s | %s λ=%g | %s on %s | run dir %s", description, cfg.method.name, lam,
              type(model).__name__, device, directory.path)
-
-    batches, eval_loader = make_loaders(splits, settings, cfg.seed, device)
+    metric_names = list(cfg.dataset.metrics)
     weights = None if splits.class_weights is None else splits.class_weights.to(device)
     val_weights = weights if settings.weighted_val_loss else None
-    metric_names = list(cfg.dataset.metrics)
     checkpointer = Checkpointer(directory.checkpoints, resume=settings.resume)
-    objective = Objective(penalty, lam, partial(F.cross_entropy, weight=weights))
+    objective = Objective(penalty, lam, context.task_loss, task_weight=0.0 if penalty.replaces_task_loss else 1.0)
     validation = Validation(
-        eval_loader(splits.val), val_weights,
+        context.eval_loader(splits.val), val_weights,
         lambda ev: compute_metrics(metric_names, ev.probs, ev.labels, splits.groups.get("val")))
     record = RunRecord(
         dataset=cfg.dataset.name, data=description, run_id=identity["config_hash"], data_fingerprint=identity["data"],
@@ -134,14 +127,17 @@ def _run_locked(cfg: DictConfig, directory: RunDirectory, lam: float, settings: 
 
     with SummaryWriter(directory.tensorboard) as writer:
         try:
-            state = fit(model, objective, batches, validation, optimisation, settings, checkpointer, writer)
+            state = fit(model, objective, context.batches, validation, context.optimisation(model), settings,
+                        checkpointer, writer)
         except NonFiniteLossError as err:
             record.status, record.error, record.history = FAILED, str(err), err.history
             record.write(directory.path)  # kept for diagnosis; tables and sweeps never count it
             raise
         if settings.restore_best:
             checkpointer.load_best(model)
-        results = evaluate_splits(model, splits, eval_loader, device, metric_names, val_weights)
+        if stage is not None:
+            stage.after_fit(model, context)
+        results = evaluate_splits(model, splits, context.eval_loader, device, metric_names, val_weights)
         for split, values in results.items():
             for key, value in values.items():
                 writer.add_scalar(f"{split}/{key}", value, state.epoch)

@@ -6,6 +6,7 @@ unknown key or a value of the wrong type fails with one line naming the key. The
 is a structured config (`cdep_exp.training.TrainerSettings`) that Hydra checks itself.
 """
 import inspect
+import math
 import os
 import types
 import typing
@@ -95,3 +96,13 @@ def check_target(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:
         hint = hints.get(name, inspect.Parameter.empty)
         if not matches(value, hint):
             raise ConfigError(f"{key}.{name}={value!r} must be {_describe(hint)}.")
+
+
+def non_finite(config: Any, key: str = "") -> list[str]:
+    """Dotted keys of a plain config (nested dicts and lists) whose value is a NaN or infinite
+    number (`optimizer.lr=nan`), which no setting means and no JSON file can hold."""
+    if isinstance(config, dict):
+        return [k for name, value in config.items() for k in non_finite(value, f"{key}.{name}" if key else str(name))]
+    if isinstance(config, list):
+        return [k for i, value in enumerate(config) for k in non_finite(value, f"{key}[{i}]")]
+    return [key] if isinstance(config, float) and not math.isfinite(config) else []

@@ -13,17 +13,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 from cdep_exp.data.base import ANNOTATIONS, Splits
+from cdep_exp.data.groups import group_annotated
 from cdep_exp.data.word_vectors import word_vectors
 from cdep_exp.errors import ConfigError
 from cdep_exp.feature_cache import CacheSettings, cache_splits, frozen_backbone
 from cdep_exp.penalties.base import Penalty
-from cdep_exp.run.checks import check_target
+from cdep_exp.run.checks import check_target, non_finite
+from cdep_exp.run.stages import Stage, StageContext
 from cdep_exp.training import EpochBatches, Optimisation, Precision, TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -37,17 +40,23 @@ def validate(cfg: DictConfig) -> float:
     lam = cfg.method.lam
     if isinstance(lam, bool) or not isinstance(lam, Real) or not np.isfinite(lam) or lam < 0:
         raise ConfigError(f"method.lam={lam!r} is invalid: λ must be a finite number >= 0 (e.g. method.lam=100).")
-    if cfg.method.name == "vanilla" and lam != 0:
-        raise ConfigError("method=vanilla has no penalty, so method.lam must be 0; choose method=cdep|rrr|eg.")
+    if cfg.method.penalty._target_.endswith(".Vanilla") and lam != 0:
+        raise ConfigError(f"method={cfg.method.name} has no penalty, so method.lam must be 0; choose a method with "
+                          f"one (cdep, rrr, eg, …).")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
         raise ConfigError(f"seed={cfg.seed!r} must be an integer >= 0.")
     for key in ("data_dir", "output_dir"):
         value = cfg.paths.get(key)
         if not isinstance(value, str) or not value:
             raise ConfigError(f"paths.{key}={value!r} must be one folder (a path), e.g. paths.{key}=data.")
+    bad = non_finite(OmegaConf.to_container(cfg, resolve=True))
+    if bad:
+        raise ConfigError(f"{bad[0]}={OmegaConf.select(cfg, bad[0])} is not a finite number.")
     check_target(cfg.dataset, "dataset", skip=DATASET_META_KEYS)
     check_target(cfg.model, "model", skip=("embeddings",))
     check_target(cfg.method.penalty, "method.penalty")
+    if cfg.method.get("stage"):
+        check_target(cfg.method.stage, "method.stage")
     for group in ("optimizer", "scheduler"):
         if cfg.get(group):
             check_target(cfg[group], group)
@@ -147,15 +156,18 @@ def build_penalty(method_cfg: DictConfig) -> Penalty:
 
 
 def use_feature_cache(model: torch.nn.Module, penalty: Penalty, settings: CacheSettings, method: str) -> bool:
-    """Whether to train the head of a frozen-backbone model on cached backbone outputs."""
+    """Whether to train the head of a frozen-backbone model on cached backbone outputs: not for a
+    penalty that needs input gradients (RRR, EG), nor for one that can read neither the cache's
+    relevant-part annotation nor the group or weight annotations the run makes."""
     if settings.enabled is False or frozen_backbone(model) is None:
         return False
-    if "relevant" not in penalty.annotations:
+    if penalty.input_gradients or not {"relevant", "group", "weight"} & set(penalty.annotations):
+        why = "gradients with respect to the inputs" if penalty.input_gradients else "its annotation on the inputs"
         if settings.enabled is True:
-            raise ConfigError(f"method={method} needs input gradients, which cached features do not have: "
+            raise ConfigError(f"method={method} needs {why}, which cached features do not have: "
                               f"set feature_cache.enabled=auto or false.")
-        log.info("Feature cache off: method=%s needs gradients with respect to the inputs, so the whole "
-                 "%s runs on them.", method, type(model).__name__)
+        log.info("Feature cache off: method=%s needs %s, so the whole %s runs on them.", method, why,
+                 type(model).__name__)
         return False
     return True
 
@@ -186,6 +198,10 @@ def trainer_settings(trainer_cfg: DictConfig) -> TrainerSettings:
     """The trainer group as its structured config (Hydra has checked the types while composing;
     the ranges are checked here, with the key named in a ConfigError), `progress="auto"`
     resolved: bars in a terminal, one log line per epoch otherwise."""
+    known = [f.name for f in dataclasses.fields(TrainerSettings)]
+    unknown = sorted(set(trainer_cfg.keys()) - set(known))
+    if unknown:  # appended with "+", which Hydra lets through even on a structured config
+        raise ConfigError(f"trainer.{unknown[0]} is not a trainer setting (known: {', '.join(known)}).")
     settings = OmegaConf.to_object(trainer_cfg)
     return dataclasses.replace(settings, progress=progress_bars(settings.progress))
 
@@ -220,13 +236,16 @@ def progress_bars(setting: bool | str) -> bool:
     return sys.stderr.isatty() if setting == "auto" else bool(setting)
 
 
-def build_learner(cfg: DictConfig, splits: Splits, device: torch.device, settings: TrainerSettings
-                  ) -> tuple[torch.nn.Module, Penalty, Splits]:
-    """The model (on `device`) and the penalty bound to the data's annotation; for a model with a
-    frozen backbone that the method can train on cached features, the trainable head and the
-    splits of cached backbone outputs instead. Every combination that cannot train fails here
-    with one line (a penalty that cannot read the annotation, a model that does not fit the
-    data, a precision the device lacks)."""
+def build_learner(cfg: DictConfig, splits: Splits, device: torch.device, settings: TrainerSettings,
+                  directory: Path) -> tuple[torch.nn.Module, Penalty, Splits, Stage | None, StageContext]:
+    """The model (on `device`), the penalty bound to the data's annotation, the splits it trains
+    on, and the method's stage (`method.stage`, or None) with what the stage uses. For a model
+    with a frozen backbone that the method can train on cached features: the trainable head and
+    the splits of cached backbone outputs. A penalty that reads groups gets each training
+    sample's group as its annotation; a stage before the fit (JTT's error identification) runs
+    here and may re-annotate the training data. Every combination that cannot train fails here
+    with one line (a penalty that cannot read the annotation, a dataset without the groups a
+    method reads, a model that does not fit the data, a precision the device lacks)."""
     model = build_model(cfg.model, splits).to(device)
     penalty = build_penalty(cfg.method)
     cache = CacheSettings(**OmegaConf.to_container(cfg.feature_cache, resolve=True))
@@ -234,14 +253,33 @@ def build_learner(cfg: DictConfig, splits: Splits, device: torch.device, setting
         backbone, model = frozen_backbone(model)
         cache_dir = Path(cache.dir) if cache.dir else Path(cfg.paths.data_dir) / "cache" / "features"
         splits = cache_splits(splits, backbone, cache, cache_dir, device, bool(settings.progress))
+    check_model_fits(model, splits, device)
     try:
+        if "group" in penalty.annotations:
+            splits, names = group_annotated(splits)
+            log.info("%s reads %d training groups (class, attribute): %s", cfg.method.name, len(names),
+                     ", ".join(f"({y}, {a})" for y, a in names))
+        stage = instantiate_plain(cfg.method.stage) if cfg.method.get("stage") else None
+        context = stage_context(cfg, splits, settings, device, directory)
+        if stage is not None:
+            splits = stage.before_fit(model, context)
+            context = stage_context(cfg, splits, settings, device, directory)  # loaders of the new splits
         penalty.counterfactual = splits.counterfactual_input
         penalty.bind(splits.annotation)
     except ValueError as err:
         raise ConfigError(f"method={cfg.method.name} on dataset {cfg.dataset.name}: {err}.") from err
-    check_model_fits(model, splits, device)
     try:
         Precision(settings.precision, device)
     except ValueError as err:
         raise ConfigError(f"{err}.") from err
-    return model, penalty, splits
+    return model, penalty, splits, stage, context
+
+
+def stage_context(cfg: DictConfig, splits: Splits, settings: TrainerSettings, device: torch.device,
+                  directory: Path) -> StageContext:
+    """What a method's stage (and the main fit) train with: loaders, optimisation, task loss."""
+    batches, eval_loader = make_loaders(splits, settings, cfg.seed, device)
+    weights = None if splits.class_weights is None else splits.class_weights.to(device)
+    return StageContext(splits, settings, batches, eval_loader,
+                        lambda model: build_optimisation(cfg, model, settings.max_epochs),
+                        partial(F.cross_entropy, weight=weights), device, directory)

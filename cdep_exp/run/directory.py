@@ -91,6 +91,17 @@ class RunDirectory:
             raise ConfigError(f"{path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0]}); "
                               f"trainer.force=true archives the run directory and starts over.") from None
 
+    def remove_if_empty(self, stop: Path) -> None:
+        """Remove the directory and its parents up to (not including) `stop` while they are empty
+        (what a run refused before writing anything leaves); anything else stays."""
+        stop, path = Path(stop).resolve(), self.path.resolve()
+        while path != stop and stop in path.parents:
+            try:
+                path.rmdir()
+            except OSError:  # not empty (or not ours to remove): stop here
+                return
+            path = path.parent
+
     def remove_partial_writes(self) -> None:
         """Delete what writes killed mid-way left behind (`.*.part`), naming them in the log."""
         for path in remove_partial_writes(self.path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,27 +41,31 @@ def map_strings(node: Any, fn: Callable[[str], str]) -> Any:
 class DataRoot:
     """The data root of a run, and the codec that writes paths under it as `<data_dir>`.
 
-    `encode` replaces the root's path (as configured and as an absolute path) in every string
-    of a nested structure by `<data_dir>`; `decode` puts a real root back, so scripts can
-    rebuild a run's data from its record on another machine.
+    `encode` replaces the root's path (as configured, normalised and absolute) in every string
+    of a nested structure by `<data_dir>`, where it stands as a path: at the start of the string
+    or after a separator such as `=`, and followed by `/` or the end, so "data" in
+    "cdep_exp.data.compas" or "dataset=compas", or "/data" in "/data2", stays as it is.
+    `decode` puts a real root back, so scripts can rebuild a run's data from its record on
+    another machine.
     """
 
     path: str | None
     TOKEN = "<data_dir>"
 
     def roots(self) -> tuple[str, ...]:
-        """The root as configured and as an absolute path, longest first (for replacing)."""
+        """The root as configured, normalised and absolute, longest first (for replacing)."""
         if not self.path or not isinstance(self.path, str | os.PathLike):
             return ()
-        roots = {str(self.path), str(Path(self.path).resolve())} - {"", "."}
+        path = str(self.path).rstrip("/") or "/"
+        roots = {path, os.path.normpath(path), str(Path(path).resolve())} - {"", ".", "/"}
         return tuple(sorted(roots, key=len, reverse=True))
 
     def encode(self, node: Any) -> Any:
-        roots = self.roots()
+        patterns = [re.compile(rf"(?<![\w./~-]){re.escape(root)}(?![\w.-])") for root in self.roots()]
 
         def replace(text: str) -> str:
-            for root in roots:
-                text = text.replace(root, self.TOKEN)
+            for pattern in patterns:
+                text = pattern.sub(self.TOKEN, text)
             return text
         return map_strings(node, replace)
 

@@ -38,11 +38,14 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class Objective:
-    """What the loop minimises: task_loss(logits, y) + lam · penalty(model, x, y, annotation)."""
+    """What the loop minimises: task_weight · task_loss(logits, y) + lam · penalty(model, x, y,
+    annotation). A penalty that is the whole objective (GroupDRO's robust loss) comes with
+    task_weight 0; the task loss is still reported."""
 
     penalty: Penalty
     lam: float
     task_loss: Callable[[Tensor, Tensor], Tensor]
+    task_weight: float = 1.0
 
 
 @dataclass
@@ -97,7 +100,7 @@ def _check_finite(value: Tensor, what: str) -> None:
     if not torch.isfinite(value):
         raise NonFiniteLossError(
             f"{what} is {value.item()}. Lower method.lam or optimizer.lr; "
-            "the last finished epoch is checkpointed in the run directory."
+            "the last finished epoch, if any, is checkpointed in the run directory."
         )
 
 
@@ -147,8 +150,9 @@ def train_one_epoch(
             amp.backward(loss)
         else:
             loss = objective.task_loss(logits, y)
-            _check_finite(loss + lam * value, f"{desc} step {step}: loss")
-            amp.backward(loss + lam * value)
+            total = objective.task_weight * loss + lam * value
+            _check_finite(total, f"{desc} step {step}: loss")
+            amp.backward(total)
         amp.step(optimizer)
         if optimisation.per_batch:
             optimisation.scheduler.step()
@@ -190,14 +194,15 @@ def fit(
         start = time.perf_counter()
         loader = batches.epoch(epoch)
         try:
-            train_stats = train_one_epoch(model, objective, loader, optimisation, settings, precision, desc=f"epoch {epoch}")
+            train_stats = train_one_epoch(model, objective, loader, optimisation, settings, precision,
+                                          desc=f"epoch {epoch + 1}")
         except NonFiniteLossError as err:
             raise NonFiniteLossError(str(err), state.history) from None
         train_seconds = time.perf_counter() - start
         val = evaluate(model, validation.loader, device, validation.class_weights)
         if not math.isfinite(val.loss):
             raise NonFiniteLossError(
-                f"epoch {epoch}: the validation loss is {val.loss}: the model's outputs are no longer finite. "
+                f"epoch {epoch + 1}: the validation loss is {val.loss}: the model's outputs are no longer finite. "
                 f"Lower method.lam or optimizer.lr.", state.history)
         state.seconds += time.perf_counter() - start
         record = {"epoch": epoch, **train_stats, "val_loss": val.loss}
