@@ -86,9 +86,11 @@ gpu-check:
 tables:
 	$(MAKE) --keep-going --no-print-directory $(TABLES) figures
 
-# $(1) table, $(2) data dir, $(3) overrides. Each preset of conf/experiment/$(1)/ is one sweep in
-# its own process; every sweep runs even when one fails, the table is written either way
-# (listing the runs still missing), then the target fails.
+# $(1) table, $(2) data dir, $(3) overrides (also given to the report, which counts only runs of
+# the presets with them; ARGS are not, so a debugging sweep never stands in for the table's runs).
+# Each preset of conf/experiment/$(1)/ is one sweep in its own process; every sweep runs even
+# when one fails, the table is written either way (listing the runs still missing), then the
+# target fails.
 define table_recipe
 	@status=0; \
 	for preset in $(sort $(basename $(notdir $(wildcard conf/experiment/$(1)/*.yaml)))); do \
@@ -96,7 +98,7 @@ define table_recipe
 	  OMP_NUM_THREADS=$(call threads_for,$(1)) $(FAST_MALLOC) $(PY) train.py -m experiment=$(1)/$$preset \
 	    scale=$(SCALE) paths.data_dir=$(2) $(call launcher_args,$(1)) $(3) $(ARGS) || status=1; \
 	done; \
-	$(PY) -m cdep_exp.reporting --table $(1) --scale $(SCALE) || status=1; \
+	$(PY) -m cdep_exp.reporting --table $(1) --scale $(SCALE) $(foreach o,$(3),--set $(o)) || status=1; \
 	exit $$status
 endef
 
@@ -112,7 +114,7 @@ figures: setup
 
 ## Re-run the analysis notebooks in place (their outputs are committed) on the tables at SCALE.
 notebooks: setup
-	CDEP_SCALE=$(SCALE) $(VENV)/bin/jupyter execute --inplace notebooks/*.ipynb
+	CDEP_SCALE=$(SCALE) CDEP_TABLE1_SET=dataset=$(ISIC_DATASET) $(VENV)/bin/jupyter execute --inplace notebooks/*.ipynb
 
 clean:
 	rm -rf outputs multirun .pytest_cache

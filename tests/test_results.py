@@ -224,3 +224,16 @@ def test_records_trained_with_other_settings_than_their_preset_are_not_counted(t
     assert cells.loc[("corrected", "CDEP"), "accuracy mean"] == 68.0 and cells.loc[("corrected", "CDEP"), "seeds"] == 1
     assert any(note.startswith("Not counted: 1 run record(s)") and "trainer.max_epochs" in note for note in table.notes)
     assert sweeps.conflicts({"a": {"b": 1, "c": "???"}, "d": 2}, {"a": {"b": 2, "c": 5}, "e": 3}, frozenset()) == ["a.b"]
+
+
+def test_settings_that_follow_a_swept_key_are_compared_with_that_jobs_config(tmp_path: Path) -> None:
+    """Table 4 sweeps dataset.variant, and dataset.name follows it (sst_articles): a record of the
+    articles job agrees with the articles job's config, not with the first job's."""
+    for variant in ("decoy", "articles"):
+        sst_run(tmp_path, variant, "vanilla", 0, 0, [60.0], val=60.0, test=58.0)
+    for path in (tmp_path / OUTPUTS).rglob("metrics.json"):
+        record = json.loads(path.read_text())
+        record["config"]["dataset"]["name"] = f"sst_{record['config']['dataset']['variant']}"
+        path.write_text(json.dumps(record))
+    runs = tables.load("table4", "quick", tmp_path / OUTPUTS)
+    assert len(runs.found) == 2 and runs.other.empty

@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", default="quick", choices=["quick", "full", "paper"])
     parser.add_argument("--outputs", type=Path, default=Path("outputs/tables"), help="root of the table runs")
     parser.add_argument("--results", type=Path, default=Path("results"), help="where tables and figures are written")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --table: an override the table's sweeps were run with (make passes Table 1's "
+                             "dataset=isic_synthetic at the quick scale)")
     args = parser.parse_args(argv)
     # Warnings about the records read (unreadable, failed runs) as plain lines in a terminal.
     warnings.formatwarning = lambda message, *args, **kwargs: f"Warning: {message}\n"
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         from cdep_exp.reporting.tables import TABLES, build  # composing presets needs Hydra: import on use
 
         for name in TABLES if "all" in args.table else args.table:
-            table = build(name, args.scale, args.outputs)
+            table = build(name, args.scale, args.outputs, overrides=tuple(args.set))
             if len(table.missing) >= table.expected:
                 raise SystemExit(f"{name}: no finished run under {args.outputs / args.scale / name}; the "
                                  f"tables in {args.results / args.scale} are left as they are. Train first "

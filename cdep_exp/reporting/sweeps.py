@@ -9,6 +9,7 @@ tables label found and missing runs alike without reading preset names.
 """
 import itertools
 import math
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -41,24 +42,30 @@ def table_presets(table: str, conf_dir: Path = CONF_DIR) -> list[str]:
 
 
 @cache
-def sweep_params(preset: str, scale: str, conf_dir: Path = CONF_DIR
-                 ) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
-    """The preset's `hydra.sweeper.params` at this scale (interpolations resolved), its
-    DESCRIBED values (None where the preset has no such key), and the identity of its first
-    job's config (`cdep_exp.run.identity`), which every record it counts must agree with
-    outside the swept keys."""
+def sweep_params(preset: str, scale: str, conf_dir: Path = CONF_DIR, overrides: tuple[str, ...] = ()
+                 ) -> tuple[dict[str, str], dict[str, Any]]:
+    """The preset's `hydra.sweeper.params` at this scale (interpolations resolved) and its
+    DESCRIBED values (None where the preset has no such key). `overrides` are what the table's
+    make target adds to every sweep (Table 1 at the quick scale: dataset=isic_synthetic)."""
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        cfg = compose("config", overrides=[f"experiment={preset}", f"scale={scale}"], return_hydra_config=True)
-        params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True) or {}
-        missing = [key for key in REQUIRED if key not in params]
-        if missing:
-            raise ValueError(f"Preset {preset} does not sweep {missing}; add them to hydra.sweeper.params "
-                             f"(a single value is fine) so its runs can be matched to the table.")
-        params = {key: str(value) for key, value in params.items()}
-        first = [f"{key}={value}" for key, value in expand_overrides(params)[0]]
-        job = compose("config", overrides=[f"experiment={preset}", f"scale={scale}", *first])
+        cfg = compose("config", overrides=[f"experiment={preset}", f"scale={scale}", *overrides],
+                      return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True) or {}
+    missing = [key for key in REQUIRED if key not in params]
+    if missing:
+        raise ValueError(f"Preset {preset} does not sweep {missing}; add them to hydra.sweeper.params "
+                         f"(a single value is fine) so its runs can be matched to the table.")
     described = {name: OmegaConf.select(cfg, key, default=None) for name, key in DESCRIBED.items()}
-    return params, described, config_identity(job)
+    return {key: str(value) for key, value in params.items()}, described
+
+
+@cache
+def job_identity(preset: str, scale: str, conf_dir: Path, overrides: tuple[str, ...], job: tuple[str, ...]
+                 ) -> dict[str, Any]:
+    """The identity (`cdep_exp.run.identity`) of the config one job of the preset composes."""
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={preset}", f"scale={scale}", *overrides, *job])
+    return config_identity(cfg)
 
 
 def expand_overrides(params: dict[str, str]) -> list[list[tuple[str, str]]]:
@@ -82,41 +89,73 @@ def column(key: str) -> str:
     return TOP_LEVEL.get(key, key)
 
 
-def expected_runs(table: str, scale: str, conf_dir: Path = CONF_DIR) -> pd.DataFrame:
+def expected_runs(table: str, scale: str, conf_dir: Path = CONF_DIR, overrides: tuple[str, ...] = ()) -> pd.DataFrame:
     """One row per run the table's presets launch: sweep (the preset), method, lam, seed and
     any other swept key (e.g. `dataset.variant`) as a column."""
-    return pd.DataFrame(list(_expected(table, scale, Path(conf_dir))))
+    return pd.DataFrame(list(_expected(table, scale, Path(conf_dir), tuple(overrides))))
 
 
 @cache
-def _expected(table: str, scale: str, conf_dir: Path) -> tuple[dict[str, Any], ...]:
+def _expected(table: str, scale: str, conf_dir: Path, overrides: tuple[str, ...] = ()) -> tuple[dict[str, Any], ...]:
     """Composing a preset takes about a second, so each (table, scale) is expanded once per process."""
     expected = []
     for preset in table_presets(table, conf_dir):
-        params, described, _ = sweep_params(preset, scale, conf_dir)
+        params, described = sweep_params(preset, scale, conf_dir, overrides)
         expected += [{"sweep": preset, **described, **{column(key): value for key, value in job.items()}}
                      for job in expand(params)]
     return tuple(expected)
 
 
+# Swept keys that differ between the runs of one setting, and never shape the rest of its config.
+PER_RUN = ("seed", "method.lam")
+
+
+@dataclass(frozen=True)
+class PresetSettings:
+    """What the runs of a preset share: per value of the swept keys that shape the config (`by`,
+    e.g. dataset.variant, whose value names the dataset), the identity of that job's config; and
+    every swept key, whose values may differ between runs (a group such as `method` swept over
+    several values: its whole node)."""
+
+    by: tuple[str, ...]
+    references: dict[tuple[Any, ...], dict[str, Any]]
+    swept: frozenset[str]
+
+
 @cache
-def preset_identities(table: str, scale: str, conf_dir: Path = CONF_DIR) -> dict[str, tuple[dict[str, Any], frozenset[str]]]:
-    """Per preset of the table: the identity its runs share, and the keys it sweeps, which may
-    differ between its runs (a group such as `method` swept over several values: its whole node)."""
+def preset_identities(table: str, scale: str, conf_dir: Path = CONF_DIR, overrides: tuple[str, ...] = ()
+                      ) -> dict[str, PresetSettings]:
+    """Per preset of the table, what its runs share (`PresetSettings`)."""
     out = {}
     for preset in table_presets(table, conf_dir):
-        params, _, identity = sweep_params(preset, scale, conf_dir)
+        params, _ = sweep_params(preset, scale, conf_dir, overrides)
+        by = tuple(key for key in params if key not in PER_RUN)
+        references = {}
+        for job in expand_overrides(params):
+            written = dict(job)
+            combo = tuple(normalise_value(key, written[key]) for key in by)
+            if combo not in references:
+                shaping = tuple(f"{key}={written[key]}" for key in by)
+                references[combo] = job_identity(preset, scale, Path(conf_dir), tuple(overrides), shaping)
         jobs = expand(params)
         swept = {key for key in params if key != "method"}
         if len({job["method"] for job in jobs}) > 1:
             swept.add("method")
-        out[preset] = (identity, frozenset(swept))
+        out[preset] = PresetSettings(by, references, frozenset(swept))
     return out
 
 
-# Keys that never make a record count for another setting: the seed (each run has its own) and
-# the list of metrics to evaluate (training does not read it; code adds metrics over time).
-NOT_SETTINGS = frozenset({"seed", "dataset.metrics"})
+def normalise_value(key: str, written: str) -> Any:
+    """A swept value as written in the sweep, normalised as records' values are."""
+    (override,) = OverridesParser.create().parse_overrides([f"{key}={written}"])
+    return normalise(override.value())
+
+
+# Keys that never make a record count for another setting: the seed (each run has its own), the
+# list of metrics to evaluate (training does not read it; code adds metrics over time), and the
+# embedding size, which a run sets from the word vectors it loads (their source,
+# model.embeddings, is compared).
+NOT_SETTINGS = frozenset({"seed", "dataset.metrics", "model.embed_dim"})
 
 
 def conflicts(reference: dict[str, Any], record: dict[str, Any], swept: frozenset[str]) -> list[str]:
@@ -157,8 +196,7 @@ def _absent(value: Any) -> bool:
 
 
 def match(
-    expected: pd.DataFrame, runs: pd.DataFrame,
-    identities: dict[str, tuple[dict[str, Any], frozenset[str]]] | None = None,
+    expected: pd.DataFrame, runs: pd.DataFrame, identities: dict[str, PresetSettings] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Pair expected runs with finished ones on the keys each preset sweeps.
 
@@ -176,8 +214,11 @@ def match(
                 if key != "sweep" and key not in DESCRIBED and not jobs[key].isna().all()]
         records = runs[runs["sweep"] == preset].sort_values("mtime") if "sweep" in runs else runs.iloc[:0]
         if identities is not None and preset in identities and not records.empty:
-            reference, swept = identities[preset]
-            differing = [conflicts(reference, identity_of(config), swept) for config in records["config"]]
+            settings = identities[preset]
+            differing = []
+            for _, run in records.iterrows():
+                reference = settings.references.get(tuple(run_value(run, key) for key in settings.by))
+                differing.append([] if reference is None else conflicts(reference, identity_of(run["config"]), settings.swept))
             other += [{"sweep": preset, "path": path, "conflicts": ", ".join(keys_[:4])}
                       for path, keys_ in zip(records["path"], differing) if keys_]
             records = records[[not keys_ for keys_ in differing]]

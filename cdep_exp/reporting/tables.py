@@ -360,14 +360,17 @@ class Runs:
     other: pd.DataFrame  # records under the table's folder trained with other settings (not counted)
 
 
-def load(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_dir: Path = sweeps.CONF_DIR) -> Runs:
-    """The runs of table `name` under outputs/<scale>/<name>/, matched to what its presets expect."""
+def load(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_dir: Path = sweeps.CONF_DIR,
+         overrides: tuple[str, ...] = ()) -> Runs:
+    """The runs of table `name` under outputs/<scale>/<name>/, matched to what its presets expect
+    with `overrides` added (what the table's make target adds to its sweeps)."""
     if name not in TABLES:
         raise KeyError(f"Unknown table {name!r}; choose one of {sorted(TABLES)}.")
-    expected = sweeps.expected_runs(name, scale, conf_dir)
+    overrides = tuple(overrides)
+    expected = sweeps.expected_runs(name, scale, conf_dir, overrides)
     root = Path(outputs) / scale / name
     records = collect(find_records(root) if root.is_dir() else [])
-    found, missing, other = sweeps.match(expected, records, sweeps.preset_identities(name, scale, conf_dir))
+    found, missing, other = sweeps.match(expected, records, sweeps.preset_identities(name, scale, conf_dir, overrides))
     return Runs(found, missing, len(expected), root, other)
 
 
@@ -378,9 +381,11 @@ def scored(spec: Spec, runs: pd.DataFrame) -> pd.DataFrame:
     return spec.score(spec.label(runs))
 
 
-def build(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_dir: Path = sweeps.CONF_DIR) -> Table:
-    """Table `name` from the runs under outputs/<scale>/<name>/ that its presets expect."""
-    runs = load(name, scale, outputs, conf_dir)
+def build(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_dir: Path = sweeps.CONF_DIR,
+          overrides: tuple[str, ...] = ()) -> Table:
+    """Table `name` from the runs under outputs/<scale>/<name>/ that its presets expect (with
+    `overrides`, as `load`)."""
+    runs = load(name, scale, outputs, conf_dir, overrides)
     spec = TABLES[name]
     cells = with_paper(name, spec, score_rows(spec, runs.found, runs.missing))
     notes = data_notes(scale, runs.root, runs.found, runs.expected) + list(spec.notes)
