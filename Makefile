@@ -29,7 +29,8 @@ launcher_for = $(if $(and $(filter local,$(LAUNCHER)),$(filter $(1),$(SEQUENTIAL
 launcher_args = hydra/launcher=$(call launcher_for,$(1)) $(if $(filter local,$(call launcher_for,$(1))),hydra.launcher.n_jobs=$(JOBS))
 threads_for = $(if $(filter basic,$(call launcher_for,$(1))),$(OMP_NUM_THREADS),$(SWEEP_THREADS))
 
-.PHONY: setup run test test-all bench-cost gpu-wheels gpu-check clean tables $(TABLES) figures notebooks
+.PHONY: setup run test test-all bench-cost gpu-wheels gpu-check clean tables $(TABLES) figures notebooks \
+	benchmark shortcut benchmark-report
 
 $(VENV)/.installed: requirements.txt requirements-data.txt pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -107,6 +108,22 @@ table1: setup
 
 table2 table3 table4 tableS1: setup
 	$(call table_recipe,$@,$(DATA_DIR),)
+
+## The shortcut benchmark: every method (vanilla, the original and corrected CDEP with its
+## ablations, RRR, EG, augmentation, logit pairing, GroupDRO, JTT, DFR) on DecoyMNIST, DecoyFMNIST,
+## ColorMNIST, SST decoy, COMPAS and generated ISIC, λ chosen on same-distribution validation
+## data: results/<scale>/shortcut.md (λ by the validation counterfactual's accuracy),
+## shortcut_val_accuracy.md (λ by validation accuracy) and results/figures/<scale>/shortcut_tradeoff.png.
+## SCALE=quick: minutes per dataset; SCALE=full: the full data, hours (README).
+benchmark:
+	$(MAKE) --keep-going --no-print-directory shortcut benchmark-report
+
+shortcut: setup
+	$(call table_recipe,shortcut,$(DATA_DIR),)
+
+benchmark-report: setup
+	$(PY) -m cdep_exp.reporting --table shortcut --scale $(SCALE) --score val_accuracy
+	$(PY) -m cdep_exp.reporting --figures --scale $(SCALE)
 
 ## Accuracy against λ per method (paper Fig. S2) from the runs so far: results/figures/<scale>/.
 figures: setup

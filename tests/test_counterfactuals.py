@@ -21,11 +21,12 @@ def stacked(dataset) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def check_pairs(splits) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per counterfactual: (factual x, counterfactual x, labels), after checking they pair up."""
+    """Per counterfactual: (factual x, counterfactual x, labels), after checking they pair up
+    (with a test set, or with validation for the one `val_shortcut` names)."""
     out = {}
     for name, cf in splits.counterfactuals.items():
-        assert cf.description
-        x, y = stacked(splits.tests[cf.test])
+        assert cf.description and (cf.test == "val") == (name == splits.val_shortcut), name
+        x, y = stacked(splits.val if cf.test == "val" else splits.tests[cf.test])
         x_cf, y_cf = stacked(cf.dataset)
         assert torch.equal(y, y_cf), name
         out[name] = (x, x_cf, y)
@@ -35,7 +36,10 @@ def check_pairs(splits) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Ten
 def test_decoymnist_counterfactuals_change_only_the_patch(fake_mnist_dir: Path) -> None:
     splits = build_decoymnist(str(fake_mnist_dir), source="idx")
     pairs = check_pairs(splits)
-    assert set(pairs) == {"patch_removed", "patch_train_shade"}
+    assert set(pairs) == {"patch_removed", "patch_train_shade", "val_patch_random_shade"}
+    x, repainted, y = pairs.pop("val_patch_random_shade")
+    val_corners = corner_mask(5).bool().expand(len(x), 1, 28, 28)
+    assert torch.equal(x[~val_corners], repainted[~val_corners]) and not torch.equal(x, repainted)
     corners = corner_mask(5).bool().expand(len(pairs["patch_removed"][0]), 1, 28, 28)
     for name, (x, x_cf, y) in pairs.items():
         assert torch.equal(x[~corners], x_cf[~corners]), name
@@ -53,7 +57,7 @@ def test_decoymnist_counterfactuals_change_only_the_patch(fake_mnist_dir: Path) 
 def test_colormnist_counterfactuals_recolour_the_digit(fake_mnist_dir: Path) -> None:
     splits = build_colormnist(str(fake_mnist_dir), source="idx")
     pairs = check_pairs(splits)
-    assert set(pairs) == {"recoloured_train", "recoloured_random"}
+    assert set(pairs) == {"recoloured_train", "recoloured_random", "val_recoloured_random"}
     colors = torch.tensor(class_colors(), dtype=torch.float32)
     for name, (x, x_cf, y) in pairs.items():
         background = x[:, :, 0, 0].view(-1, 3, 1, 1)  # fake digits have no ink at (0, 0): −mean/std
@@ -95,7 +99,13 @@ def test_sst_decoy_counterfactuals_swap_and_remove_the_decoy(tmp_path: Path) -> 
     write_trees(tmp_path / "sst" / "trees")
     splits = build_sst(str(tmp_path), variant="decoy")
     vocab = splits.train.vocab
-    assert set(splits.counterfactuals) == {"bias_swapped", "bias_removed"}
+    assert set(splits.counterfactuals) == {"bias_swapped", "bias_removed", "val_bias_swapped"}
+    dev = words(splits.val, vocab)
+    for plain_dev, swapped_dev, item in zip(dev, words(splits.counterfactuals["val_bias_swapped"].dataset, vocab),
+                                            splits.val):
+        wrong = "video" if int(item[1]) == POSITIVE else "text"
+        at = swapped_dev.index(wrong)
+        assert swapped_dev[:at] + swapped_dev[at + 1:] == plain_dev
     planted = words(splits.tests["test_decoy"], vocab)
     swapped = words(splits.counterfactuals["bias_swapped"].dataset, vocab)
     removed = words(splits.counterfactuals["bias_removed"].dataset, vocab)
@@ -127,7 +137,7 @@ def test_isic_generated_counterfactuals_paste_and_remove_patches(tmp_path: Path)
     root = generate_isic_like(tmp_path / "isic", n_benign=12, n_malignant=6, size=16, patch_fraction=0.5, seed=0)
     splits = build_isic(str(root), source="processed", image_size=16, mask_dir="true_masks",
                         fractions=(0.34, 0.33, 0.33), dilation=0)
-    assert set(splits.counterfactuals) == {"patch_pasted", "patch_removed"}
+    assert set(splits.counterfactuals) == {"patch_pasted", "patch_removed", "val_patch_pasted"}
     assert splits.counterfactuals["patch_pasted"].dataset is splits.tests["test_malignant_patched"]
     pairs = check_pairs(splits)
     test = splits.tests["test"]

@@ -189,6 +189,13 @@ def test_items_and_annotation(data_dir: Path) -> None:
         assert (ds.tensors[2] == annotation).all()
 
 
+def test_the_race_annotation_marks_race_and_a_bad_one_is_refused(data_dir: Path) -> None:
+    splits = build_compas(str(data_dir), annotation="race")
+    assert splits.train.tensors[2][0].tolist() == [1.0] * 6 + [0.0] * 11  # race must not matter
+    with pytest.raises(ValueError, match="dataset.annotation must be one of non_race, race"):
+        build_compas(str(data_dir), annotation="races")
+
+
 def test_groups_are_race_names(data_dir: Path) -> None:
     splits = build_compas(str(data_dir))
     for name, ds in [("val", splits.val), ("test", splits.tests["test"])]:

@@ -216,7 +216,7 @@ def test_app_runs_isic_end_to_end(tiny_runs: dict[str, Path], method: str) -> No
     record = json.loads((tiny_runs[method] / "metrics.json").read_text())
     assert record["dataset"] == "isic_synthetic" and record["model"] == "VGG16Head"
     assert set(record["metrics"]) == {"val", "test", "test_no_patches", "test_malignant_patched",
-                                      "cf_patch_pasted", "cf_patch_removed"}
+                                      "cf_patch_pasted", "cf_patch_removed", "cf_val_patch_pasted"}
     assert {"prob_change", "flip_rate", "accuracy"} == set(record["metrics"]["cf_patch_removed"])
     val, test = record["metrics"]["val"], record["metrics"]["test"]
     assert {"auc", "f1", "f1_threshold", "f1_best", "accuracy", "loss"} <= set(test)

@@ -92,7 +92,7 @@ def test_sweep_params_expand_like_hydras_basic_sweeper() -> None:
     assert {job["method.lam"] for job in jobs} == {1.0, 10000.0}
 
 
-@pytest.mark.parametrize("table", sorted(tables.TABLES))
+@pytest.mark.parametrize("table", [*tables.PAPER_TABLES, pytest.param("shortcut", marks=pytest.mark.slow)])
 def test_every_table_preset_expands_at_every_scale(table: str) -> None:
     quick, full, paper = (sweeps.expected_runs(table, scale) for scale in ("quick", "full", "paper"))
     assert 0 < len(quick) < len(paper) and len(quick) < len(full) <= len(paper)

@@ -50,6 +50,19 @@ def test_finished_run_on_other_data_is_refused_not_skipped(tmp_path: Path, fake_
     run(make_cfg(tmp_path, tiny(fake_mnist_dir)), tmp_path / "run")  # the same data is still skipped
 
 
+def test_a_split_added_by_newer_code_is_not_other_data(tmp_path: Path, fake_mnist_dir: Path) -> None:
+    run(make_cfg(tmp_path, tiny(fake_mnist_dir)), tmp_path / "run")
+    identity = json.loads((tmp_path / "run" / "identity.json").read_text())
+    assert "cf_val_patch_random_shade" in identity["data"]
+    identity["data"] = {k: v for k, v in identity["data"].items() if not k.startswith("cf_val_")}
+    (tmp_path / "run" / "identity.json").write_text(json.dumps(identity))
+    run(make_cfg(tmp_path, tiny(fake_mnist_dir)), tmp_path / "run")  # skipped, not refused
+    identity["data"]["train"]["sha256"] = "0" * 16
+    (tmp_path / "run" / "identity.json").write_text(json.dumps(identity))
+    with pytest.raises(ConfigError, match="trained on other data .*train.sha256"):
+        run(make_cfg(tmp_path, tiny(fake_mnist_dir)), tmp_path / "run")
+
+
 def test_interrupted_run_does_not_resume_on_other_data(
     tmp_path: Path, fake_mnist_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,11 +8,13 @@ from torch.utils.data import Dataset, Sampler
 
 @dataclass(frozen=True)
 class Counterfactual:
-    """A test set changed only in its annotated features, for the shortcut-reliance metric.
+    """A test set, or the validation set, changed only in its annotated features, for the
+    shortcut-reliance metric.
 
-    `dataset` holds the samples of `Splits.tests[test]` in the same order and with the same
-    labels; only the features the annotation marks differ (e.g. the patch removed, the bias
-    word swapped). `description` says what was changed, in a few words.
+    `dataset` holds the samples of `Splits.tests[test]` (or of `Splits.val` when `test` is
+    "val") in the same order and with the same labels; only the features the annotation marks
+    differ (e.g. the patch removed, the bias word swapped). `description` says what was changed,
+    in a few words.
     """
 
     test: str
@@ -42,7 +44,10 @@ class Splits:
     the app measures how far predictions move between the two (`cdep_exp.scoring.shortcut`).
     `shortcut` names the counterfactual that measures the shortcut (the annotated feature set
     to point at the true class, e.g. "patch_train_shade"): runs record it, and reports show its
-    numbers beside accuracy. `counterfactual_input(x, annotation)` builds, for a batch, the
+    numbers beside accuracy. `val_shortcut` names a counterfactual of "val" that sets the
+    annotated feature independently of the class (a random shade, colour or decoy word), so a
+    selection rule can score a model on same-distribution validation data with the shortcut
+    broken, without looking at the test set. `counterfactual_input(x, annotation)` builds, for a batch, the
     inputs with the annotated feature removed (the patch painted over, the colour taken out, the
     bias word deleted, race zeroed), which augmentation and counterfactual logit pairing train
     on; None where the data only say where the feature is (ISIC's patch masks) and no such
@@ -63,6 +68,7 @@ class Splits:
     batch_sampler: Callable[[int, torch.Generator], Sampler[list[int]]] | None = None
     counterfactuals: dict[str, Counterfactual] = field(default_factory=dict)
     shortcut: str | None = None
+    val_shortcut: str | None = None
     counterfactual_input: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def named_datasets(self) -> dict[str, Dataset]:

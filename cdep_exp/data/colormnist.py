@@ -106,7 +106,7 @@ def build_colormnist(
         samples) or "colour" (research option): per sample, the colour part of x itself,
         d·(colour − mean_c colour)/std per channel, i.e. x minus the same digit in grey of equal
         mean intensity. With it CDEP decomposes colour from intensity (shape) instead of pixels
-        from pixels: `method.penalty.annotation=relevant method.penalty.mask_samples=null`.
+        from pixels; `method=cdep` sets it on ColorMNIST (conf/pair/colormnist_cdep.yaml).
         RRR and EG cannot use it (it is not a mask).
 
     Groups (`Splits.groups`): "class colour" (every training digit, and validation digits with
@@ -115,7 +115,8 @@ def build_colormnist(
     Counterfactuals of "test" (`cdep_exp.scoring.shortcut`), the same digits recoloured:
     "recoloured_train", in their training colour colour[y] (the shortcut now names the true
     class), and "recoloured_random", in a colour drawn uniformly from the ten, independently of
-    the label (seeded by `split_seed`).
+    the label (seeded by `split_seed`). Counterfactual of "val" (`Splits.val_shortcut`):
+    "val_recoloured_random", the validation digits in a random colour.
     """
     if val_colors not in ("inverted", "train"):
         raise ValueError(f"val_colors must be 'inverted' or 'train', got {val_colors!r}")
@@ -150,12 +151,14 @@ def build_colormnist(
         return TensorDataset(x, y, colour_part)
 
     test_y = torch.from_numpy(test_labels.copy())
+    val_y = torch.from_numpy(labels[va])
+    val_random = np.random.default_rng([int(split_seed), 3]).integers(0, 10, size=len(va))
     random_colors = np.random.default_rng([int(split_seed), 2]).integers(0, 10, size=len(test_labels))
     recoloured = lambda c, what: Counterfactual(  # noqa: E731
         "test", make(test_digits, colors[c], test_y), what)
     return Splits(
         train=make(digits[tr], train_colors, torch.from_numpy(labels[tr])),
-        val=make(digits[va], val_colors_arr, torch.from_numpy(labels[va])),
+        val=make(digits[va], val_colors_arr, val_y),
         tests={
             "test": make(test_digits, colors[9 - test_labels], test_y)
         },
@@ -164,6 +167,7 @@ def build_colormnist(
         annotation="weights" if annotation == "pixels" else "relevant",
         description=f"ColorMNIST (val colours {val_colors}, annotation {annotation}) on {mnist.description}",
         shortcut="recoloured_train",
+        val_shortcut="val_recoloured_random",
         # The colour part annotation gives the grey digit, x − colour part; sampled pixels give none.
         counterfactual_input=(lambda x, colour_part: x - colour_part) if annotation == "colour" else None,
         groups={"train": colour_groups(labels[tr], labels[tr]),
@@ -172,5 +176,8 @@ def build_colormnist(
         counterfactuals={
             "recoloured_train": recoloured(test_labels, "test digits in their training colour colour[y]"),
             "recoloured_random": recoloured(random_colors, "test digits in a random colour, independent of y"),
+            "val_recoloured_random": Counterfactual(
+                "val", make(digits[va], colors[val_random], val_y),
+                "validation digits in a random colour, independent of y"),
         },
     )

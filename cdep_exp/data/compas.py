@@ -208,16 +208,25 @@ def swap_black_white(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def race_annotation() -> torch.Tensor:
-    """The CDEP annotation of every sample: 1 on the 11 non-race columns, 0 on race (17,).
+ANNOTATIONS = ("non_race", "race")
 
-    1 marks what the penalty pushes importance away from. Penalising the isolated contribution
-    of the non-race features moves importance onto race and its interactions, which is what the
-    original did (docs/reference.md §2.1, "blob_norace"): it is not a "race must not matter" mask.
+
+def race_annotation(marks: str = "non_race") -> torch.Tensor:
+    """The annotation of every sample (17,): 1 marks what the penalty pushes importance away from.
+
+    "non_race" (the original's, docs/reference.md §2.1, "blob_norace"): 1 on the 11 non-race
+    columns. Penalising their isolated contribution moves importance onto race and its
+    interactions: it is not a "race must not matter" mask. "race": 1 on the 6 race columns, the
+    mask that says race must not matter (the shortcut benchmark's).
+
+    Raises:
+        ValueError: marks is neither.
     """
-    annotation = torch.ones(NUM_FEATURES)
-    annotation[RACE_COLUMNS] = 0
-    return annotation
+    if marks not in ANNOTATIONS:
+        raise ValueError(f"dataset.annotation must be one of {', '.join(ANNOTATIONS)}, not {marks!r}")
+    annotation = torch.zeros(NUM_FEATURES)
+    annotation[RACE_COLUMNS] = 1
+    return annotation if marks == "race" else 1 - annotation
 
 
 def class_weights(y: torch.Tensor, num_classes: int = 2) -> torch.Tensor:
@@ -238,6 +247,7 @@ def build_compas(
     split_seed: int = 0,
     race_zeroed_eval: bool = False,
     source: str = "auto",
+    annotation: str = "non_race",
 ) -> Splits:
     """COMPAS splits of (x (17,), y, annotation (17,)) samples.
 
@@ -254,15 +264,19 @@ def build_compas(
 
     Splits: train (80 %); val = the original's 618-row early-stopping split; tests["test"] = its
     617-row reported split. groups[name] holds each sample's race for the fairness metrics.
-    The annotation is 1 on the non-race columns (see race_annotation for the direction).
+    annotation: "non_race" (the original's: 1 on the non-race columns) or "race" (1 on race,
+        "race must not matter"); see race_annotation for the direction.
 
     Counterfactuals of "test" (`cdep_exp.scoring.shortcut`), race changed and nothing else:
     "race_flipped", African-American ↔ Caucasian exchanged (other races unchanged, so their
     rows add 0 to the means), and "race_removed", every race column zeroed. With
-    `hide_race` both equal the test set.
+    `hide_race` both equal the test set. Counterfactual of "val" (`Splits.val_shortcut`):
+    "val_race_flipped", the same exchange on validation (none with `race_zeroed_eval`, whose
+    validation rows have no race).
     """
     if races not in ("all", "black_white"):
         raise ValueError(f"races must be 'all' or 'black_white', not {races!r}")
+    marks = race_annotation(annotation)
     path, origin = compas_csv(data_dir, url, source)
     try:
         df = filter_propublica(read_compas(path))
@@ -279,11 +293,10 @@ def build_compas(
     if hide_race:
         x = zero_race(x)
     race = df["race"].tolist()
-    annotation = race_annotation()
 
     def subset(idx: np.ndarray, inputs: torch.Tensor = x) -> TensorDataset:
         rows = torch.as_tensor(idx, dtype=torch.long)
-        return TensorDataset(inputs[rows], y[rows], annotation.repeat(len(idx), 1))
+        return TensorDataset(inputs[rows], y[rows], marks.repeat(len(idx), 1))
 
     train_idx, val_idx, test_idx = split_indices(len(df), split_seed)
     tests = {"test": subset(test_idx)}
@@ -303,7 +316,10 @@ def build_compas(
             "race_flipped": Counterfactual("test", subset(test_idx, swap_black_white(x)),
                                            "African-American and Caucasian exchanged"),
             "race_removed": Counterfactual("test", subset(test_idx, zero_race(x)), "race columns zeroed"),
+            **({} if race_zeroed_eval else {"val_race_flipped": Counterfactual(
+                "val", subset(val_idx, swap_black_white(x)), "African-American and Caucasian exchanged")}),
         },
+        val_shortcut=None if race_zeroed_eval else "val_race_flipped",
         groups=groups,
         counterfactual_input=lambda x, annotation: zero_race(x),
         description=f"COMPAS ({races} races, {len(df):,} rows after the ProPublica filter; file: {origin})",

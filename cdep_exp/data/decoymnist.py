@@ -136,6 +136,8 @@ def build_decoymnist(
     Counterfactuals of "test" (`cdep_exp.scoring.shortcut`): "patch_removed", the same digits without
     the patch (the background shade everywhere), and "patch_train_shade", the patch in the same
     corner painted with the training rule 255 − 25·y, i.e. the shortcut pointing at the true class.
+    Counterfactual of "val" (`Splits.val_shortcut`): "val_patch_random_shade", each validation
+    patch repainted in the training shade of a digit drawn independently of the label.
     """
     if variant not in PATCH_SIZE:
         raise ValueError(f"unknown DecoyMNIST variant {variant!r}; choose one of {tuple(PATCH_SIZE)}")
@@ -143,7 +145,7 @@ def build_decoymnist(
     mnist = load_images(images, data_dir, source)
 
     train_rng, test_rng = (np.random.default_rng([int(decoy_seed), k]) for k in (0, 1))
-    train_x, _ = add_decoy(mnist.train_x, train_shades(mnist.train_y), size, train_rng)
+    train_x, train_offsets = add_decoy(mnist.train_x, train_shades(mnist.train_y), size, train_rng)
     if variant == "cdep":
         test_shades = 25 * mnist.test_y
     else:
@@ -160,6 +162,12 @@ def build_decoymnist(
     train_rule = paint_decoy(mnist.test_x, train_shades(mnist.test_y), size, test_offsets)
     counterfactual = lambda images, what: Counterfactual(  # noqa: E731
         "test", shared_annotation(scale(images[keep_test]), yt, annotation), what)
+    # Validation digits with the patch (same corner) in the training shade of a digit drawn
+    # independently of the label: the shortcut broken on same-distribution data.
+    val_rows = keep[va.numpy()]
+    val_random = paint_decoy(mnist.train_x[val_rows],
+                             train_shades(np.random.default_rng([int(decoy_seed), 2]).integers(0, 10, len(val_rows))),
+                             size, train_offsets[val_rows])
     return Splits(
         train=shared_annotation(x[tr], y[tr], annotation),
         val=shared_annotation(x[va], y[va], annotation),
@@ -168,6 +176,7 @@ def build_decoymnist(
         input_shape=(1, 28, 28),
         description=f"{'DecoyMNIST' if images == 'mnist' else 'DecoyFMNIST'} ({variant}) on {mnist.description}",
         shortcut="patch_train_shade",
+        val_shortcut="val_patch_random_shade",
         counterfactual_input=paint_background,
         groups={"train": shade_groups(train_shades(y[tr]), y[tr].numpy()),
                 "val": shade_groups(train_shades(y[va]), y[va].numpy()),
@@ -176,5 +185,8 @@ def build_decoymnist(
             "patch_removed": counterfactual(mnist.test_x, "test digits without their patch"),
             "patch_train_shade": counterfactual(
                 train_rule, "the test patch (same corner) in the training shade 255 − 25·y"),
+            "val_patch_random_shade": Counterfactual(
+                "val", shared_annotation(scale(val_random), y[va], annotation),
+                "the validation patch (same corner) in the training shade of a random digit"),
         },
     )

@@ -172,7 +172,8 @@ def build_isic(
     Counterfactuals of "test" (`cdep_exp.scoring.shortcut`), generated data only: "patch_pasted" (that
     same set: patches pasted onto the malignant images, the benign ones unchanged) and
     "patch_removed" (the patched benign images rendered without their patches, the rest
-    unchanged; sets generated before these renders existed lack it).
+    unchanged; sets generated before these renders existed lack it). Counterfactual of "val"
+    (`Splits.val_shortcut`), generated data only: "val_patch_pasted", the same for validation.
     Groups (`Splits.groups`): "patch" or "no patch" per image. Class weights come from the whole
     data set, as in the original.
     Raises ConfigError for an unknown source, FileNotFoundError for missing images or masks.
@@ -194,6 +195,7 @@ def build_isic(
     sets = {"train": train, "val": val, "test": test, "test_no_patches": [r for r in test if r.mask is None]}
     if counterfactual:
         sets["test_malignant_patched"] = [counterfactual[r.id] if r.label else r for r in test]
+        sets["cf_val_patch_pasted"] = [counterfactual[r.id] if r.label else r for r in val]
     if unpatched:
         sets["cf_patch_removed"] = [unpatched.get(r.id, r) for r in test]
 
@@ -205,11 +207,14 @@ def build_isic(
     if "test_malignant_patched" in datasets:
         counterfactuals["patch_pasted"] = Counterfactual(
             "test", datasets["test_malignant_patched"], "patches pasted onto the malignant images")
+    if "cf_val_patch_pasted" in datasets:
+        counterfactuals["val_patch_pasted"] = Counterfactual(
+            "val", datasets.pop("cf_val_patch_pasted"), "patches pasted onto the malignant validation images")
     if "cf_patch_removed" in datasets:
         counterfactuals["patch_removed"] = Counterfactual(
             "test", datasets.pop("cf_patch_removed"), "the patched benign images without their patches")
     groups = {name: ["patch" if r.mask is not None else "no patch" for r in recs]
-              for name, recs in sets.items() if name != "cf_patch_removed"}
+              for name, recs in sets.items() if not name.startswith("cf_")}
     n_patch = sum(r.mask is not None for r in records)
     n_malignant = sum(r.label for r in records)
     return Splits(
@@ -221,6 +226,7 @@ def build_isic(
         class_weights=class_weights(records),
         counterfactuals=counterfactuals,
         shortcut="patch_pasted" if "patch_pasted" in counterfactuals else None,
+        val_shortcut="val_patch_pasted" if "val_patch_pasted" in counterfactuals else None,
         groups=groups,
         description=(
             f"ISIC {source} ({root}): {len(records) - n_malignant} benign, {n_malignant} malignant, "

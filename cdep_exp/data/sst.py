@@ -269,7 +269,9 @@ def build_sst(
     `bias_seed` + 1), and its counterfactuals "bias_swapped" (the other class's decoy at the
     same position) and "bias_removed" (the plain test sentence). articles, gender: counterfactuals
     of "test", "bias_swapped" (a ↔ the, she ↔ he everywhere) and "bias_removed" (those words
-    deleted; a text of nothing else becomes the unknown token).
+    deleted; a text of nothing else becomes the unknown token). Counterfactual of "val"
+    (`Splits.val_shortcut`): "val_bias_swapped", each dev sentence with the other class's decoy
+    inserted (position drawn with `bias_seed` + 2), or with its bias words exchanged.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, not {variant!r}")
@@ -288,15 +290,19 @@ def build_sst(
     extra_tests: dict[str, list[Sample]] = {}
     if spec.class_words and spec.placeholder is None:
         extra_tests["test_decoy"], swapped, removed = decoy_counterfactuals(test, spec.class_words, bias_seed + 1)
+        _, val_swapped, _ = decoy_counterfactuals(dev, spec.class_words, bias_seed + 2)
         counterfactual_sets = {
             "bias_swapped": ("test_decoy", swapped, "the other class's decoy word at the same position"),
             "bias_removed": ("test_decoy", removed, "the decoy word removed"),
+            "val_bias_swapped": ("val", val_swapped, "the other class's decoy word inserted in each dev sentence"),
         }
     elif spec.class_words:
         swapped, removed = swap_counterfactuals(test, spec.class_words)
+        val_swapped, _ = swap_counterfactuals(dev, spec.class_words)
         counterfactual_sets = {
             "bias_swapped": ("test", swapped, "each bias word exchanged for the other class's"),
             "bias_removed": ("test", removed, "the bias words deleted"),
+            "val_bias_swapped": ("val", val_swapped, "each bias word of a dev sentence exchanged for the other class's"),
         }
     vocab = build_vocab([*train, *dev, *test])
     biased = sum(bool(s.marked) for s in train) / max(len(train), 1)
@@ -315,6 +321,7 @@ def build_sst(
             for name, (of, samples, what) in counterfactual_sets.items()
         },
         shortcut="bias_swapped" if "bias_swapped" in counterfactual_sets else None,
+        val_shortcut="val_bias_swapped" if "val_bias_swapped" in counterfactual_sets else None,
         counterfactual_input=delete_tokens,
         groups={"train": bias_groups(train, spec), "val": bias_groups(dev, spec), "test": bias_groups(test, spec),
                 **{name: bias_groups(samples, spec) for name, samples in extra_tests.items()}},

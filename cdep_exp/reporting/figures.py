@@ -4,7 +4,8 @@
 
 One figure per Table 2 dataset (ColorMNIST is the paper's Fig. S2), with the shortcut metric
 (flipped predictions under the counterfactual) against λ beside accuracy, and one per Table 4
-SST variant. Other scripts (e.g. ISIC heatmaps) write their figures into results/figures/ too;
+SST variant. The shortcut benchmark gets one figure of test accuracy against flips, a panel per
+dataset and a point per method and λ (shortcut_tradeoff.png). Other scripts (e.g. ISIC heatmaps) write their figures into results/figures/ too;
 the notebooks show them all.
 """
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from cdep_exp.reporting.tables import TABLES, load, scored
+from cdep_exp.reporting.tables import BENCHMARK_DATASETS, BENCHMARK_METHODS, TABLES, load, scored
 
 # (table, column that splits it into figures, rows kept, panels: (metric column, y label))
 FIGURES = (
@@ -63,11 +64,57 @@ def lambda_figures(scale: str, outputs: Path) -> dict[str, Figure]:
     return made
 
 
+def tradeoff_figure(runs: pd.DataFrame, title: str) -> Figure:
+    """Test accuracy against the % of predictions flipped by the shortcut edit, one panel per
+    dataset, one marker per method, one point per λ (mean over seeds; bars: std). Up and to the
+    left is better: accurate without reading the shortcut."""
+    datasets = [d for d in BENCHMARK_DATASETS.values() if d in set(runs["dataset"])]
+    columns = min(3, len(datasets))
+    rows = -(-len(datasets) // columns)
+    fig = Figure(figsize=(5.0 * columns, 4.0 * rows + 1.2))
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    markers = "os^vD<>phX*P"
+    colours = [f"C{i}" for i in range(10)] + ["black", "olive"]
+    handles = {}
+    for ax, dataset in zip(axes, datasets):
+        group = runs[runs["dataset"] == dataset]
+        for i, method in enumerate(BENCHMARK_METHODS.values()):
+            points = group[group["method"] == method]
+            if points.empty:
+                continue
+            stats = points.groupby("lam")[["flip_rate", "accuracy"]].agg(["mean", "std"]).sort_index()
+            handles[method] = ax.errorbar(
+                stats[("flip_rate", "mean")], stats[("accuracy", "mean")], xerr=stats[("flip_rate", "std")].fillna(0),
+                yerr=stats[("accuracy", "std")].fillna(0), marker=markers[i], color=colours[i], linestyle="-",
+                linewidth=0.8, capsize=2, label=method)
+        ax.set_title(dataset)
+        ax.set_xlabel("flipped by the shortcut edit (%)")
+        ax.set_ylabel("test accuracy (%)")
+    for ax in axes[len(datasets):]:
+        ax.set_visible(False)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=6, fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 1.0 / (4.0 * rows + 1.2), 1, 1))
+    return fig
+
+
+def tradeoff_figures(scale: str, outputs: Path) -> dict[str, Figure]:
+    """The benchmark's accuracy-against-flips figure, when it has finished runs."""
+    if not any((Path(outputs) / scale / "shortcut").glob("**/metrics.json")):
+        return {}  # composing its 70 presets takes a while: only when there is something to plot
+    runs = scored(TABLES["shortcut"], load("shortcut", scale, outputs).found)
+    if runs.empty:
+        return {}
+    return {"shortcut_tradeoff": tradeoff_figure(runs, f"Shortcut benchmark: accuracy against shortcut reliance "
+                                                       f"({scale} scale, every λ)")}
+
+
 def write_figures(scale: str, outputs: Path, out_dir: Path) -> list[Path]:
-    """The λ figures as PNG files under out_dir; returns the paths written."""
+    """The λ figures and the benchmark's trade-off figure as PNG files under out_dir; returns
+    the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for stem, fig in lambda_figures(scale, outputs).items():
+    for stem, fig in {**lambda_figures(scale, outputs), **tradeoff_figures(scale, outputs)}.items():
         fig.savefig(out_dir / f"{stem}.png", dpi=120)
         written.append(out_dir / f"{stem}.png")
     return written

@@ -8,10 +8,16 @@ it instead of hiding the choice in table code; each table names its λ rule in i
   on the validation set, docs/reference.md §7.6), which a table applies to a run's history.
 * λ: `BEST_MEAN_VALIDATION` — the λ whose mean validation score over seeds is best, as the
   paper chose λ (DomainBed's "training-domain validation" with the seeds averaged first).
+* The validation score it maximises, by name (`VALIDATION_SCORES`): validation accuracy,
+  validation worst-group accuracy (the group-robustness literature's rule), or the accuracy on
+  the validation counterfactual that breaks the shortcut (`Splits.val_shortcut`: the same
+  validation samples with the annotated feature set independently of, or against, the class).
+  None of them reads a test set.
 """
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 
@@ -47,3 +53,39 @@ class LambdaRule:
 BEST_MEAN_VALIDATION = LambdaRule(
     "best mean validation", "the λ whose validation score averaged over seeds is best, ties to the smaller λ",
     best_mean_validation)
+
+
+@dataclass(frozen=True)
+class ValidationScore:
+    """A named per-run validation score that a λ rule maximises: `of(runs)` gives one value per
+    run (NaN where a run has no such score)."""
+
+    name: str
+    summary: str
+    of: Callable[[pd.DataFrame], pd.Series]
+
+
+def _column(runs: pd.DataFrame, name: str) -> pd.Series:
+    return runs[name] if name in runs else pd.Series(np.nan, index=runs.index)
+
+
+def counterfactual_validation_accuracy(runs: pd.DataFrame) -> pd.Series:
+    """Per run, the accuracy on the validation counterfactual its record names (`val_shortcut`)."""
+    names = _column(runs, "val_shortcut")
+    out = pd.Series(np.nan, index=runs.index)
+    for name in names.dropna().unique():
+        rows = names.eq(name)
+        out[rows] = _column(runs, f"cf_{name}/accuracy")[rows]
+    return out
+
+
+VALIDATION_SCORES = {
+    score.name: score for score in (
+        ValidationScore("val_accuracy", "validation accuracy", lambda runs: _column(runs, "val/accuracy")),
+        ValidationScore("val_worst_group", "validation worst-group accuracy",
+                        lambda runs: _column(runs, "val/worst_group_accuracy")),
+        ValidationScore("val_counterfactual", "accuracy on the validation samples with the shortcut broken "
+                        "(the annotated feature set independently of, or against, the class)",
+                        counterfactual_validation_accuracy),
+    )
+}

@@ -15,7 +15,8 @@ from cdep_exp.atomic import write_atomic
 from cdep_exp.reporting import sweeps
 from cdep_exp.reporting.paper_numbers import paper_number
 from cdep_exp.reporting.records import aggregate, collect, find_records, format_mean_std
-from cdep_exp.reporting.selection import BEST_MEAN_VALIDATION, LambdaRule, max_over_epochs
+from cdep_exp.reporting.selection import (BEST_MEAN_VALIDATION, VALIDATION_SCORES, LambdaRule, ValidationScore,
+                                          max_over_epochs)
 from cdep_exp.reporting.shortcut import shortcut_names
 from cdep_exp.run.identity import spell_number
 
@@ -54,6 +55,9 @@ class Spec:
     # How λ is chosen per row from the `select` column that `score` adds, and what that column is.
     selection: LambdaRule = BEST_MEAN_VALIDATION
     selects_on: str = "validation accuracy"
+    # The name (selection.VALIDATION_SCORES) of the score `select` holds, where it is one of them:
+    # another named score can then stand in for it (`build(..., score=...)`).
+    score_name: str | None = None
 
 
 def column(runs: pd.DataFrame, name: str) -> pd.Series:
@@ -140,6 +144,36 @@ def score_sst(runs: pd.DataFrame) -> pd.DataFrame:
     return runs.assign(accuracy=accuracy, select=best_dev.where(faithful, column(runs, "val/accuracy")))
 
 
+# The shortcut benchmark (make benchmark): every method on every dataset, λ chosen on
+# same-distribution validation data by a named score.
+BENCHMARK_DATASETS = {"decoymnist": "DecoyMNIST", "decoyfmnist": "DecoyFMNIST", "colormnist": "ColorMNIST",
+                      "sst_decoy": "SST decoy", "compas": "COMPAS", "isic_synthetic": "ISIC (generated)"}
+BENCHMARK_METHODS = {
+    "vanilla": "Vanilla", "cdep_original": "CDEP (original)", "cdep_both": "CDEP (corrected: rel + gap)",
+    "cdep_rel": "CDEP ablation: rel term only", "cdep_gap": "CDEP ablation: gap term only", "rrr": "RRR",
+    "eg": "EG", "augment": "Augmentation", "clp": "Logit pairing", "group_dro": "GroupDRO", "jtt": "JTT",
+    "dfr": "DFR",
+}
+
+
+def benchmark_method(sweep: str) -> str | None:
+    """The benchmark method a preset runs, from its name `shortcut/<dataset>_<method>`."""
+    stem = str(sweep).rsplit("/", 1)[-1]
+    return next((m for m in sorted(BENCHMARK_METHODS, key=len, reverse=True) if stem.endswith(f"_{m}")), None)
+
+
+def label_benchmark(runs: pd.DataFrame) -> pd.DataFrame:
+    method = runs["sweep"].map(benchmark_method).map(BENCHMARK_METHODS)
+    return runs.assign(dataset=runs["dataset"].map(BENCHMARK_DATASETS), method=method)
+
+
+def score_benchmark(runs: pd.DataFrame) -> pd.DataFrame:
+    """score_shortcut's columns, worst-group test accuracy, and λ chosen on the validation
+    counterfactual's accuracy."""
+    return score_shortcut(runs).assign(worst_group=column(runs, "test/worst_group_accuracy"),
+                                       select=VALIDATION_SCORES["val_counterfactual"].of(runs))
+
+
 # Table S1: cost per method on DecoyMNIST.
 def score_cost(runs: pd.DataFrame) -> pd.DataFrame:
     seconds = column(runs, "seconds_per_epoch")
@@ -223,6 +257,32 @@ TABLES: dict[str, Spec] = {
                "chosen on the same dev set (docs/reference.md §7.6); corrected: test accuracy of the "
                "best-dev-loss epoch with λ chosen on dev accuracy. Both from the same runs.",),
     ),
+    "shortcut": Spec(
+        title="Shortcut benchmark: test accuracy (%), worst-group accuracy and shortcut reliance per method",
+        labels=("dataset", "method"),
+        rows=tuple((d, m) for d in BENCHMARK_DATASETS.values() for m in BENCHMARK_METHODS.values()),
+        metrics=(Metric("accuracy", "Test accuracy"), Metric("worst_group", "Worst-group acc."),
+                 Metric("prob_change", "Δp_y", 3), Metric("flip_rate", "flips %"), Metric("val_score", "val. score"),
+                 Metric("minutes", "min / run")),
+        label=label_benchmark, score=score_benchmark, score_name="val_counterfactual",
+        selects_on=VALIDATION_SCORES["val_counterfactual"].summary,
+        notes=("Validation data come from the training distribution (ColorMNIST: val_colors=train); "
+               "early stopping and the restored epoch use its loss. No number here reads a test set "
+               "before it is reported.",
+               "Which labels each method reads: CDEP, RRR and EG the annotation (where the feature is); "
+               "augmentation and logit pairing the counterfactual input it lets one build (x with the "
+               "feature removed); GroupDRO the training groups (class × shortcut attribute); DFR the "
+               "validation groups; JTT no group label.",
+               "Where every training sample follows the shortcut (DecoyMNIST, DecoyFMNIST, ColorMNIST), "
+               "the training groups are the classes and validation has no minority group: GroupDRO, JTT "
+               "and DFR then have nothing to reweigh.",
+               "ISIC (generated) is the mask-only case: the data say where the patch is but cannot build "
+               "the image without it, so augmentation and logit pairing do not apply (–).",
+               "Shortcut reliance: Δp_y and flips under the counterfactual test set each record names "
+               "(cdep_exp/scoring/shortcut.py); a constant predictor also scores 0, so read them with "
+               "accuracy. val. score: the score λ was chosen on.",
+               "min / run: wall minutes of one run at the chosen λ."),
+    ),
     "tableS1": Spec(
         title="Table S1: cost of each penalty on DecoyMNIST, seconds per epoch and peak memory",
         labels=("method",),
@@ -236,6 +296,10 @@ TABLES: dict[str, Spec] = {
                "process's peak resident memory (data included), so CPU ratios stay near 1.",),
     ),
 }
+
+
+# The papers' tables (`--table all`, `make tables`); the benchmark is built on its own.
+PAPER_TABLES = ("table1", "table2", "table3", "table4", "tableS1")
 
 
 @dataclass
@@ -322,7 +386,10 @@ def score_rows(spec: Spec, runs: pd.DataFrame, missing: pd.DataFrame) -> pd.Data
     many expected runs of the row are missing."""
     labels = list(spec.labels)
     metrics = [m.key for m in spec.metrics]
-    cells = aggregate(spec.selection.choose(scored(spec, runs), labels, "select"), labels, metrics)
+    scored_runs = scored(spec, runs)
+    # `val_score`: the score λ was chosen on, for tables that show it as a metric.
+    scored_runs = scored_runs.assign(val_score=scored_runs["select"])
+    cells = aggregate(spec.selection.choose(scored_runs, labels, "select"), labels, metrics)
     cells = pd.DataFrame(spec.rows, columns=labels).merge(cells.astype({key: object for key in labels}), on=labels,
                                                           how="left")
     if spec.finish:
@@ -381,12 +448,33 @@ def scored(spec: Spec, runs: pd.DataFrame) -> pd.DataFrame:
     return spec.score(spec.label(runs))
 
 
+def choosing_on(spec: Spec, validation: ValidationScore) -> Spec:
+    """The spec with λ chosen on the named `validation` score instead of its own `select`."""
+    if spec.score_name is None:
+        raise ValueError(f"{spec.title!r} chooses λ on its own score; only a table that names its score can "
+                         f"take another ({', '.join(VALIDATION_SCORES)}).")
+
+    def rescored(runs: pd.DataFrame) -> pd.DataFrame:
+        out = spec.score(runs)
+        return out.assign(select=validation.of(out))
+
+    return replace(spec, score=rescored, score_name=validation.name, selects_on=validation.summary)
+
+
 def build(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_dir: Path = sweeps.CONF_DIR,
-          overrides: tuple[str, ...] = ()) -> Table:
+          overrides: tuple[str, ...] = (), score: str | None = None) -> Table:
     """Table `name` from the runs under outputs/<scale>/<name>/ that its presets expect (with
-    `overrides`, as `load`)."""
+    `overrides`, as `load`). `score` names another validation score to choose λ on
+    (`selection.VALIDATION_SCORES`; tables with `Spec.score_name` only): the table is then
+    called `<name>_<score>`. Raises ValueError for an unknown score or a table that cannot take one."""
+    spec = TABLES[name] if name in TABLES else None
+    if spec is not None and score is not None and score != spec.score_name:
+        if score not in VALIDATION_SCORES:
+            raise ValueError(f"Unknown validation score {score!r}; choose one of {', '.join(VALIDATION_SCORES)}.")
+        spec = choosing_on(spec, VALIDATION_SCORES[score])
     runs = load(name, scale, outputs, conf_dir, overrides)
-    spec = TABLES[name]
+    if spec.score_name != TABLES[name].score_name:
+        name = f"{name}_{spec.score_name}"
     cells = with_paper(name, spec, score_rows(spec, runs.found, runs.missing))
     notes = data_notes(scale, runs.root, runs.found, runs.expected) + list(spec.notes)
     if not runs.other.empty:

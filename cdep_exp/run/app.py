@@ -123,6 +123,7 @@ def _run_locked(cfg: DictConfig, directory: RunDirectory, lam: float, settings: 
         dataset=cfg.dataset.name, data=description, run_id=identity["config_hash"], data_fingerprint=identity["data"],
         overrides=data_root.encode(overrides()), method=cfg.method.name, lam=lam, seed=cfg.seed,
         model=type(model).__name__, device=str(device), device_name=device_name(device), metrics={}, shortcut=splits.shortcut,
+        val_shortcut=splits.val_shortcut,
         git=identity["revisions"][-1], revisions=identity["revisions"], config=recorded_config(cfg))
 
     with SummaryWriter(directory.tensorboard) as writer:

@@ -110,9 +110,20 @@ def build_splits(dataset_cfg: DictConfig) -> Splits:
                           f"got {type(splits).__name__}.")
     if splits.annotation not in ANNOTATIONS:
         raise ConfigError(f"{dataset_cfg._target_} declares annotation {splits.annotation!r}; use one of {ANNOTATIONS}.")
-    if splits.shortcut is not None and splits.shortcut not in splits.counterfactuals:
-        raise ConfigError(f"{dataset_cfg._target_} names shortcut={splits.shortcut!r}, which is none of its "
-                          f"counterfactuals ({', '.join(splits.counterfactuals) or 'none'}).")
+    for field, base in (("shortcut", None), ("val_shortcut", "val")):
+        name = getattr(splits, field)
+        if name is None:
+            continue
+        cf = splits.counterfactuals.get(name)
+        if cf is None or (base is not None and cf.test != base):
+            raise ConfigError(f"{dataset_cfg._target_} names {field}={name!r}, which is none of its counterfactuals"
+                              f"{' of ' + repr(base) if base else ''} "
+                              f"({', '.join(splits.counterfactuals) or 'none'}).")
+    bases = {"val", *splits.tests}
+    for name, cf in splits.counterfactuals.items():
+        if cf.test not in bases:
+            raise ConfigError(f"{dataset_cfg._target_}: counterfactual {name!r} changes split {cf.test!r}, which is "
+                              f"neither 'val' nor a test set ({', '.join(splits.tests)}).")
     check_splits(splits, dataset_cfg._target_)
     return splits
 

@@ -111,7 +111,8 @@ class RunDirectory:
         write_atomic(self.path / IDENTITY, json.dumps(identity, indent=2))
 
     def check_identity(self, identity: dict[str, Any]) -> None:
-        """Refuse to resume or skip a run made by another config or from other data."""
+        """Refuse to resume or skip a run made by another config or from other data (a dataset
+        both attempts loaded, e.g. train or a test set, holding other samples)."""
         previous = self.identity()
         if previous is None:
             return
@@ -119,7 +120,10 @@ class RunDirectory:
             changed = differences(previous["config"], identity["config"])
             raise ConfigError(f"{self.path} holds a run of another config (differs in {', '.join(changed[:5]) or 'its hash'}): "
                               f"use another paths.output_dir, or trainer.force=true to archive it and start over.")
-        changed = differences(previous["data"], identity["data"])
+        # Only the datasets both attempts loaded: a counterfactual or test set that newer code
+        # adds is more evaluation, not other data, and never makes finished runs train again.
+        common = previous["data"].keys() & identity["data"].keys()
+        changed = differences({k: previous["data"][k] for k in common}, {k: identity["data"][k] for k in common})
         if changed:
             raise ConfigError(f"{self.path} was trained on other data ({', '.join(changed[:4])} differ; was "
                               f"{previous['description']!r}): use another paths.output_dir, or trainer.force=true "

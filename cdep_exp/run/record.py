@@ -49,7 +49,8 @@ class RunRecord:
     directory; data, data_fingerprint: the data's description and content hashes per split.
     metrics: {split: {metric: value}}, splits "val", the test sets and "cf_<name>" for the
     shortcut metric under each counterfactual, `shortcut` naming the one that measures the
-    dataset's shortcut (`Splits.shortcut`); history: one dict per epoch (task_loss, penalty,
+    dataset's shortcut (`Splits.shortcut`) and `val_shortcut` the counterfactual of validation
+    that breaks it (`Splits.val_shortcut`); history: one dict per epoch (task_loss, penalty,
     val_loss, val_<metric>). status: "finished" or "failed" (with `error`); revisions: every
     code revision (commit, dirty) that trained the run, in order, `git` the last of them.
     Seconds are wall seconds per epoch, validation included; peak memory in GiB of the kind
@@ -77,6 +78,7 @@ class RunRecord:
     peak_memory_kind: str = ""
     history: list[dict[str, float | None]] = field(default_factory=list)
     shortcut: str | None = None
+    val_shortcut: str | None = None
     git: dict[str, Any] = field(default_factory=dict)
     revisions: list[dict[str, Any]] = field(default_factory=list)
     status: str = FINISHED

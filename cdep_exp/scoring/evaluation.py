@@ -75,16 +75,16 @@ def evaluate_splits(
     val_weights: torch.Tensor | None,
 ) -> dict[str, dict[str, float]]:
     """Loss and the dataset's metrics on validation and on every test set it declares, and the
-    shortcut reliance (`cdep_exp.scoring.shortcut`) under each counterfactual, as split `cf_<name>`.
+    shortcut reliance (`cdep_exp.scoring.shortcut`) under each counterfactual (of a test set or
+    of validation), as split `cf_<name>`.
 
     Decision thresholds (e.g. F1's, recorded as `f1_threshold`) are chosen on validation and
     reused on the test sets. Raises ValueError when a counterfactual's labels differ from its
-    test set's (it must hold the same samples in the same order).
+    base set's (it must hold the same samples in the same order).
     """
-    results = {"val": scores(evaluate(model, make_loader(splits.val), device, val_weights),
-                             metric_names, splits.groups.get("val"))}
+    factual = {"val": evaluate(model, make_loader(splits.val), device, val_weights)}
+    results = {"val": scores(factual["val"], metric_names, splits.groups.get("val"))}
     thresholds = {m: results["val"][f"{m}_threshold"] for m in metric_names if f"{m}_threshold" in results["val"]}
-    factual = {}
     for name, dataset in splits.tests.items():
         factual[name] = evaluate(model, make_loader(dataset), device)
         results[name] = scores(factual[name], metric_names, splits.groups.get(name), thresholds)
