@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     paths = glob_records(args.glob)
     if not paths:
-        raise SystemExit(f"No run records match {args.glob!r}; train something first (README, "Running and sweeping").")
+        raise SystemExit(f"No run records match {args.glob!r}; train something first (README, 'Running and sweeping').")
     runs = collect(paths)
     if runs.empty:
         raise SystemExit(f"None of the {len(paths)} run record(s) matching {args.glob!r} is of a finished run.")

@@ -467,8 +467,10 @@ def build(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_di
     `overrides`, as `load`). `score` names another validation score to choose λ on
     (`selection.VALIDATION_SCORES`; tables with `Spec.score_name` only): the table is then
     called `<name>_<score>`. Raises ValueError for an unknown score or a table that cannot take one."""
-    spec = TABLES[name] if name in TABLES else None
-    if spec is not None and score is not None and score != spec.score_name:
+    if name not in TABLES:
+        raise KeyError(f"Unknown table {name!r}; choose one of {', '.join(TABLES)}.")
+    spec = TABLES[name]
+    if score is not None and score != spec.score_name:
         if score not in VALIDATION_SCORES:
             raise ValueError(f"Unknown validation score {score!r}; choose one of {', '.join(VALIDATION_SCORES)}.")
         spec = choosing_on(spec, VALIDATION_SCORES[score])
