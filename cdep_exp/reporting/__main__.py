@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             if len(table.missing) >= table.expected:
                 raise SystemExit(f"{name}: no finished run under {args.outputs / args.scale / name}; the "
                                  f"tables in {args.results / args.scale} are left as they are. Train first "
-                                 f"(make {name}).")
+                                 f"(make {name} SCALE={args.scale}).")
             written = writing(lambda: table.write(args.results / args.scale), args.results)
             print(table.markdown(), f"\nWritten: {', '.join(map(str, written))}\n")
         return

@@ -340,7 +340,7 @@ class Table:
         keys = [c for c in self.missing.columns if c != "seed"]
         filled = self.missing.assign(lam=self.missing["lam"].map(fmt_lam)).astype({k: "object" for k in keys}).fillna("")
         return (filled.groupby(keys, sort=False)["seed"]
-                .agg(lambda seeds: ", ".join(map(str, sorted(seeds)))).reset_index())
+                .agg(lambda seeds: ", ".join(str(int(seed)) for seed in sorted(seeds))).reset_index())
 
     def markdown(self) -> str:
         rule = self.spec.selection
