@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -17,11 +18,11 @@ OUTPUTS = "outputs"
 
 
 def write_run(root: Path, table: str, sweep: str, method: str, lam: float, seed: int, metrics: dict,
-              config: dict | None = None, history: list | None = None, **fields) -> Path:
-    """A metrics.json as the app writes it, in the table's output tree at scale quick."""
+              config: dict | None = None, history: list | None = None, scale: str = "quick", **fields) -> Path:
+    """A metrics.json as the app writes it, in the table's output tree at `scale`."""
     config = {"sweep": sweep, **(config or {})}
     tag = json.dumps(config, sort_keys=True).translate(str.maketrans("{}\": ,", "______"))
-    run_dir = root / OUTPUTS / "quick" / table / method / f"lam={lam}" / f"seed={seed}" / tag
+    run_dir = root / OUTPUTS / scale / table / method / f"lam={lam}" / f"seed={seed}" / tag
     run_dir.mkdir(parents=True)
     record = {"dataset": fields.pop("dataset", "compas"), "data": "synthetic", "method": method, "lam": lam,
               "seed": seed, "device": "cpu", "epochs_run": len(history or [1]), "best_epoch": 0,
@@ -138,6 +139,22 @@ def test_table2_reads_each_datasets_primary_counterfactual_and_picks_lambda_on_v
     assert math.isnan(cells.loc[("ColorMNIST", "RRR"), "accuracy mean"])
     shown = table.display()
     assert list(shown.columns[:4]) == ["dataset", "method", "λ", "seeds"] and "flips %" in shown.columns
+
+
+def test_every_lambda_the_rule_passed_over_is_reported_with_its_score(tmp_path: Path) -> None:
+    for seed in range(2):
+        for lam, val, test in ((100, 99.0, 90.0 + seed), (1000, 98.0, 97.0), (10000, 96.0, 96.0)):
+            write_run(tmp_path, "table2", "table2/decoymnist_cdep_original", "cdep_original", lam, seed,
+                      mnist_metrics(val, test, "patch_train_shade", 1.0), dataset="decoymnist", scale="full")
+    table = tables.build("table2", "full", tmp_path / OUTPUTS)
+    assert table.cells.set_index(["dataset", "method"]).loc[("DecoyMNIST", "CDEP"), "lam"] == 100
+    every = table.every_lam.set_index(["dataset", "method", "lam"])
+    assert list(every.index.get_level_values("lam")) == [100, 1000, 10000]
+    passed_over = every.loc[("DecoyMNIST", "CDEP", 1000)]
+    assert passed_over["select mean"] == 98.0 and passed_over["accuracy mean"] == 97.0 and passed_over["seeds"] == 2
+    assert every.loc[("DecoyMNIST", "CDEP", 100), "accuracy mean"] == 90.5
+    text = table.markdown()
+    assert "## Every λ" in text and re.search(r"\| 1000 .*\| 98\.00 ± 0\.00 +\| 97\.0 ± 0\.0 ", text)
 
 
 def test_compas_table_reports_missing_runs_and_the_faithful_accuracy(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ per row on validation, as the paper did → mean ± std over seeds, beside the p
 (reporting.paper_numbers) → Markdown, CSV and LaTeX. Expected runs without a record are listed.
 """
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -312,6 +312,9 @@ class Table:
     notes: list[str]
     missing: pd.DataFrame
     expected: int
+    # Per row and λ, the validation score λ is chosen on and each metric (mean, std over seeds):
+    # what the rule chose from, so a reader sees how much the choice of λ matters.
+    every_lam: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def title(self) -> str:
@@ -333,6 +336,21 @@ class Table:
             shown["missing runs"] = cells["missing"].astype(int)
         return shown
 
+    def every_lam_display(self) -> pd.DataFrame:
+        """`every_lam` as mean ± std, the score λ is chosen on first."""
+        rows = self.every_lam
+        shown = rows[list(self.spec.labels)].copy()
+        shown["λ"] = [fmt_lam(lam) for lam in rows["lam"]]
+        shown["seeds"] = rows["seeds"].astype(int)
+        shown["selection score"] = [format_mean_std(m, s, 2, empty="–")
+                                    for m, s in zip(rows["select mean"], rows["select std"])]
+        for metric in self.spec.metrics:
+            if metric.key == "val_score":
+                continue
+            shown[metric.label] = [format_mean_std(m, s, metric.digits, empty="–")
+                                   for m, s in zip(rows[f"{metric.key} mean"], rows[f"{metric.key} std"])]
+        return shown
+
     def missing_summary(self) -> pd.DataFrame:
         """Missing runs, one line per setting with the seeds it lacks."""
         if self.missing.empty:
@@ -347,6 +365,10 @@ class Table:
         lines = [f"# {self.title}", "", f"λ per row: {rule.name}, {rule.summary}; the score is {self.spec.selects_on}.", "",
                  *[f"- {note}" for note in self.notes], "",
                  self.display().to_markdown(index=False, disable_numparse=True), ""]
+        if self.every_lam["lam"].nunique() > 1:
+            lines += ["## Every λ", "", "What the λ rule chose from: per row and λ, the selection score "
+                      f"({self.spec.selects_on}) and each metric over the finished seeds.", "",
+                      self.every_lam_display().to_markdown(index=False, disable_numparse=True), ""]
         if not self.missing.empty:
             lines += [f"## Missing runs: {len(self.missing)} of {self.expected}", "",
                       self.missing_summary().to_markdown(index=False, disable_numparse=True), ""]
@@ -379,6 +401,26 @@ def with_paper(table: str, spec: Spec, cells: pd.DataFrame) -> pd.DataFrame:
         out[f"{metric.key} paper mean"] = [n.mean if n else np.nan for n in numbers]
         out[f"{metric.key} paper std"] = [n.std if n and n.std is not None else np.nan for n in numbers]
     return out
+
+
+def every_lam(spec: Spec, runs: pd.DataFrame) -> pd.DataFrame:
+    """Per table row and λ: seeds, and mean and std of the selection score and of each metric
+    (the table's rows in order, then λ ascending)."""
+    labels = list(spec.labels)
+    metrics = ["select", *(m.key for m in spec.metrics if m.key != "val_score")]
+    runs = scored(spec, runs)
+    runs = runs.reindex(columns=list(dict.fromkeys([*runs.columns, *metrics])))
+    grouped = runs.groupby([*labels, "lam"], dropna=False, sort=False)
+    rows = grouped.agg(seeds=("seed", "nunique"))
+    for metric in metrics:
+        rows[f"{metric} mean"] = grouped[metric].mean()
+        rows[f"{metric} std"] = grouped[metric].std()
+    rows = rows.reset_index()
+    if rows.empty:
+        return rows
+    order = {tuple(row): i for i, row in enumerate(spec.rows)}
+    rank = [order.get(tuple(row), len(order)) for row in rows[labels].itertuples(index=False)]
+    return rows.assign(_rank=rank).sort_values(["_rank", "lam"], kind="stable").drop(columns="_rank")
 
 
 def score_rows(spec: Spec, runs: pd.DataFrame, missing: pd.DataFrame) -> pd.DataFrame:
@@ -485,4 +527,4 @@ def build(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_di
                         f"settings than their preset's (e.g. {example}), such as a debugging sweep with ARGS=.")
     if not runs.found.empty and runs.found["dataset"].eq("isic_synthetic").any():
         spec = replace(spec, title=spec.title + " (GENERATED data)")
-    return Table(name, spec, cells, notes, runs.missing, runs.expected)
+    return Table(name, spec, cells, notes, runs.missing, runs.expected, every_lam(spec, runs.found))
