@@ -4,8 +4,8 @@ history (losses, penalties, validation metrics), λ, the status and the data fin
 equal; timings, memory, paths and the config (which gains keys as the code grows) may differ.
 
     # on the old revision (a checkout or worktree of it), then on the new one:
-    python scripts/same_numbers.py record --out /tmp/before --data-dir ../shared/data
-    python scripts/same_numbers.py record --out /tmp/after --data-dir ../shared/data
+    python scripts/same_numbers.py record --out /tmp/before --data-dir data
+    python scripts/same_numbers.py record --out /tmp/after --data-dir data
     python scripts/same_numbers.py compare /tmp/before /tmp/after
 
 Runs use one CPU thread each (torch's results can depend on the thread count) and take about
