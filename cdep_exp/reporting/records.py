@@ -96,10 +96,12 @@ def summarise(runs: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 
 
 def aggregate(runs: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.DataFrame:
-    """Per group: λ, the number of seeds, and mean and std (ddof 1) of each metric."""
+    """Per group: λ (a key already when `by` holds it), the number of seeds, and mean and std
+    (ddof 1) of each metric."""
     runs = runs.reindex(columns=list(dict.fromkeys([*runs.columns, *metrics])))
     grouped = runs.groupby(by, dropna=False, sort=False)
-    table = grouped.agg(lam=("lam", "first"), seeds=("seed", "nunique"))
+    table = grouped.agg(seeds=("seed", "nunique")) if "lam" in by else \
+        grouped.agg(lam=("lam", "first"), seeds=("seed", "nunique"))
     for metric in metrics:
         table[f"{metric} mean"] = grouped[metric].mean()
         table[f"{metric} std"] = grouped[metric].std()

@@ -408,14 +408,7 @@ def every_lam(spec: Spec, runs: pd.DataFrame) -> pd.DataFrame:
     (the table's rows in order, then λ ascending)."""
     labels = list(spec.labels)
     metrics = ["select", *(m.key for m in spec.metrics if m.key != "val_score")]
-    runs = scored(spec, runs)
-    runs = runs.reindex(columns=list(dict.fromkeys([*runs.columns, *metrics])))
-    grouped = runs.groupby([*labels, "lam"], dropna=False, sort=False)
-    rows = grouped.agg(seeds=("seed", "nunique"))
-    for metric in metrics:
-        rows[f"{metric} mean"] = grouped[metric].mean()
-        rows[f"{metric} std"] = grouped[metric].std()
-    rows = rows.reset_index()
+    rows = aggregate(scored(spec, runs), [*labels, "lam"], metrics)
     if rows.empty:
         return rows
     order = {tuple(row): i for i, row in enumerate(spec.rows)}
