@@ -8,13 +8,15 @@ Each method trains its own model; after warm-up the methods take their timed ste
 reported.
 
 Then the cost of contextual decomposition on current architectures (torchvision resnet18 at
-batch 8, 64×64; a 2-layer transformer text classifier at batch 32, 40 tokens): a decompose
-call as a multiple of a forward (both without gradients), and a CDEP training step as a
+batch 8, 64×64; a 2-layer transformer text classifier and a 2-layer Hugging Face BERT from
+token ids, at batch 32, 40 tokens): a decompose call as a multiple of a forward (both without
+gradients; for a model fx traces, the eager capture's too), and a CDEP training step as a
 multiple of a vanilla one, timed round-robin as well (`--archs` picks them, `--archs none`
-skips them).
+skips them). BERT is decomposed by the eager capture (fx cannot trace it).
 Run: `.venv/bin/python scripts/bench_cost.py` (or `make bench-cost`).
 """
 import argparse
+import functools
 import itertools
 import os
 import platform
@@ -30,10 +32,12 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from cdep_exp.cd import decompose
+from cdep_exp.cd.rules import model_rule
 from cdep_exp.data.decoymnist import corner_mask
 from cdep_exp.models import MNISTCNN
 from cdep_exp.models.text import TransformerClassifier
 from cdep_exp.models.vision import build_torchvision_cnn
+from cdep_exp.models.zoo import build_hugging_face_text
 from cdep_exp.penalties import CDEP, RRR, ExpectedGradients, Penalty, Vanilla
 
 # setting → (input channels, hidden units, annotation, batch of conf/dataset/<setting>.yaml);
@@ -188,9 +192,18 @@ def _transformer_case() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, to
     return model, tokens, torch.randint(2, (32,)), annotation, "text"
 
 
+def _bert_case() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    model = build_hugging_face_text("bert", vocab_size=1000, num_classes=2, hidden_size=64, layers=2, heads=4,
+                                    intermediate_size=128)
+    tokens = torch.randint(1, 1000, (32, 40))
+    annotation = torch.rand(32, 40) < 0.2
+    return model, tokens, torch.randint(2, (32,)), annotation, "text"
+
+
 ARCHS = {
     "resnet18": ("torchvision resnet18, batch 8, 3×64×64", _resnet18_case),
     "transformer": ("transformer text classifier (d 64, 4 heads, 2 layers), batch 32, 40 tokens", _transformer_case),
+    "hf_bert": ("Hugging Face BERT (d 64, 4 heads, 2 layers), token ids, batch 32, 40 tokens", _bert_case),
 }
 
 
@@ -219,11 +232,13 @@ def bench_arch(name: str, device: torch.device, warmup: int, steps: int) -> dict
                 with torch.no_grad():
                     model(x)
 
-            def decomposition(model=model, x=x, annotation=annotation) -> None:
+            def decomposition(model=model, x=x, annotation=annotation, capture="auto") -> None:
                 with torch.no_grad():
-                    decompose(model, x, annotation)
+                    decompose(model, x, annotation, capture=capture)
 
             runs["forward"], runs["decompose"] = forward, decomposition
+            if model_rule(type(model)) is None and x.is_floating_point():  # fx traces it: the eager capture beside
+                runs["eager decompose"] = functools.partial(decomposition, capture="eager")
     for fn in runs.values():
         for _ in range(warmup):
             fn()
@@ -239,6 +254,7 @@ def bench_arch(name: str, device: torch.device, warmup: int, steps: int) -> dict
     return {
         "forward ms": ms["forward"], "decompose ms": ms["decompose"],
         "decompose ×forward": ms["decompose"] / ms["forward"],
+        "eager decompose ×forward": ms["eager decompose"] / ms["forward"] if "eager decompose" in ms else float("nan"),
         "vanilla step ms": ms["vanilla step"], "CDEP step ms": ms["CDEP step"],
         "CDEP step ×vanilla": ms["CDEP step"] / ms["vanilla step"],
     }

@@ -9,6 +9,8 @@ branch, a dropout rate, a list of layers to skip),
 since tracing bakes the branches they choose into the graph. Changing such an attribute, or
 replacing a layer, selects (or builds) another plan; nothing has to be cleared by hand.
 Registering a rule rebuilds the plans. The cache holds no reference to the model itself.
+`decompose` chooses between this walk and the eager capture (eager.py), which runs the forward
+itself, for models fx cannot trace or that have forward hooks (`capture`).
 
 Two guarantees beyond the rules themselves:
 
@@ -17,6 +19,14 @@ Two guarantees beyond the rules themselves:
   decomposed value of its input, so later users of the input see the updated value, as they
   do in the plain forward. An in-place update of a value that a view was taken of earlier
   cannot be followed and raises UnsupportedOperationError.
+* A decomposition is finite wherever the plain forward is: a relevant part that turns NaN or
+  infinite while the total stays finite raises DecompositionNotFiniteError naming the first
+  graph node where it happened (found by a second, checked pass, paid only on failure).
+* Forward hooks are not part of the traced graph, so the fx walk refuses a model with one
+  rather than decompose it without them (capture="auto" then runs it eagerly, hooks included);
+  the pre-hooks of legacy `weight_norm` and pruning, which only recompute a weight, are run
+  before each fx decomposition so the weight is the current one.
+  `torch.compile`, DataParallel and DistributedDataParallel wrappers are unwrapped (logged once).
 * `cdep_exp.cd.decompose(..., check=True)` runs the plain forward node by node next to the decomposition
   and raises DecompositionDriftError naming the first node where rel + irrel leaves the
   plain value; `drift_report` returns the per-node numbers (cdep_exp/cd/check.py).
@@ -25,10 +35,11 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import operator
 from collections.abc import Callable, Iterator
 from typing import Any
-from weakref import WeakKeyDictionary
+from weakref import WeakKeyDictionary, WeakSet
 
 import torch
 import torch.fx as fx
@@ -40,14 +51,97 @@ from cdep_exp.cd.rules import (
     Decomposed,
     UnsupportedOperationError,
     importable_name,
+    input_share,
     lookup,
     model_rule,
     module_rule,
     registry_version,
 )
+from cdep_exp.cd import eager
+from cdep_exp.cd.rules.core import DecompositionNotFiniteError
+from cdep_exp.cd.streams import decomposed_in, has_decomposed, per_stream
 
+log = logging.getLogger("cdep_exp.cd")
 Env = list
 _MAX_PLANS = 8  # per model; a model whose attributes keep changing still has a bounded cache
+
+
+_LOGGED_WRAPPERS: WeakSet[nn.Module] = WeakSet()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside `torch.compile`, `nn.DataParallel` and DistributedDataParallel wrappers
+    (nested ones too), logged once per wrapper. The decomposition runs the inner model eagerly on
+    the input's device: the graph it walks is the model's own, which a wrapper only runs."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            inner = model._orig_mod
+        else:
+            return model
+        if model not in _LOGGED_WRAPPERS:
+            _LOGGED_WRAPPERS.add(model)
+            log.info("cdep_exp.cd: unwrapped %s to decompose the %s inside it", type(model).__name__,
+                     type(inner).__name__)
+        model = inner
+
+
+def _refreshes_weight(hook: Any) -> bool:
+    """Pre-hooks that only recompute a parameter from others (legacy weight_norm, pruning)."""
+    from torch.nn.utils import prune
+    from torch.nn.utils.weight_norm import WeightNorm
+    return isinstance(hook, (WeightNorm, prune.BasePruningMethod))
+
+
+def _hook_refused(where: str, kind: str, hook: Any) -> UnsupportedOperationError:
+    name = getattr(hook, "__qualname__", type(hook).__qualname__)
+    return UnsupportedOperationError(
+        f"{where} has a {kind} ({name}); the fx capture walks the traced forward graph, which "
+        f"does not run hooks, so the result would silently differ from model(x). Decompose with "
+        f"capture='eager' (or 'auto'), which runs the forward and its hooks, or remove the hook."
+    )
+
+
+def user_hooks(model: nn.Module) -> Iterator[tuple[str, str, Any]]:
+    """(where, kind, hook) for every forward hook and pre-hook that would run in `model(x)`,
+    global ones included, except the weight-refreshing pre-hooks (`_refreshes_weight`)."""
+    from torch.nn.modules import module as torch_module
+    for kind, hooks in (("global forward hook", torch_module._global_forward_hooks),
+                        ("global forward pre-hook", torch_module._global_forward_pre_hooks)):
+        for hook in hooks.values():
+            yield "the process", kind, hook
+    for path, m in model.named_modules():
+        where = f"module '{path}' ({type(m).__name__})" if path else f"the model ({type(m).__name__})"
+        for hook in m._forward_pre_hooks.values():
+            if not _refreshes_weight(hook):
+                yield where, "forward pre-hook", hook
+        for hook in m._forward_hooks.values():
+            yield where, "forward hook", hook
+
+
+def run_pre_hooks_or_refuse(model: nn.Module) -> None:
+    """Run the weight-refreshing pre-hooks of `model`'s modules (`_refreshes_weight`) and raise
+    UnsupportedOperationError for any other forward hook or pre-hook, global ones included."""
+    for where, kind, hook in user_hooks(model):
+        raise _hook_refused(where, kind, hook)
+    for m in model.modules():
+        for hook in m._forward_pre_hooks.values():
+            hook(m, ())
+
+
+def ensure_finite(out: Tensor, where: Callable[[], str]) -> None:
+    """Raise DecompositionNotFiniteError if a relevant stream of `out` (S + 1, ...) is not finite
+    while the total (the last row, the plain forward) is; `where()` names the place. One device
+    sync. A total that is itself NaN is the model's own divergence, left to the training loop."""
+    if bool(torch.isfinite(out).all()) or not bool(torch.isfinite(out[-1]).all()):
+        return
+    raise DecompositionNotFiniteError(
+        f"the relevant part of the decomposition is NaN or infinite where the plain forward is finite: "
+        f"{where()}. A rule met a value outside its function's domain (the square root or log of a "
+        f"part that is negative); decompose with check=True to see every node, or register a rule "
+        f"that holds that value fixed."
+    )
 
 
 class _Tracer(fx.Tracer):
@@ -79,29 +173,13 @@ def _loader(node: fx.Node, index: dict[fx.Node, int]) -> Callable[[Env], tuple[l
     return load
 
 
-def _decomposed_in(values: Any) -> Iterator[Decomposed]:
-    """The Decomposed values among `values`, through nested lists, tuples and dicts."""
-    if isinstance(values, Decomposed):
-        yield values
-    elif isinstance(values, (list, tuple)):
-        for v in values:
-            yield from _decomposed_in(v)
-    elif isinstance(values, dict):
-        for v in values.values():
-            yield from _decomposed_in(v)
-
-
-def _has_decomposed(values: Any) -> bool:
-    return next(_decomposed_in(values), None) is not None
-
-
 def _step(fn: Callable, plain: Callable, load: Callable[[Env], tuple[list, dict]], inplace_arg: int | None,
           guarded: bool) -> Callable[[Env], Any]:
     """One node: its rule (or, where no argument is decomposed any more because a rule held a
     value fixed, the plain call), with eager in-place semantics for in-place nodes."""
     def step(env: Env) -> Any:
         args, kwargs = load(env)
-        if guarded and not _has_decomposed((args, kwargs)):
+        if guarded and not has_decomposed((args, kwargs)):
             return plain(*args, **kwargs)
         out = fn(*args, **kwargs)
         if inplace_arg is not None:
@@ -113,42 +191,6 @@ def _step(fn: Callable, plain: Callable, load: Callable[[Env], tuple[list, dict]
         return out
 
     return step
-
-
-def _select_stream(values: Any, j: int) -> Any:
-    """`values` with every Decomposed cut down to (rel_j, total)."""
-    if isinstance(values, Decomposed):
-        return Decomposed(values.rel_total[[j, -1]])
-    if isinstance(values, (list, tuple)) and not isinstance(values, torch.Size):
-        return type(values)(_select_stream(v, j) for v in values)
-    if isinstance(values, dict):
-        return {k: _select_stream(v, j) for k, v in values.items()}
-    return values
-
-
-def _merge_streams(results: list) -> Any:
-    """One result from per-stream results: each stream's rel, the first call's total (the
-    total does not depend on the stream) and plain values."""
-    first = results[0]
-    if isinstance(first, Decomposed):
-        return Decomposed(torch.cat([*(r.rel_total[:1] for r in results), first.rel_total[1:]]))
-    if isinstance(first, (list, tuple)) and not isinstance(first, torch.Size):
-        return type(first)(_merge_streams(list(parts)) for parts in zip(*results))
-    if isinstance(first, dict):
-        return {key: _merge_streams([r[key] for r in results]) for key in first}
-    return first
-
-
-def _per_stream(fn: Callable) -> Callable:
-    """Run a rule that reads one relevant part once per stream (see `multi_stream`)."""
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        streams = max((d.streams for d in _decomposed_in((args, kwargs))), default=1)
-        if streams == 1:
-            return fn(*args, **kwargs)
-        return _merge_streams([fn(*_select_stream(args, j), **_select_stream(kwargs, j)) for j in range(streams)])
-
-    return run
 
 
 def _call_method(name: str) -> Callable:
@@ -273,6 +315,10 @@ def _check_inplace(node: fx.Node, order: dict[fx.Node, int], model: nn.Module) -
         )
 
 
+class TraceFailedError(UnsupportedOperationError):
+    """torch.fx could not trace the model's forward (capture='auto' then decomposes it eagerly)."""
+
+
 class _Plan:
     """A traced model compiled into steps; `run` maps the decomposed input to the decomposed output."""
 
@@ -281,10 +327,10 @@ class _Plan:
         try:
             graph = _Tracer().trace(model)
         except Exception as err:
-            raise UnsupportedOperationError(
-                f"{type(model).__name__}.forward cannot be traced by torch.fx ({err}). Make the "
-                f"forward traceable (no control flow on tensor values), or register a rule for the "
-                f"whole model with @cdep_exp.cd.register_model_rule({type(model).__name__})."
+            raise TraceFailedError(
+                f"{type(model).__name__}.forward cannot be traced by torch.fx ({err}). Decompose with "
+                f"capture='eager' (or 'auto'), which runs the forward as written, or register a rule "
+                f"for the whole model with @cdep_exp.cd.register_model_rule({type(model).__name__})."
             ) from err
         nodes = list(graph.nodes)
         index = {n: i for i, n in enumerate(nodes)}
@@ -365,7 +411,7 @@ class _Plan:
         if rule is None:
             raise _no_rule(node, model)
         bound = functools.partial(rule, target)
-        return bound if getattr(rule, "multi_stream", False) else _per_stream(bound)
+        return bound if getattr(rule, "multi_stream", False) else per_stream(bound)
 
     def _fill(self, model: nn.Module, env: Env, extras: tuple) -> None:
         if len(extras) != len(self.extra_inputs):
@@ -383,18 +429,15 @@ class _Plan:
     def run(self, model: nn.Module, rel_total: Tensor, extras: tuple = (), record: list | None = None) -> Decomposed:
         env: Env = [None] * self.size
         env[self.input] = Decomposed(rel_total)
+        starting = input_share(rel_total)
         del rel_total  # the environment's reference is dropped after its last use
         self._fill(model, env, extras)
         try:
-            for i, step in self.steps:
-                env[i] = step(env)
-                for j in self.frees.get(i, ()):
-                    env[j] = None
-                if record is not None:
-                    record.append((i, _totals(env[i])))
+            with starting:
+                self._walk(env, record)
         except UnsupportedOperationError as err:
             raise UnsupportedOperationError(
-                f"{err} (graph node '{self.names[i]}' of {self.model_name}.forward). Put the operations "
+                f"{err} (graph node '{self.names[self._at]}' of {self.model_name}.forward). Put the operations "
                 f"in a module of their own and register a rule for it with @cdep_exp.cd.register_rule."
             ) from err
         out = env[self.output]
@@ -405,6 +448,30 @@ class _Plan:
                 f"decompose the logits before it."
             )
         return out
+
+    def _walk(self, env: Env, record: list | None) -> None:
+        """The steps in order, each value freed after its last use; `_at` is the step running."""
+        for i, step in self.steps:
+            self._at = i
+            env[i] = step(env)
+            for j in self.frees.get(i, ()):
+                env[j] = None
+            if record is not None:
+                record.append((i, _totals(env[i])))
+
+    def first_non_finite(self, model: nn.Module, rel_total: Tensor, extras: tuple = ()) -> str:
+        """Run the decomposition again, checking every step: where a relevant part first turns
+        NaN or infinite while its total is finite (for `ensure_finite`'s message)."""
+        env: Env = [None] * self.size
+        env[self.input] = Decomposed(rel_total)
+        self._fill(model, env, extras)
+        with torch.no_grad(), input_share(rel_total):
+            for i, step in self.steps:
+                env[i] = step(env)
+                if any(not bool(torch.isfinite(d.rels).all()) and bool(torch.isfinite(d.total).all())
+                       for d in decomposed_in(env[i])):
+                    return f"first after {self.ops[i]}, graph node '{self.names[i]}' of {self.model_name}.forward"
+        return f"at no single node of {self.model_name}.forward on a second pass (a random draw?)"
 
     def run_plain(self, model: nn.Module, x: Tensor, extras: tuple = ()) -> list[tuple[int, Any]]:
         """The plain forward node by node: (node index, value) per step."""
@@ -472,7 +539,10 @@ def _state_key(model: nn.Module) -> tuple:
 
 
 def plan_of(model: nn.Module) -> _Plan:
-    """The cached plan for the model's current state (tracing bakes branches in)."""
+    """The cached plan for the model's current state (tracing bakes branches in), once the
+    model's weight-refreshing pre-hooks have run (`run_pre_hooks_or_refuse`, which refuses a
+    model with other forward hooks)."""
+    run_pre_hooks_or_refuse(model)
     plans = _PLANS.setdefault(model, {})
     key = _state_key(model)
     plan = plans.get(key)
@@ -510,11 +580,16 @@ def split_input(x: Tensor, mask: Tensor | Any) -> Tensor:
     return x * torch.stack((mask, 1 - mask))
 
 
-def propagate(model: nn.Module, x: Decomposed, *extras: Any) -> Decomposed:
+def propagate(model: nn.Module, x: Decomposed, *extras: Any, capture: str = "auto") -> Decomposed:
     """Run a decomposed value through `model`'s graph; `extras` feed its further inputs as plain
     values (a padding mask, the token ids). For whole-model rules built on the generic engine
-    (text classifiers: embeddings split by the token mask, then the rest of the network)."""
-    return plan_of(model).run(model, x.rel_total, extras)
+    (text classifiers: embeddings split by the token mask, then the rest of the network).
+    `capture` as in `decompose`; the result is not checked for NaN (the caller's output is)."""
+    model = unwrap(model)
+    plan = _plan_or_eager(model, capture)
+    if plan is None:
+        return eager.run(model, x.rel_total, extras)
+    return plan.run(model, x.rel_total, extras)
 
 
 def _initial_many(x: Tensor, masks: Tensor) -> Tensor:
@@ -533,7 +608,7 @@ def initial_streams(x: Tensor, mask: Tensor | None, rel: Tensor | None) -> Tenso
 
 
 def decompose(
-    model: nn.Module, x: Tensor, mask: Tensor | None = None, *, rel: Tensor | None = None
+    model: nn.Module, x: Tensor, mask: Tensor | None = None, *, rel: Tensor | None = None, capture: str = "auto"
 ) -> tuple[Tensor, Tensor]:
     """Contextual decomposition of `model(x)` into the part due to `mask`ed features and the rest.
 
@@ -548,18 +623,94 @@ def decompose(
     the batch statistics, so a call stands in for one plain forward; it refuses what the plain
     forward refuses (a train-mode batch norm over one value per channel: ValueError).
 
-    Raises UnsupportedOperationError for an operation without a rule, TypeError/ValueError for
-    bad mask/rel arguments. `cdep_exp.cd.decompose` adds the optional drift check.
+    `capture` chooses how the forward is followed (`CAPTURES`): "fx" traces it once and walks the
+    graph (fastest; refuses forward hooks), "eager" runs it as written on a tensor that carries
+    the decomposition (eager.py: any Python control flow, hooks, Hugging Face models), "auto"
+    (default) uses fx unless the model has forward hooks or fx cannot trace it.
+
+    Raises UnsupportedOperationError for an operation without a rule, DecompositionNotFiniteError
+    where rel turns NaN or infinite while model(x) is finite (naming the operation),
+    TypeError/ValueError for bad mask/rel/capture arguments. `cdep_exp.cd.decompose` adds the
+    optional drift check.
     """
+    model = unwrap(model)
     whole = model_rule(type(model))
     if whole is not None:
         if rel is not None:
             raise TypeError(f"{type(model).__name__} has a whole-model CD rule, which takes a mask, not rel=")
         if (mask is None) == (rel is None):
             raise TypeError("decompose needs exactly one of mask= (features to credit) or rel= (their part of x)")
-        return whole(model, x, mask)
-    out = plan_of(model).run(model, initial_streams(x, mask, rel)).rel_total
+        parts = whole(model, x, mask)
+        ensure_finite(torch.stack((parts[0], parts[0] + parts[1])), lambda: _in_whole_rule(model))
+        return parts
+    if _is_token_ids(x):
+        if rel is not None or mask is None:
+            raise TypeError("token ids are decomposed by a token mask (mask=, broadcastable to the ids), not rel=")
+        out = _run(model, lambda: eager.TokenInput(x, _token_mask(x, mask)[None]), capture, tokens=True)
+    else:
+        out = _run(model, lambda: initial_streams(x, mask, rel), capture)
     return out[0], out[1] - out[0]
+
+
+def _is_token_ids(x: Tensor) -> bool:
+    return not (x.is_floating_point() or x.is_complex())
+
+
+def _token_mask(ids: Tensor, mask: Tensor | Any) -> Tensor:
+    """A token mask broadcast to the ids' shape, as floats."""
+    return _broadcast_mask(torch.empty(ids.shape, device=ids.device), mask).expand(ids.shape)
+
+
+CAPTURES = ("auto", "fx", "eager")
+_EAGER: WeakKeyDictionary[nn.Module, bool] = WeakKeyDictionary()  # models fx could not trace
+
+
+def _plan_or_eager(model: nn.Module, capture: str) -> _Plan | None:
+    """The fx plan to run, or None to decompose eagerly (see `decompose` for `capture`)."""
+    if capture not in CAPTURES:
+        raise ValueError(f"capture={capture!r}: choose one of {', '.join(CAPTURES)}")
+    if capture == "eager" or (capture == "auto" and (model in _EAGER or next(user_hooks(model), None))):
+        return None
+    try:
+        return plan_of(model)
+    except TraceFailedError as err:
+        if capture == "fx":
+            raise
+        _EAGER[model] = True
+        log.info("cdep_exp.cd: %s is decomposed eagerly (torch.fx cannot trace it: %s)", type(model).__name__,
+                 str(err.__cause__).splitlines()[0] if err.__cause__ else err)
+        return None
+
+
+def _run(model: nn.Module, streams: Callable[[], Any], capture: str, extras: tuple = (), tokens: bool = False
+         ) -> Tensor:
+    """The output streams (S + 1, ...) of the decomposition from the input streams `streams()`
+    (or, with `tokens`, from token ids and masks, which only the eager capture follows), checked
+    to be finite where the total is (`ensure_finite`)."""
+    if tokens and capture == "fx":
+        raise ValueError("token ids are decomposed by the eager capture (their embedding is split by the "
+                         "token mask while the forward runs); use capture='auto' or 'eager'")
+    plan = None if tokens else _plan_or_eager(model, capture)
+    if plan is None:
+        out = eager.run(model, streams(), extras).rel_total
+        ensure_finite(out, lambda: _eager_locate(model, streams(), extras))
+    else:
+        out = plan.run(model, streams(), extras).rel_total
+        ensure_finite(out, lambda: plan.first_non_finite(model, streams(), extras))
+    return out
+
+
+def _eager_locate(model: nn.Module, rel_total: Tensor, extras: tuple) -> str:
+    try:
+        with torch.no_grad():
+            eager.run(model, rel_total, extras, locate=True)
+    except DecompositionNotFiniteError as err:
+        return str(err)
+    return f"at no single step of {type(model).__name__}.forward on a second pass (a random draw?)"
+
+
+def _in_whole_rule(model: nn.Module) -> str:
+    return f"in the whole-model rule registered for {type(model).__name__}"
 
 
 # Rows (streams × samples) one CPU pass of `decompose_many` takes at most. Beyond that the
@@ -574,8 +725,8 @@ def batch_coupled(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
 
 
-def decompose_many(model: nn.Module, x: Tensor, masks: Tensor, max_rows: int | None = CPU_MAX_ROWS
-                   ) -> tuple[Tensor, Tensor]:
+def decompose_many(model: nn.Module, x: Tensor, masks: Tensor, max_rows: int | None = CPU_MAX_ROWS, *,
+                   capture: str = "auto") -> tuple[Tensor, Tensor]:
     """`decompose` for k masks at once: rel and irrel of shape (k, *model(x).shape).
 
     `masks` (k, ...) stacks k masks, each broadcastable to x as in `decompose` (so a single
@@ -598,17 +749,24 @@ def decompose_many(model: nn.Module, x: Tensor, masks: Tensor, max_rows: int | N
     if masks.ndim < 1 or len(masks) == 0 or masks.ndim > x.ndim + 1:
         raise ValueError(f"masks must stack k >= 1 masks, each broadcastable to x {tuple(x.shape)}, on a "
                          f"leading axis; got shape {tuple(masks.shape)}")
+    model = unwrap(model)
     whole = model_rule(type(model))
     if whole is not None:
-        return _whole_model_many(whole, model, x, masks)
+        rels, irrels = _whole_model_many(whole, model, x, masks)
+        ensure_finite(torch.cat((rels, (rels[:1] + irrels[:1]))), lambda: _in_whole_rule(model))
+        return rels, irrels
     chunk = len(x) if max_rows is None or not x.is_cpu else max(1, max_rows // (len(masks) + 1))
     if x.ndim == 0 or chunk >= len(x) or batch_coupled(model):
-        out = plan_of(model).run(model, _initial_many(x, masks)).rel_total
+        if _is_token_ids(x):
+            out = _run(model, lambda: eager.TokenInput(x, torch.stack([_token_mask(x, m) for m in masks])), capture,
+                       tokens=True)
+        else:
+            out = _run(model, lambda: _initial_many(x, masks), capture)
         return out[:-1], out[-1] - out[:-1]
     # A mask with the batch axis (k, B, ...) is cut with x; a shared one (k, 1, ...) is not.
     per_sample = masks.ndim == x.ndim + 1 and masks.shape[1] == len(x) > 1
-    parts = [decompose_many(model, x[i:i + chunk], masks[:, i:i + chunk] if per_sample else masks, None)
-             for i in range(0, len(x), chunk)]
+    parts = [decompose_many(model, x[i:i + chunk], masks[:, i:i + chunk] if per_sample else masks, None,
+                            capture=capture) for i in range(0, len(x), chunk)]
     return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
 
 

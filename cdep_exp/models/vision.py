@@ -38,8 +38,9 @@ def build_torchvision_cnn(arch: str = "resnet18", num_classes: int = 10, in_chan
     return _replace_stem(getattr(torchvision.models, arch)(weights=None, num_classes=num_classes), in_channels)
 
 
-class ViTClassifier(nn.Module):
-    """Bilinear resize of (B, C, H, W) images to (B, C, size, size), then the ViT `model`."""
+class ResizedInput(nn.Module):
+    """Bilinear resize of (B, C, H, W) images to (B, C, size, size), then `model` (a ViT, whose
+    patch grid is fixed)."""
 
     def __init__(self, model: nn.Module, size: int) -> None:
         super().__init__()
@@ -70,4 +71,4 @@ def build_vit(
         hidden_dim=hidden_dim, mlp_dim=mlp_dim, dropout=dropout, attention_dropout=attention_dropout,
         num_classes=num_classes,
     )
-    return ViTClassifier(_replace_stem(vit, in_channels), image_size)
+    return ResizedInput(_replace_stem(vit, in_channels), image_size)

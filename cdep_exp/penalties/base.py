@@ -4,10 +4,12 @@ annotations, sampling masks, class-centring, eval mode for CD, and differentiabl
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cdep_exp.data.batching import delete_tokens
 from cdep_exp.models.base import require_token_model
@@ -174,11 +176,22 @@ def differentiable_input(
     `cdep_exp.models.base.TokenModel`.
     """
     if torch.is_floating_point(x):
-        return x.detach().requires_grad_(True), model, annotation
+        return x.detach().requires_grad_(True), twice_differentiable(model), annotation
     token_model = require_token_model(model, method)
     embedded = token_model.embed(x)
     if not embedded.requires_grad:  # a frozen embedding table
         embedded = embedded.detach().requires_grad_(True)
     if annotation.dim() == x.dim():
         annotation = annotation.unsqueeze(-1)
-    return embedded, lambda e: token_model.forward_embedded(e, x), annotation
+    return embedded, twice_differentiable(lambda e: token_model.forward_embedded(e, x)), annotation
+
+
+def twice_differentiable(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`forward` with scaled-dot-product attention on its math kernel: the fused kernels (flash
+    attention on CPU) have no second derivative, and an input-gradient penalty differentiates
+    the input gradient again when the optimiser steps."""
+    def run(*args: Any, **kwargs: Any) -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.MATH):
+            return forward(*args, **kwargs)
+
+    return run

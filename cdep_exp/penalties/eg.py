@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdep_exp.penalties.base import Penalty, SampledMasks, differentiable_input
+from cdep_exp.penalties.base import Penalty, SampledMasks, differentiable_input, twice_differentiable
 
 
 class ExpectedGradients(Penalty):
@@ -63,7 +63,7 @@ class ExpectedGradients(Penalty):
             between.requires_grad_(True)
 
         logits = forward(inputs)
-        repeated = forward if not tokens else (
+        repeated = forward if not tokens else twice_differentiable(
             lambda e: model.forward_embedded(e, x.repeat_interleave(k, 0)))
         prob = F.softmax(repeated(between), dim=1).gather(1, y.repeat_interleave(k).unsqueeze(1))
         (grad,) = torch.autograd.grad(prob.sum(), between, create_graph=True)

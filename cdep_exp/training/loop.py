@@ -136,7 +136,10 @@ def train_one_epoch(
         x, y, annotation = to_device(batch, device)
         optimizer.zero_grad(set_to_none=True)
         with amp.autocast():
-            logits, value = objective.penalty(model, x, y, annotation)
+            try:
+                logits, value = objective.penalty(model, x, y, annotation)
+            except FloatingPointError as err:  # a decomposition that turned NaN, named by the CD engine
+                raise NonFiniteLossError(f"{desc} step {step}: {err}") from None
         logits, value = logits.float(), value.float()
         if settings.two_step and lam:
             _check_finite(value, f"{desc} step {step}: penalty")

@@ -26,6 +26,7 @@ from cdep_exp.cd.rules.core import (
     PLAIN_ATTRS,
     PLAIN_METHODS,
     Decomposed,
+    DecompositionNotFiniteError,
     Rule,
     RuleOverrideWarning,
     UnsupportedOperationError,
@@ -49,6 +50,7 @@ from cdep_exp.cd.rules.bias import (
     constant_share,
     elementwise,
     eps_for,
+    input_share,
     linear_with_bias,
     per_part,
     shift_dim,
@@ -59,6 +61,7 @@ from cdep_exp.cd.rules import (  # noqa: F401  (each module registers its family
     activations,
     arithmetic,
     attention,
+    comparison,
     linear,
     normalization,
     pooling,
@@ -73,8 +76,9 @@ for _key in registered_keys():
     multi_stream(lookup(_key))
 
 __all__ = [
-    "EPS", "PLAIN_ATTRS", "PLAIN_METHODS", "Decomposed", "Rule", "RuleOverrideWarning", "UnsupportedOperationError",
-    "add_bias", "channel_view", "constant_share", "elementwise", "eps_for", "importable_name", "linear_with_bias",
+    "EPS", "PLAIN_ATTRS", "PLAIN_METHODS", "Decomposed", "DecompositionNotFiniteError", "Rule", "RuleOverrideWarning", "UnsupportedOperationError",
+    "add_bias", "channel_view", "constant_share", "elementwise", "eps_for", "importable_name", "input_share",
+    "linear_with_bias",
     "lookup", "model_rule", "module_rule", "multi_stream", "per_part", "plain_result", "register_model_rule", "register_rule", "registered_keys",
     "registry_version", "shift_dim", "split_bias", "total_of", "unregister_rule", "unsupported",
 ]

@@ -1,8 +1,10 @@
-"""Elementwise nonlinearities: rel' = f(rel), irrel' = f(rel + irrel) − f(rel) (REFERENCE §1.3).
+"""Elementwise nonlinearities: rel' = f(rel) − f(0) + s·f(0), irrel' = f(rel + irrel) − rel'.
 
 This is the rule of the original CD (Murdoch et al. 2018; Singh et al. 2019, ACD) in the form
 the original CDEP code used for ReLU: f applied to the relevant part alone, and the rest of
-f(total) credited to irrel, so rel + irrel = f(total) for any f. In-place variants run out of
+f(total) credited to irrel, so rel + irrel = f(total) for any f. Where f(0) ≠ 0 (sigmoid,
+softplus, hardsigmoid, a threshold's fill value) the constant f(0) is split like a bias
+(`elementwise`), so an empty mask still gives rel = 0. In-place variants run out of
 place here; the engine keeps the eager semantics when the input is used again (engine.py).
 """
 from __future__ import annotations
@@ -71,7 +73,7 @@ _MODULE_FN: dict[type, Callable[[nn.Module], Callable[[Tensor], Tensor]]] = {
 @register_rule(*_MODULE_FN)
 def inplace_capable_activation(m: nn.Module, x: Decomposed) -> Decomposed:
     """Activations with an `inplace` flag run out of place: the parts must not be mutated."""
-    return elementwise(_MODULE_FN[type(m)](m), x)
+    return elementwise(_MODULE_FN[type(m)](m), x, zero_at_zero=type(m) is nn.ReLU)
 
 
 @register_rule(nn.Tanh, nn.Sigmoid, nn.GELU, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid)
@@ -103,10 +105,10 @@ _INPLACE_POSITION = {fn: _inplace_position(fn) for fn in _ELEMENTWISE_FUNCTIONS}
 def activation_function(fn: Callable, x: Decomposed, *args, **kwargs) -> Decomposed:
     """Functional activations run out of place; `F.relu_` updates the decomposed value it was given."""
     if fn in (F.relu_, torch.relu_):
-        x.rel_total = elementwise(relu, x).rel_total
+        x.rel_total = elementwise(relu, x, zero_at_zero=True).rel_total
         return x
     if fn in (F.relu, torch.relu):
-        return elementwise(relu, x)
+        return elementwise(relu, x, zero_at_zero=True)
     kwargs.pop("inplace", None)
     position = _INPLACE_POSITION[fn]
     if position is not None:
@@ -120,7 +122,7 @@ _ELEMENTWISE_METHODS = {"relu": relu, "sigmoid": torch.sigmoid, "tanh": torch.ta
 @register_rule(*_ELEMENTWISE_METHODS)
 def activation_method(name: str, x: Decomposed) -> Decomposed:
     """`x.relu()` and the like."""
-    return elementwise(_ELEMENTWISE_METHODS[name], x)
+    return elementwise(_ELEMENTWISE_METHODS[name], x, zero_at_zero=name == "relu")
 
 
 @register_rule("relu_", "sigmoid_", "tanh_")
@@ -140,8 +142,8 @@ def prelu(m: nn.PReLU, x: Decomposed) -> Decomposed:
     return Decomposed(F.prelu(t.flatten(0, 1), m.weight).unflatten(0, t.shape[:2]))
 
 
-@register_rule(torch.clamp, torch.clip, "clamp", "clip")
+@register_rule(torch.clamp, torch.clip, "clamp", "clip", torch.clamp_min, torch.clamp_max, "clamp_min", "clamp_max")
 def clamp(fn: Callable | str, x: Decomposed, *args, **kwargs) -> Decomposed:
-    """clamp/clip with constant bounds: elementwise."""
+    """clamp/clip (and clamp_min, clamp_max) with constant bounds: elementwise."""
     op = getattr(torch, fn) if isinstance(fn, str) else fn
     return elementwise(lambda t: op(t, *args, **kwargs), x)

@@ -6,11 +6,11 @@
 * a · b with both decomposed (a gate times a signal, x·σ(x), squeeze-excitation): rel_a·rel_b
   goes to rel and the cross terms rel·irrel, irrel·rel, irrel·irrel to irrel, the assignment
   Murdoch et al. (2018) use for the LSTM's gate products. On the stacked tensor that is the
-  product of the rel rows and of the total rows; for x·σ(x) it equals the elementwise rule of
-  SiLU, so the two spellings of one function decompose alike.
+  product of the rel rows and of the total rows.
 * a / b with b decomposed (a hand-written normalisation, x / x.norm()): the divisor is held
   fixed at its full value, as the normalisation rules hold their statistics (normalization.py).
-* x ** p with a constant p: elementwise (REFERENCE §1.3).
+* x ** p with a constant p ≥ 0, exp, sqrt, abs: elementwise (REFERENCE §1.3; f(0) ≠ 0 is split
+  like a bias). rsqrt, reciprocal and negative powers make divisors: held fixed, like b above.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from cdep_exp.cd.rules.bias import add_bias, elementwise, unsupported
-from cdep_exp.cd.rules.core import Decomposed, register_rule
+from cdep_exp.cd.rules.core import Decomposed, plain_result, register_rule
 
 
 def _aligned(x: Decomposed, ndim: int) -> Tensor:
@@ -101,17 +101,48 @@ def div(fn: Callable, a, b, *, rounding_mode: str | None = None) -> Decomposed:
 
 
 @register_rule(operator.pow, torch.pow, "pow")
-def power(fn: Callable, x, exponent) -> Decomposed:
-    """x ** p for a constant p: elementwise (rel' = rel^p, total' = total^p)."""
+def power(fn: Callable, x, exponent) -> Decomposed | Tensor:
+    """x ** p for a constant p ≥ 0: elementwise (rel' = rel^p, total' = total^p). A negative p
+    makes a divisor (x ** -0.5 in a hand-written normalisation): held fixed at its full value,
+    as `div` holds a decomposed divisor."""
     if not isinstance(x, Decomposed) or isinstance(exponent, Decomposed):
         raise unsupported("a power with an exponent that depends on the input", "it is not elementwise in one value")
+    if isinstance(exponent, (int, float)) and exponent < 0:
+        return torch.pow(x.total, exponent)
     return elementwise(lambda t: torch.pow(t, exponent), x)
 
 
-_UNARY = {"exp": torch.exp, "sqrt": torch.sqrt, "abs": torch.abs, "square": torch.square, "rsqrt": torch.rsqrt}
+_UNARY = {"exp": torch.exp, "sqrt": torch.sqrt, "abs": torch.abs, "square": torch.square}
 
 
 @register_rule(*_UNARY, *_UNARY.values())
 def unary(fn: Callable, x: Decomposed) -> Decomposed:
-    """exp, sqrt, abs, square, rsqrt (function or method): elementwise."""
+    """exp, sqrt, abs, square (function or method): elementwise; exp(0) = 1 is split like a bias."""
     return elementwise(_UNARY[fn] if isinstance(fn, str) else fn, x)
+
+
+_DIVISORS = {"rsqrt": torch.rsqrt, "reciprocal": torch.reciprocal}
+
+
+@register_rule(*_DIVISORS, *_DIVISORS.values())
+@plain_result
+def divisor(fn: Callable | str, x: Decomposed) -> Tensor:
+    """rsqrt and reciprocal make a divisor (h · rsqrt(mean(h²) + ε), a hand-written RMSNorm): held
+    fixed at its full value, as `div` holds a decomposed divisor and the normalisation rules
+    their statistics. Their value at 0 is infinite, so the elementwise rule has no answer."""
+    return (_DIVISORS[fn] if isinstance(fn, str) else fn)(x.total)
+
+
+@register_rule(torch.addcmul, "addcmul", torch.addcdiv, "addcdiv")
+def addcmul(fn: Callable | str, x, a, b, *, value=1) -> Decomposed:
+    """x + value·a·b (addcdiv: x + value·a / b), built from the rules of its parts."""
+    op = fn if isinstance(fn, str) else fn.__name__
+    term = div(operator.truediv, a, b) if op == "addcdiv" else _product(a, b)
+    return _add(x, _times(term, value))
+
+
+def _product(a, b):
+    if isinstance(a, Decomposed) or isinstance(b, Decomposed):
+        return mul(operator.mul, a, b)
+    return a * b
+

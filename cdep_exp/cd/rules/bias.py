@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
@@ -43,10 +44,45 @@ def add_bias(x: Decomposed, bias: Tensor | float) -> Decomposed:
     return Decomposed(_AddBias.apply(t, bias))
 
 
-def _fallback_share(rel_sum: Tensor, mag_sum: Tensor, eps: float = EPS) -> Tensor:
-    """Per stream and sample (S, n), rel's share of the layer's |rel| + |irrel| (the stream's
-    whole batch where a sample has none)."""
-    batch_share = rel_sum.sum(-1, keepdim=True) / (mag_sum.sum(-1, keepdim=True) + eps)
+# Per relevant stream (S, 1), the share of the input's magnitude the mask gave rel, set by the
+# engine for the length of one decomposition (`input_share`).
+_INPUT_SHARE: ContextVar[Tensor | None] = ContextVar("cd_input_share", default=None)
+
+
+class input_share:  # noqa: N801  (used as a context manager, named like one)
+    """While decomposing from the input streams `rel_total` (S + 1, ...): each stream's share
+    Σ|rel| / (Σ|rel| + Σ|irrel|) of the whole input, the share a constant gets where a whole
+    batch has no magnitude at a layer (`_fallback_share`): 1 for a full mask, 0 for an empty one.
+    Computed when made, so the caller can drop its reference to the input before entering."""
+
+    def __init__(self, rel_total: Tensor) -> None:
+        rels, total = rel_total[:-1].detach(), rel_total[-1:].detach()
+        rel_mag = rels.abs().flatten(1).sum(1, keepdim=True, dtype=torch.float32)
+        mag = rel_mag + (total - rels).abs().flatten(1).sum(1, keepdim=True, dtype=torch.float32)
+        self.shares = rel_mag / (mag + EPS)
+
+    def __enter__(self) -> None:
+        self.token = _INPUT_SHARE.set(self.shares)
+
+    def __exit__(self, *exc: object) -> None:
+        _INPUT_SHARE.reset(self.token)
+
+
+def _input_share_for(streams: int, first: int = 0) -> Tensor | None:
+    """The input shares of streams first … first + streams − 1, where they are known."""
+    shares = _INPUT_SHARE.get()
+    return None if shares is None or first + streams > len(shares) else shares[first:first + streams]
+
+
+def _fallback_share(rel_sum: Tensor, mag_sum: Tensor, eps: float = EPS, start: Tensor | None = None) -> Tensor:
+    """Per stream and sample (S, n), rel's share of the layer's |rel| + |irrel|: the stream's
+    whole batch where a sample has none, and the input's share `start` (S, 1) where the whole
+    batch has none (a layer that is constant for this batch), so that a constant there still
+    goes to rel under a full mask and to irrel under an empty one."""
+    batch_mag = mag_sum.sum(-1, keepdim=True)
+    batch_share = rel_sum.sum(-1, keepdim=True) / (batch_mag + eps)
+    if start is not None:
+        batch_share = torch.where(batch_mag == 0, start.to(batch_share.dtype), batch_share)
     return torch.where(mag_sum == 0, batch_share, rel_sum / (mag_sum + eps))
 
 
@@ -76,7 +112,8 @@ def _may_have_dead(mag: Tensor) -> bool:
 
 
 def _share_parts(rel: Tensor, total: Tensor, eps: float, den_out: Tensor | None = None,
-                 may_have_dead: bool | None = None) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+                 may_have_dead: bool | None = None, start: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
     """(share, denominator, tie-break) of the bias split for streams rel (S, *part) of `total`.
 
     share = (|rel| + ε·s·[dead]) / (|rel| + |irrel| + ε), denominator = |rel| + |irrel| + ε; the
@@ -91,7 +128,7 @@ def _share_parts(rel: Tensor, total: Tensor, eps: float, den_out: Tensor | None 
     if _may_have_dead(mag) if may_have_dead is None else may_have_dead:
         dead = torch.eq(mag, 0, out=torch.empty_like(mag))  # as floats: no bool-to-float copy
         sums = (_per_sample(share), _per_sample(mag))
-        fallback = _per_sample_view(_fallback_share(*sums, eps), rel.ndim - 1).to(share.dtype)
+        fallback = _per_sample_view(_fallback_share(*sums, eps, start), rel.ndim - 1).to(share.dtype)
         share.add_(dead * fallback, alpha=eps)
         tie = (dead, *sums)
     den = mag.add_(eps)
@@ -115,9 +152,10 @@ class _AddBias(torch.autograd.Function):
         total = rel_total[-1]
         out = torch.empty_like(rel_total)
         ctx.ties = []
+        ctx.starts = [_input_share_for(1, j) for j in range(len(rel_total) - 1)]
         for j in range(len(rel_total) - 1):
             rel = rel_total[j:j + 1]
-            share, _, tie = _share_parts(rel, total, eps)
+            share, _, tie = _share_parts(rel, total, eps, start=ctx.starts[j])
             ctx.ties.append(bool(tie))
             torch.addcmul(rel, share, bias, out=out[j:j + 1])
         torch.add(total, bias, out=out[-1])
@@ -141,7 +179,7 @@ class _AddBias(torch.autograd.Function):
         grad_bias = g_total.sum_to_size(bias.shape).clone() if ctx.needs_input_grad[1] else None
         for j in range(streams):
             rel, g_rel, q = rel_total[j:j + 1], grad[j:j + 1], grad_in[j:j + 1]
-            share, den, tie = _share_parts(rel, total, eps, scratch, ctx.ties[j])
+            share, den, tie = _share_parts(rel, total, eps, scratch, ctx.ties[j], ctx.starts[j])
             if grad_bias is not None:
                 grad_bias += torch.mul(g_rel, share, out=q)[0].sum_to_size(bias.shape)
             if not ctx.needs_input_grad[0]:
@@ -153,7 +191,8 @@ class _AddBias(torch.autograd.Function):
                 with torch.enable_grad():
                     sums = [t.detach().requires_grad_() for t in sums]
                     d_share = (_per_sample(q * dead) * eps).to(sums[0].dtype)  # dead is 0/1
-                    d_rel_sum, d_mag_sum = torch.autograd.grad(_fallback_share(*sums, eps), sums, d_share)
+                    d_rel_sum, d_mag_sum = torch.autograd.grad(_fallback_share(*sums, eps, ctx.starts[j]), sums,
+                                                               d_share)
                 q.add_(_per_sample_view(d_rel_sum, q.ndim - 1).to(q.dtype))
                 u.sub_(_per_sample_view(d_mag_sum, q.ndim - 1).to(q.dtype))  # |rel| and |irrel| both enter the sum
             q.sub_(u).mul_(torch.sign(rel, out=share))  # sign(rel)·dL/d|rel|; share is not needed any more
@@ -182,7 +221,8 @@ def constant_share(values: list[Decomposed], ndim: int) -> Tensor:
     rel = sum(_per_sample(v.rels.abs()) for v in values)
     mag = sum(_per_sample((v.total - v.rels).abs()) for v in values) + rel
     eps = eps_for(values[0].rel_total.dtype)
-    return _per_sample_view(_fallback_share(rel, mag, eps), max(ndim, 1)).to(values[0].rel_total.dtype)
+    start = _input_share_for(values[0].streams)
+    return _per_sample_view(_fallback_share(rel, mag, eps, start), max(ndim, 1)).to(values[0].rel_total.dtype)
 
 
 def per_part(fn: Callable[[Tensor], Tensor], x: Decomposed, batched_ndim: int | None = None) -> Decomposed:
@@ -210,9 +250,64 @@ def channel_view(v: Tensor, part_ndim: int) -> Tensor:
     return v.view(-1, *([1] * (part_ndim - 2))) if part_ndim > 2 else v
 
 
-def elementwise(fn: Callable[[Tensor], Tensor], x: Decomposed) -> Decomposed:
-    """rel' = f(rel), irrel' = f(rel + irrel) − f(rel): f applied to rel and to the total."""
-    return Decomposed(fn(x.rel_total))
+def value_at_zero(fn: Callable[[Tensor], Tensor], like: Tensor) -> Tensor | None:
+    """f(0) for an elementwise `fn`, in `like`'s dtype, shaped to broadcast; None where it is 0.
+
+    Evaluated on a one-element CPU tensor, so that checking it costs no device sync; a function
+    whose arguments live on the device is evaluated there and always returned. Raises
+    UnsupportedOperationError where f(0) is not finite (log, a negative power): such a function
+    has no value to credit to the empty part.
+    """
+    zero = torch.zeros(1, dtype=like.dtype)
+    try:
+        f0 = fn(zero)
+    except RuntimeError:  # an argument of fn on another device
+        return fn(zero.to(like.device))
+    if not bool(torch.isfinite(f0).all()):
+        raise unsupported(f"{getattr(fn, '__name__', 'an elementwise function')} with f(0) = {float(f0[0])}",
+                          "its value at 0 is not finite, so it has no share to give the empty part; "
+                          "hold the value fixed (divide by it instead) or register a rule")
+    return None if not bool(f0.any()) else f0.to(like.device)
+
+
+def elementwise(fn: Callable[[Tensor], Tensor], x: Decomposed, zero_at_zero: bool = False) -> Decomposed:
+    """rel' = f(rel) − f(0) + s·f(0), total' = f(rel + irrel): the CD rule of an elementwise f
+    (REFERENCE §1.3), with f(0) treated as the constant it is.
+
+    The original rule, rel' = f(rel), books f(0) under rel, so for a function with f(0) ≠ 0
+    (sigmoid, softplus, exp, a threshold with a non-zero value) an empty mask would give a
+    non-zero relevant part. Here f − f(0) is decomposed as the original does (it vanishes at 0)
+    and f(0) is split like a bias, with the share s = |rel| / (|rel| + |irrel|) of f's argument
+    (`add_bias`): an empty mask gives rel = 0 and a full mask irrel = 0. (The share of the
+    argument, not of f − f(0): under a full mask the two rows of the argument are equal, while
+    f applied to them may differ in the last bit, which a share of f − f(0) would magnify.)
+    For f(0) = 0 (ReLU, tanh, GELU, SiLU) this is the original rule; `zero_at_zero=True` says
+    so and skips evaluating f(0). Raises UnsupportedOperationError where f(0) is not finite
+    (`value_at_zero`).
+    """
+    out = fn(x.rel_total)
+    f0 = None if zero_at_zero else value_at_zero(fn, x.rel_total)
+    if f0 is None:
+        return Decomposed(out)
+    # rel' = f(rel) − (1 − s)·f(0): the same value, with no rounding where 1 − s is exactly 0 or 1.
+    return Decomposed(torch.cat((out[:-1] - f0 * _irrel_share(x), out[-1:])))
+
+
+def _irrel_share(x: Decomposed) -> Tensor:
+    """1 − s per stream and position, (S, *shape): irrel's share |irrel| / (|rel| + |irrel| + ε),
+    with `add_bias`'s tie-break where both parts are 0 (exactly 0 under a full mask, 1 under an
+    empty one)."""
+    rels = x.rels
+    rel_mag = rels.abs()
+    irrel_mag = (x.total - rels).abs()
+    mag = rel_mag + irrel_mag
+    eps = eps_for(rels.dtype)
+    share = irrel_mag / (mag + eps)
+    if _may_have_dead(mag):
+        start = _input_share_for(x.streams)
+        fallback = _fallback_share(_per_sample(rel_mag), _per_sample(mag), eps, start)
+        share = torch.where(mag == 0, 1 - _per_sample_view(fallback, x.ndim).to(share.dtype), share)
+    return share
 
 
 def unsupported(what: str, hint: str) -> UnsupportedOperationError:

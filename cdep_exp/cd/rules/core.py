@@ -23,6 +23,10 @@ class UnsupportedOperationError(RuntimeError):
     """An operation in the model's forward graph has no contextual-decomposition rule."""
 
 
+class DecompositionNotFiniteError(FloatingPointError):
+    """The relevant part became NaN or infinite where the plain forward stayed finite."""
+
+
 class RuleOverrideWarning(UserWarning):
     """A registration replaced the rule already registered for the same key."""
 
@@ -231,7 +235,7 @@ def importable_name(key: Any) -> tuple[str | None, str]:
 
 
 __all__ = [
-    "Decomposed", "PLAIN_ATTRS", "PLAIN_METHODS", "Rule", "RuleOverrideWarning", "UnsupportedOperationError",
+    "Decomposed", "DecompositionNotFiniteError", "PLAIN_ATTRS", "PLAIN_METHODS", "Rule", "RuleOverrideWarning", "UnsupportedOperationError",
     "importable_name", "lookup", "multi_stream", "plain_result", "model_rule", "module_rule", "register_model_rule", "register_rule",
     "registered_keys", "registry_version", "total_of", "unregister_rule",
 ]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cdep_exp.cd.rules.bias import channel_view, linear_with_bias, unsupported
+from cdep_exp.cd.rules.bias import add_bias, channel_view, linear_with_bias, unsupported
 from cdep_exp.cd.rules.core import Decomposed, Rule, register_rule
 
 
@@ -134,3 +134,16 @@ def einsum(fn: Callable, equation: str, *operands) -> Decomposed:
             subs.append(sub)
             args.append(op)
     return Decomposed(torch.einsum(f"{','.join(subs)}->{s}{rhs}", *args))
+
+
+@register_rule(torch.addmm, "addmm", torch.baddbmm, "baddbmm")
+def addmm(fn: Callable | str, bias, a, b, *, beta=1, alpha=1) -> Decomposed:
+    """beta·bias + alpha·(a @ b), a Linear layer written out (Hugging Face's Conv1D): the
+    product by `matmul`'s rule, then a constant bias split like a Linear bias (one that depends
+    on the input is added part by part)."""
+    out = matmul(operator.matmul, a, b)
+    if alpha != 1:
+        out = Decomposed(out.rel_total * alpha)
+    if isinstance(bias, Decomposed):
+        return Decomposed(out.rel_total + bias.rel_total * beta)
+    return add_bias(out, bias * beta if beta != 1 else bias)

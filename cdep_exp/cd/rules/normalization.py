@@ -57,24 +57,47 @@ def batch_norm(m: nn.modules.batchnorm._BatchNorm, x: Decomposed) -> Decomposed:
     statistics once, as one plain forward would: decompose stands in for that forward. Like
     the plain forward, train mode refuses a batch with one value per channel (ValueError).
     """
+    batch_stats = m.training or m.running_mean is None
+    update = (lambda mean, var, n: _update_running_stats(m, mean, var, n)) if m.training and m.track_running_stats else None
+    return _batch_norm(x, None if batch_stats else m.running_mean, None if batch_stats else m.running_var,
+                       m.weight, m.bias, m.eps, m.training, update)
+
+
+@register_rule(F.batch_norm)
+def batch_norm_function(fn: Callable, x: Decomposed, running_mean: Tensor | None, running_var: Tensor | None,
+                        weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+                        momentum: float = 0.1, eps: float = 1e-5) -> Decomposed:
+    """`F.batch_norm` (timm's fused BatchNormAct layers call it): as `nn.BatchNorm2d`, the
+    running statistics updated once with `momentum` in training."""
+    def update(mean: Tensor, var: Tensor, n: int) -> None:
+        with torch.no_grad():
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_((var * (n / max(n - 1, 1))).to(running_var.dtype), momentum)
+
+    batch_stats = training or running_mean is None
+    return _batch_norm(x, None if batch_stats else running_mean, None if batch_stats else running_var,
+                       weight, bias, eps, training, update if training and running_mean is not None else None)
+
+
+def _batch_norm(x: Decomposed, mean: Tensor | None, var: Tensor | None, weight: Tensor | None,
+                bias: Tensor | None, eps: float, training: bool, update: Callable | None) -> Decomposed:
+    """Batch norm with the given statistics, or (None) those of the batch's total, then `update`d."""
     part_ndim = x.ndim
-    if m.training or m.running_mean is None:
+    if mean is None:
         total = x.total
-        if m.training:
+        if training:
             F._verify_batch_size(total.size())
         dims = [0, *range(2, part_ndim)]
         var, mean = torch.var_mean(total.float() if total.dtype in _LOW else total, dim=dims, correction=0)
-        if m.training and m.track_running_stats:
-            _update_running_stats(m, mean, var, total.numel() // total.shape[1])
+        if update is not None:
+            update(mean, var, total.numel() // total.shape[1])
         var, mean = var.to(total.dtype), mean.to(total.dtype)
-    else:
-        mean, var = m.running_mean, m.running_var
-    scale = torch.rsqrt(var + m.eps)
-    if m.weight is not None:
-        scale = scale * m.weight
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
     shift = -mean * scale
-    if m.bias is not None:
-        shift = shift + m.bias
+    if bias is not None:
+        shift = shift + bias
     lin = Decomposed(x.rel_total * channel_view(scale, part_ndim).to(x.rel_total.dtype))
     return add_bias(lin, channel_view(shift, part_ndim).to(x.rel_total.dtype))
 
@@ -85,6 +108,14 @@ def _update_running_stats(m: nn.Module, mean: Tensor, var: Tensor, n: int) -> No
     momentum = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
     m.running_mean.lerp_(mean.to(m.running_mean.dtype), momentum)
     m.running_var.lerp_((var * (n / max(n - 1, 1))).to(m.running_var.dtype), momentum)
+
+
+@register_rule(F.normalize)
+def normalize(fn: Callable, x: Decomposed, p: float = 2.0, dim: int = 1, eps: float = 1e-12, out=None) -> Decomposed:
+    """x / max(‖x‖_p, ε) along `dim`: the norm of the full input held fixed, as the other
+    normalisations hold their statistics; linear in each part."""
+    norm = x.total.norm(p, dim, keepdim=True).clamp_min(eps)
+    return Decomposed(x.rel_total / norm)
 
 
 def _check_trailing(x: Decomposed, shape, what: str) -> None:

@@ -107,7 +107,7 @@ def getitem(fn: Callable, x, idx):
     return x[idx]
 
 
-@register_rule("contiguous", "clone", "detach", "float", "double", "half", "to", "type_as")
+@register_rule("contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "cpu", "to", "type_as")
 def same_per_part(name: str, x: Decomposed, *args, **kwargs) -> Decomposed:
     """Copies and casts: on each part (a decomposed `other` of .to/.type_as stands for its dtype).
     Where torch returns the tensor itself (a cast to its own dtype, .contiguous() of a
@@ -137,11 +137,13 @@ def unsqueeze(name: str | Callable, x: Decomposed, dim: int) -> Decomposed:
 
 
 @register_rule("squeeze", torch.squeeze)
-def squeeze(name: str | Callable, x: Decomposed, dim: int | None = None) -> Decomposed:
+def squeeze(name: str | Callable, x: Decomposed, dim: int | tuple[int, ...] | None = None) -> Decomposed:
     """Size-1 axes removed from each part."""
     if dim is None:
         dims = [d + 1 for d, size in enumerate(x.rel_total.shape[1:]) if size == 1]
         return Decomposed(x.rel_total.squeeze(dims) if dims else x.rel_total)
+    if isinstance(dim, (tuple, list)):
+        return Decomposed(x.rel_total.squeeze(tuple(d % x.ndim + 1 for d in dim)))
     return Decomposed(x.rel_total.squeeze(shift_dim(dim)))
 
 
@@ -183,6 +185,8 @@ def _constant_part(c: Tensor, values: list[Decomposed], per_sample: bool) -> Dec
 
 
 def _join(fn: Callable, tensors, dim: int) -> Decomposed:
+    if fn is torch.cat:  # an empty constant adds nothing (an empty key cache)
+        tensors = [t for t in tensors if isinstance(t, Decomposed) or t.numel() > 0]
     values = [t for t in tensors if isinstance(t, Decomposed)]
     ndim = values[0].ndim
     per_sample = (dim % (ndim + (fn is torch.stack))) != 0
@@ -332,3 +336,103 @@ def where(fn: Callable, condition, a, b) -> Decomposed:
     shape = torch.broadcast_shapes(x.shape, condition.shape, torch.as_tensor(c).shape)
     x = Decomposed(x.rel_total.expand(len(x.rel_total), *shape))
     return _fill(x, take.expand(shape), torch.as_tensor(c, dtype=x.rel_total.dtype, device=x.rel_total.device).expand(shape))
+
+
+@register_rule("unbind", torch.unbind)
+def unbind(name: str | Callable, x: Decomposed, dim: int = 0) -> tuple[Decomposed, ...]:
+    """The slices along `dim` of each part."""
+    return tuple(Decomposed(t) for t in x.rel_total.unbind(shift_dim(dim)))
+
+
+@register_rule("roll", torch.roll)
+def roll(name: str | Callable, x: Decomposed, shifts, dims=None) -> Decomposed:
+    """A cyclic shift of each part (Swin's shifted windows); without `dims`, of the flattened value."""
+    t = x.rel_total
+    if dims is None:
+        return Decomposed(t.flatten(1).roll(shifts, 1).view_as(t))
+    dims = tuple(shift_dim(d) for d in dims) if isinstance(dims, (tuple, list)) else shift_dim(dims)
+    return Decomposed(t.roll(shifts, dims))
+
+
+@register_rule("narrow", torch.narrow)
+def narrow(name: str | Callable, x: Decomposed, dim: int, start: int, length: int) -> Decomposed:
+    """A slice along `dim` of each part."""
+    return Decomposed(x.rel_total.narrow(shift_dim(dim), start, length))
+
+
+@register_rule("movedim", "moveaxis", torch.movedim, torch.moveaxis)
+def movedim(name: str | Callable, x: Decomposed, source, destination) -> Decomposed:
+    """Axes moved in each part."""
+    def shifted(d):
+        return tuple(v % x.ndim + 1 for v in d) if isinstance(d, (tuple, list)) else d % x.ndim + 1
+    return Decomposed(x.rel_total.movedim(shifted(source), shifted(destination)))
+
+
+@register_rule("tril", "triu", torch.tril, torch.triu)
+def triangle(name: str | Callable, x: Decomposed, diagonal: int = 0) -> Decomposed:
+    """The lower or upper triangle (of the last two axes) of each part."""
+    op = name if isinstance(name, str) else name.__name__
+    return Decomposed(getattr(x.rel_total, op)(diagonal))
+
+
+@register_rule("cumsum", torch.cumsum)
+def cumsum(name: str | Callable, x: Decomposed, dim: int, **kwargs) -> Decomposed:
+    """Cumulative sums are linear: on each part."""
+    return Decomposed(x.rel_total.cumsum(shift_dim(dim), **kwargs))
+
+
+@register_rule("unfold")
+def unfold_method(name: str, x: Decomposed, dimension: int, size: int, step: int) -> Decomposed:
+    """`x.unfold(dim, size, step)`, sliding windows: a selection of entries, on each part."""
+    return Decomposed(x.rel_total.unfold(shift_dim(dimension), size, step))
+
+
+@register_rule(F.unfold, F.fold)
+def unfold_function(fn: Callable, x: Decomposed, *args, **kwargs) -> Decomposed:
+    """F.unfold (im2col) and F.fold (its sum back): linear, with the parts merged into the batch axis."""
+    return per_part(lambda t: fn(t, *args, **kwargs), x, batched_ndim=4 if fn is F.unfold else 3)
+
+
+def _index_for(x: Decomposed, index: Tensor) -> Tensor:
+    """An index of the part's rank, repeated for every stream."""
+    return index.expand(len(x.rel_total), *index.shape)
+
+
+@register_rule("gather", torch.gather)
+def gather(name: str | Callable, x, dim: int, index, **kwargs) -> Decomposed:
+    """Entries at fixed positions (a plain index) from each part; an index computed from the
+    input is read from the total (arg-max style), as max pooling does."""
+    if not isinstance(x, Decomposed):
+        raise unsupported("gathering from a constant at positions given by the input", "the result is not linear in it")
+    return Decomposed(x.rel_total.gather(shift_dim(dim), _index_for(x, total_of(index)), **kwargs))
+
+
+@register_rule("take_along_dim", torch.take_along_dim)
+def take_along_dim(name: str | Callable, x, indices, dim: int | None = None) -> Decomposed:
+    """As `gather`; without `dim`, from the flattened value."""
+    if not isinstance(x, Decomposed):
+        raise unsupported("taking from a constant at positions given by the input", "the result is not linear in it")
+    indices = total_of(indices)
+    if dim is None:
+        return Decomposed(x.rel_total.flatten(1).take_along_dim(indices.flatten().expand(len(x.rel_total), -1), 1))
+    return Decomposed(x.rel_total.take_along_dim(_index_for(x, indices), shift_dim(dim)))
+
+
+@register_rule("index_select", torch.index_select)
+def index_select(name: str | Callable, x, dim: int, index) -> Decomposed:
+    """Rows at fixed positions along `dim` from each part (an index from the input: its total)."""
+    if not isinstance(x, Decomposed):
+        raise unsupported("selecting from a constant at positions given by the input", "the result is not linear in it")
+    return Decomposed(x.rel_total.index_select(shift_dim(dim), total_of(index)))
+
+
+@register_rule(F.grid_sample)
+def grid_sample(fn: Callable, x, grid, *args, **kwargs) -> Decomposed:
+    """Resampling at fixed positions is linear in the input: on each part. A grid computed from
+    the input (a spatial transformer) is held fixed at its total, as attention probabilities are."""
+    if not isinstance(x, Decomposed):
+        raise unsupported("sampling a constant at positions given by the input", "the result is not linear in it")
+    grid = total_of(grid)
+    t = x.rel_total
+    return Decomposed(fn(t.flatten(0, 1), grid.repeat(len(t), *([1] * (grid.ndim - 1))), *args, **kwargs)
+                      .unflatten(0, t.shape[:2]))

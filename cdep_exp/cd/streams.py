@@ -1,0 +1,63 @@
+"""Streams: helpers shared by the two captures (engine.py, eager.py) for values that carry
+several relevant parts at once, and for running a rule written for one part once per part."""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from cdep_exp.cd.rules import Decomposed
+
+
+def decomposed_in(values: Any) -> Iterator[Decomposed]:
+    """The Decomposed values among `values`, through nested lists, tuples and dicts."""
+    if isinstance(values, Decomposed):
+        yield values
+    elif isinstance(values, (list, tuple)):
+        for v in values:
+            yield from decomposed_in(v)
+    elif isinstance(values, dict):
+        for v in values.values():
+            yield from decomposed_in(v)
+
+
+def has_decomposed(values: Any) -> bool:
+    return next(decomposed_in(values), None) is not None
+
+
+def select_stream(values: Any, j: int) -> Any:
+    """`values` with every Decomposed cut down to (rel_j, total)."""
+    if isinstance(values, Decomposed):
+        return Decomposed(values.rel_total[[j, -1]])
+    if isinstance(values, (list, tuple)) and not isinstance(values, torch.Size):
+        return type(values)(select_stream(v, j) for v in values)
+    if isinstance(values, dict):
+        return {k: select_stream(v, j) for k, v in values.items()}
+    return values
+
+
+def merge_streams(results: list) -> Any:
+    """One result from per-stream results: each stream's rel, the first call's total (the
+    total does not depend on the stream) and plain values."""
+    first = results[0]
+    if isinstance(first, Decomposed):
+        return Decomposed(torch.cat([*(r.rel_total[:1] for r in results), first.rel_total[1:]]))
+    if isinstance(first, (list, tuple)) and not isinstance(first, torch.Size):
+        return type(first)(merge_streams(list(parts)) for parts in zip(*results))
+    if isinstance(first, dict):
+        return {key: merge_streams([r[key] for r in results]) for key in first}
+    return first
+
+
+def per_stream(fn: Callable) -> Callable:
+    """Run a rule that reads one relevant part once per stream (see `multi_stream`)."""
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        streams = max((d.streams for d in decomposed_in((args, kwargs))), default=1)
+        if streams == 1:
+            return fn(*args, **kwargs)
+        return merge_streams([fn(*select_stream(args, j), **select_stream(kwargs, j)) for j in range(streams)])
+
+    return run
