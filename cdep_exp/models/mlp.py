@@ -1,11 +1,13 @@
-"""Fully connected classifier for tabular data (the COMPAS network is MLP(17, [5, 5], 2))."""
+"""Fully connected classifier (the COMPAS network is MLP(17, [5, 5], 2); the RRR paper's Decoy
+MNIST network is MLP(784, [50, 30], 10))."""
 from collections.abc import Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 
 class MLP(nn.Sequential):
-    """Linear → ReLU → Dropout per hidden layer, then a linear head producing logits."""
+    """Linear → ReLU → Dropout per hidden layer, then a linear head producing logits. Input
+    (B, in_features) or any (B, ...) with in_features values a sample (images are flattened)."""
 
     def __init__(
         self, in_features: int, hidden: Sequence[int], num_classes: int, dropout: float = 0.0
@@ -17,3 +19,6 @@ class MLP(nn.Sequential):
             width = h
         layers.append(nn.Linear(width, num_classes))
         super().__init__(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.flatten(1))

@@ -4,6 +4,7 @@ loaders and the optimisation. Each step is a small function; `cdep_exp.run.app` 
 together."""
 import dataclasses
 import logging
+import math
 import random
 import sys
 from collections.abc import Callable
@@ -129,10 +130,12 @@ def build_splits(dataset_cfg: DictConfig) -> Splits:
 
 
 def data_contract(splits: Splits) -> dict[str, int]:
-    """Model arguments the data fixes: class count, input channels or features, vocabulary size."""
+    """Model arguments the data fixes: class count, input channels (a sample's first axis),
+    input features (all of a sample's values: an MLP flattens images), vocabulary size."""
     known = {"num_classes": splits.num_classes}
     if splits.input_shape:
-        known["in_channels"] = known["in_features"] = splits.input_shape[0]
+        known["in_channels"] = splits.input_shape[0]
+        known["in_features"] = math.prod(splits.input_shape)
     if splits.vocab is not None:
         known["vocab_size"] = len(splits.vocab)
     return known

@@ -1,0 +1,51 @@
+"""The RRR paper's datasets (Ross et al. 2017): Iris-Cancer, and its MLP on images."""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cdep_exp.data.iris_cancer import IRIS_COLUMNS, build_iris_cancer, iris_cancer_arrays
+from cdep_exp.run import run
+from test_app import make_cfg
+
+
+def test_iris_cancer_joins_matching_classes_as_the_paper_does() -> None:
+    from sklearn.datasets import load_breast_cancer, load_iris
+    x, y = iris_cancer_arrays()
+    assert x.shape == (100, 34) and (y == np.repeat([0, 1], 50)).all()
+    iris, cancer = load_iris(), load_breast_cancer()
+    assert np.array_equal(x[:50, :4], iris.data[iris.target == 1])  # versicolor with class 0
+    assert np.array_equal(x[50:, :4], iris.data[iris.target == 2])
+    assert np.array_equal(x[:50, 4:], cancer.data[cancer.target == 0][:50])  # malignant with class 0
+    assert np.array_equal(x[50:, 4:], cancer.data[cancer.target == 1][:50])
+
+
+def test_iris_cancer_splits_and_counterfactuals() -> None:
+    splits = build_iris_cancer(split_seed=3)
+    sizes = [len(splits.train), len(splits.val), len(splits.tests["test"])]
+    assert sum(sizes) == 100 and sizes[2] == 33 and sizes[1] == 13
+    x, y, annotation = splits.tests["test"][:]
+    assert annotation[0, :IRIS_COLUMNS].eq(1).all() and annotation[0, IRIS_COLUMNS:].eq(0).all()
+    removed, y_removed, _ = splits.counterfactuals["iris_removed"].dataset[:]
+    assert removed[:, :IRIS_COLUMNS].eq(0).all() and torch.equal(removed[:, IRIS_COLUMNS:], x[:, IRIS_COLUMNS:])
+    flipped, _, _ = splits.counterfactuals["iris_flipped"].dataset[:]
+    assert torch.equal(flipped[:, IRIS_COLUMNS:], x[:, IRIS_COLUMNS:]) and torch.equal(y_removed, y)
+    # Each flipped row's Iris comes from a test row of the other class.
+    for row, label in zip(flipped, y):
+        donors = (x[:, :IRIS_COLUMNS] == row[:IRIS_COLUMNS]).all(1)
+        assert donors.any() and (y[donors] != label).all()
+    train_x = splits.train[:][0]
+    torch.testing.assert_close(train_x.mean(0), torch.zeros(34), atol=1e-5, rtol=0)  # standardised on train
+    assert build_iris_cancer(split_seed=3).description == splits.description
+    assert build_iris_cancer(split_seed=4).tests["test"][:][0].shape == x.shape
+
+
+def test_the_paper_mlp_takes_images(tmp_path: Path, fake_mnist_dir: Path) -> None:
+    """model=mlp_rrr (784-50-30-10 on DecoyMNIST): the MLP flattens its input."""
+    run(make_cfg(tmp_path, ["dataset=decoymnist", "dataset.source=idx", "model=mlp_rrr", "method=rrr",
+                            f"paths.data_dir={fake_mnist_dir}", "trainer.max_epochs=1",
+                            "trainer.max_steps_per_epoch=2", "trainer.batch_size=4", "trainer.progress=false"]),
+        tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["config"]["model"]["in_features"] == 784 and record["history"][0]["penalty"] > 0
