@@ -49,3 +49,30 @@ def test_the_paper_mlp_takes_images(tmp_path: Path, fake_mnist_dir: Path) -> Non
         tmp_path / "run")
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["config"]["model"]["in_features"] == 784 and record["history"][0]["penalty"] > 0
+
+
+def _rules(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(corners all equal, top-middle all different) per image of x (n, 3, 5, 5)."""
+    corners = x[:, :, [0, 0, 4, 4], [0, 4, 0, 4]]
+    equal = (corners == corners[:, :, :1]).all(2).all(1)
+    middle = x[:, :, 0, 1:4].permute(0, 2, 1)  # (n, 3 pixels, 3 channels)
+    distinct = torch.stack([(middle[:, i] != middle[:, j]).any(1) for i, j in ((0, 1), (0, 2), (1, 2))], 1).all(1)
+    return equal, distinct
+
+
+def test_toy_colors_follow_both_rules_and_the_counterfactuals_flip_one() -> None:
+    from cdep_exp.data.toy_colors import build_toy_colors
+    splits = build_toy_colors(n_train=400, n_test=300, annotate="corners", seed=1)
+    x, y, annotation = splits.tests["test"][:]
+    equal, distinct = _rules(x)
+    assert torch.equal(equal, y == 0) and torch.equal(distinct, y == 0)
+    assert 0.35 < y.float().mean() < 0.65 and x.min() >= 0 and x.max() <= 1
+    assert annotation[0, :, 0, 0].eq(1).all() and annotation[0].sum() == 12  # four corners × RGB
+    flipped = splits.counterfactuals["corners_flipped"].dataset[:][0]
+    f_equal, f_distinct = _rules(flipped)
+    assert torch.equal(f_equal, y == 1) and torch.equal(f_distinct, y == 0)  # only the corner rule changed
+    middle = splits.counterfactuals["top_middle_flipped"].dataset[:][0]
+    m_equal, m_distinct = _rules(middle)
+    assert torch.equal(m_equal, y == 0) and torch.equal(m_distinct, y == 1)
+    assert splits.shortcut == "corners_flipped" and splits.val_shortcut == "val_corners_random"
+    assert build_toy_colors(n_train=400, n_test=300, annotate="none", seed=1).train[:][2].sum() == 0
