@@ -268,3 +268,35 @@ def test_hugging_face_train_mode_stands_in_for_one_forward() -> None:
     assert float((rel + irrel - logits).detach().abs().max()) <= 1e-4 * float(logits.abs().max())
     with torch.no_grad():
         assert not torch.allclose(model(ids), model(ids))  # dropout is on: the check above is not vacuous
+
+
+class IdsWrapper(nn.Module):
+    """What wrappers do to token ids before the embedding: casts, copies, a device move."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.emb, self.fc = how, nn.Embedding(20, 8), nn.Linear(8, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.how == "long":
+            e = self.emb(ids.int().long())
+        elif self.how == "to":
+            e = self.emb(ids.to("cpu").clone().contiguous())
+        elif self.how == "index":
+            e = self.emb.weight[ids]
+        elif self.how == "torch.embedding":
+            e = torch.embedding(self.emb.weight, ids)
+        else:  # a token prepended: the mask is lost, which must be said
+            e = self.emb(torch.cat([torch.zeros_like(ids[:, :1]), ids], 1))
+        return self.fc(torch.tanh(e).mean(1))
+
+
+@pytest.mark.parametrize("how", ["long", "to", "index", "torch.embedding"])
+def test_token_ids_keep_their_mask_through_casts_copies_and_lookups(how: str) -> None:
+    torch.manual_seed(10)
+    _guarantees(IdsWrapper(how), torch.randint(1, 20, (3, 6)), torch.tensor([[0.0, 1, 1, 0, 0, 0]]))
+
+
+def test_token_ids_that_lose_their_mask_say_so() -> None:
+    with pytest.raises(UnsupportedOperationError, match="Token ids keep their mask only"):
+        decompose(IdsWrapper("cat"), torch.randint(1, 20, (3, 6)), torch.ones(1, 6))

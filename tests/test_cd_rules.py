@@ -273,6 +273,9 @@ add("batch_norm_function", fn_case([F.batch_norm], lambda s, t: F.batch_norm(
     t, s.bn.running_mean, s.bn.running_var, s.bn.weight, s.bn.bias, s.training, 0.1, 1e-5), V, train=True,
     bn=lambda: nn.BatchNorm1d(6)))
 add("normalize", fn_case([F.normalize], lambda s, t: F.normalize(t, dim=1) + F.normalize(t, p=1.0, dim=0), V))
+add("t", fn_case(["t", torch.t], lambda s, t: t.t().t() + torch.t(t).T + t.sum(0).t(), V))
+add("aliases", fn_case([torch.multiply, "multiply", torch.special.expit], lambda s, t: (
+    torch.multiply(t, s.w[0]) + t.multiply(torch.special.expit(t))), V))
 add("unbind", fn_case(["unbind", torch.unbind], lambda s, t: sum(t.unbind(1)) + sum(torch.unbind(t, 0)).sum(), V))
 add("roll", fn_case(["roll", torch.roll], lambda s, t: t.roll(2, 1) + torch.roll(t, (1, 3), (0, 1)) + t.roll(5), V))
 add("narrow", fn_case(["narrow", torch.narrow], lambda s, t: t.narrow(1, 1, 3).sum(1, keepdim=True)

@@ -37,7 +37,7 @@ from cdep_exp.cd.rules import (
     module_rule,
 )
 from cdep_exp.cd.rules.core import DecompositionNotFiniteError
-from cdep_exp.cd.streams import per_stream
+from cdep_exp.cd.streams import per_stream, plain_target_updated
 
 # Operators whose rule is registered under the `operator` function; "r" ones swap the operands.
 _OPERATORS = {
@@ -59,7 +59,16 @@ _DESCRIBE = {
     "untyped_storage", "is_inference", "has_names", "__reversed__",
 }
 _VIEWS = {"view", "view_as", "reshape", "flatten", "transpose", "permute", "squeeze", "unsqueeze", "expand",
-          "expand_as", "narrow", "t", "chunk", "split", "unbind", "select", "unflatten", "movedim", "__getitem__"}
+          "expand_as", "narrow", "t", "chunk", "split", "unbind", "select", "unflatten", "movedim", "moveaxis",
+          "getitem", "detach", "contiguous"}
+# Operations on token ids that keep each token's mask beside it: same-shaped copies and casts.
+_ID_COPIES = {"long", "int", "to", "clone", "contiguous", "cpu", "detach", "type_as"}
+
+
+def _is_view(key: Any) -> bool:
+    """Does the operation return a view of its first argument (so an in-place update of either
+    reaches the other)? Methods by name, functions (torch.chunk, operator.getitem) by theirs."""
+    return (key if isinstance(key, str) else getattr(key, "__name__", "")) in _VIEWS
 
 
 class CDTensor(Tensor):
@@ -99,9 +108,11 @@ def _wrap(value: Any, source: CDTensor | None = None, view: bool = False) -> Any
         if not isinstance(v, Decomposed):
             return v
         out = CDTensor(v)
-        if view and source is not None:
-            out.base = weakref.ref(source)
-            source.views.add(out)
+        if view and source is not None:  # a view of a view is one of the first value: track the root
+            root = source.base() if source.base is not None else None
+            root = source if root is None else root
+            out.base = weakref.ref(root)
+            root.views.add(out)
         return out
 
     if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
@@ -166,6 +177,9 @@ class _State:
         key, swap, name = _key(func)
         if args and _is_ids(args[0]):
             return _on_ids(func, key, args, kwargs)
+        embedded = _ids_entry(func, args, kwargs)
+        if embedded is not None:
+            return embedded
         if not _carries((args, kwargs)):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*_totals(args), **_totals(kwargs))
@@ -182,36 +196,49 @@ class _State:
             )
         if swap:
             args = (args[1], args[0], *args[2:])
+        if kwargs.get("out") is not None:
+            raise UnsupportedOperationError(f"{name} with out= in {self.where()}: the output tensor cannot carry "
+                                            f"the decomposition; assign the result instead")
         inplace = isinstance(key, str) and key.endswith("_") and not key.endswith("__") or kwargs.get("inplace") is True
-        target = args[0] if args and isinstance(args[0], CDTensor) else None
-        if inplace and target is not None:
-            _check_inplace(target, name, self.where())
         out = _call(rule, key, _unwrap(args), _unwrap(kwargs))
         if self.locate:
             _raise_if_not_finite(out, name, self.where())
-        if inplace and target is not None and isinstance(out, Decomposed):
-            target.decomposed = out
-            return target
-        return _wrap(out, target, view=isinstance(key, str) and key in _VIEWS)
+        if inplace:
+            return _updated_in_place(args[0] if args else None, out, name, self.where())
+        return _wrap(out, args[0] if args and isinstance(args[0], CDTensor) else None, view=_is_view(key))
 
 
 _STATE = _State()
 
 
+def _embedded(emb: Tensor, weights: Decomposed) -> CDTensor:
+    """Embedded tokens (*ids.shape, D) split by the token weights (S + 1, *ids.shape)."""
+    return CDTensor(Decomposed(weights.rel_total.unsqueeze(-1).to(emb.dtype) * emb))
+
+
+def _ids_entry(func: Callable, args: tuple, kwargs: dict) -> CDTensor | None:
+    """The embedding lookups that take the ids elsewhere than first (`table[ids]`,
+    `torch.embedding(table, ids)`), or None."""
+    if len(args) > 1 and _is_ids(args[1]) and (func is torch.embedding or _key(func)[0] is operator.getitem):
+        ids = args[1]
+        return _embedded(func(_totals(args[0]), _ids(ids), *_totals(args[2:]), **_totals(kwargs)), ids.weights)
+    return None
+
+
 def _on_ids(func: Callable, key: Any, args: tuple, kwargs: dict) -> Any:
-    """An operation on token ids: the embedding lookup splits them into parts, views keep the
-    token weights beside the ids, anything else reads the plain ids."""
+    """An operation on token ids: the embedding lookup splits them into parts; views, indexing,
+    casts and copies keep the token weights beside the ids; anything else reads the plain ids
+    (a padding test, positions) and gives a plain value."""
     ids, weights = _ids(args[0]), args[0].weights
     rest = _totals(args[1:])
     kwargs = _totals(kwargs)
     if func is torch.nn.functional.embedding:
-        emb = func(ids, *rest, **kwargs)
-        w = weights.rel_total.unsqueeze(-1).to(emb.dtype)
-        return CDTensor(Decomposed(w * emb))
-    if isinstance(key, str) and key in _VIEWS or key is operator.getitem:
-        rule = lookup(key)
+        return _embedded(func(ids, *rest, **kwargs), weights)
+    if _is_view(key) or key in _ID_COPIES:
         out_ids = func(ids, *rest, **kwargs)
-        out_w = _call(rule, key, (weights, *rest), kwargs)
+        if key in _ID_COPIES:  # the same tokens, maybe on another device
+            return CDTensor(None, out_ids, Decomposed(weights.rel_total.to(out_ids.device)))
+        out_w = _call(lookup(key), key, (weights, *rest), kwargs)
         if isinstance(out_ids, (list, tuple)):
             return type(out_ids)(CDTensor(None, i, w) for i, w in zip(out_ids, out_w))
         return CDTensor(None, out_ids, out_w)
@@ -228,13 +255,23 @@ def _call(rule: Callable, key: Any, args: tuple, kwargs: dict) -> Any:
     return _bind(rule, key)(*args, **kwargs)
 
 
-def _check_inplace(target: CDTensor, name: str, where: str) -> None:
-    base = target.base() if target.base is not None else None
-    if len(target.views) or base is not None:
-        raise UnsupportedOperationError(
-            f"{name} in {where} updates in place a value that shares storage with another live view of "
-            f"it; the decomposition cannot follow that aliasing. Make the operation out of place."
-        )
+def _updated_in_place(target: Any, out: Any, name: str, where: str) -> Any:
+    """Eager semantics of an in-place operation on `target`: its decomposition becomes `out` and
+    the call returns `target` itself. Raises where that cannot be followed: `target` shares
+    storage with a live view (or is one), or is a plain tensor that would receive a value
+    depending on the input."""
+    if isinstance(target, CDTensor) and isinstance(out, Decomposed):
+        base = target.base() if target.base is not None else None
+        if len(target.views) or base is not None:
+            raise UnsupportedOperationError(
+                f"{name} in {where} updates in place a value that shares storage with another live view of "
+                f"it; the decomposition cannot follow that aliasing. Make the operation out of place."
+            )
+        target.decomposed = out
+        return target
+    if isinstance(out, Decomposed):
+        raise plain_target_updated()
+    return out
 
 
 def _raise_if_not_finite(out: Any, name: str, where: str) -> None:
@@ -287,7 +324,10 @@ def _decomposing_forward(m: nn.Module, rule: Callable, plain: Callable) -> Calla
     def forward(*args: Any, **kwargs: Any) -> Any:
         if not _carries((args, kwargs)):
             return plain(*args, **kwargs)
-        return _wrap(bound(*_unwrap(args), **_unwrap(kwargs)))
+        out = bound(*_unwrap(args), **_unwrap(kwargs))
+        if getattr(m, "inplace", False) is True:  # nn.ReLU(inplace=True): updates its input
+            return _updated_in_place(args[0], out, f"{type(m).__name__}(inplace=True)", _STATE.where())
+        return _wrap(out)
 
     return forward
 
@@ -326,11 +366,15 @@ def run(model: nn.Module, rel_total: Tensor | TokenInput, extras: tuple = (), lo
             out = model(x, *extras)
     finally:
         _STATE.locate = False
-    if not isinstance(out, CDTensor):
+    if not isinstance(out, CDTensor) or out.decomposed is None:
+        tokens = (" Token ids keep their mask only through views, indexing, casts and copies up to the "
+                  "embedding lookup (F.embedding, nn.Embedding, torch.embedding, table[ids]); any other "
+                  "operation on them (torch.cat, F.pad, one_hot) gives plain values.") if _is_ids(x) else ""
+        returned = "a value held fixed or not computed from x" if isinstance(out, Tensor) else type(out).__name__
         raise UnsupportedOperationError(
             f"{type(model).__name__}.forward must return one tensor computed from x (the logits) for "
-            f"decompose; it returns {type(out).__name__}{'' if isinstance(out, Tensor) else ''}"
-            f"{' held fixed or not computed from x' if isinstance(out, Tensor) else ''}. Wrap the model "
-            f"so that forward(x) returns the logits (cdep_exp.models.adapters has wrappers for Hugging Face)."
+            f"decompose; it returns {returned}. Wrap the model so that forward(x) returns the logits "
+            f"(docs/your_model.md; cdep_exp.models.zoo.HuggingFaceTextClassifier wraps a Hugging Face "
+            f"classifier).{tokens}"
         )
     return out.decomposed

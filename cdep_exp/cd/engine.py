@@ -59,7 +59,7 @@ from cdep_exp.cd.rules import (
 )
 from cdep_exp.cd import eager
 from cdep_exp.cd.rules.core import DecompositionNotFiniteError
-from cdep_exp.cd.streams import decomposed_in, has_decomposed, per_stream
+from cdep_exp.cd.streams import decomposed_in, has_decomposed, per_stream, plain_target_updated
 
 log = logging.getLogger("cdep_exp.cd")
 Env = list
@@ -82,7 +82,7 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
         if model not in _LOGGED_WRAPPERS:
             _LOGGED_WRAPPERS.add(model)
-            log.info("cdep_exp.cd: unwrapped %s to decompose the %s inside it", type(model).__name__,
+            log.info("unwrapped %s to decompose the %s inside it", type(model).__name__,
                      type(inner).__name__)
         model = inner
 
@@ -188,6 +188,8 @@ def _step(fn: Callable, plain: Callable, load: Callable[[Env], tuple[list, dict]
                 if out is not target:
                     target.rel_total = out.rel_total
                 return target
+            if isinstance(target, Tensor) and isinstance(out, Decomposed):
+                raise plain_target_updated()
         return out
 
     return step
@@ -298,14 +300,19 @@ def _inplace(node: fx.Node, model: nn.Module) -> bool:
 
 
 def _check_inplace(node: fx.Node, order: dict[fx.Node, int], model: nn.Module) -> None:
-    """Raise where eager in-place semantics reach a value through a view taken earlier."""
+    """Raise where eager in-place semantics reach a value through a view: the updated value is
+    a view (through any number of views and indexing) of a value read later, or a view taken
+    of it (or of what it views) earlier is read later."""
     source = node.args[0] if node.args else None
     if not isinstance(source, fx.Node):
         return
     here = order[node]
-    earlier_views = [u for u in source.users if u is not node and order[u] < here and _is_view(u)]
-    base = source.args[0] if _is_view(source) and source.args and isinstance(source.args[0], fx.Node) else None
-    later_base_use = base is not None and any(order[u] > here for u in base.users)
+    chain = [source]  # the updated value, then every value it is a view of
+    while _is_view(chain[-1]) and chain[-1].args and isinstance(chain[-1].args[0], fx.Node):
+        chain.append(chain[-1].args[0])
+    later_base_use = any(order[u] > here for base in chain[1:] for u in base.users)
+    earlier_views = [u for v in chain for u in v.users
+                     if u is not node and u not in chain and order[u] < here and _is_view(u)]
     if any(any(order[w] > here for w in v.users) for v in earlier_views) or later_base_use:
         what, _ = _describe(node, model)
         raise UnsupportedOperationError(
@@ -385,6 +392,9 @@ class _Plan:
                 inplace = on_path and _inplace(node, model)
                 if inplace:
                     _check_inplace(node, index, model)
+                    target = node.args[0] if node.args else None
+                    if isinstance(target, fx.Node) and target not in decomposed:
+                        raise plain_target_updated()
                 self.steps.append((i, _step(fn, plain, load, 0 if inplace else None, on_path)))
                 self.plain_steps.append((i, _step(plain, plain, load, None, False)))
         # Values no later node reads, per step: dropped from the environment as soon as the
@@ -677,7 +687,7 @@ def _plan_or_eager(model: nn.Module, capture: str) -> _Plan | None:
         if capture == "fx":
             raise
         _EAGER[model] = True
-        log.info("cdep_exp.cd: %s is decomposed eagerly (torch.fx cannot trace it: %s)", type(model).__name__,
+        log.info("%s is decomposed eagerly (torch.fx cannot trace it: %s)", type(model).__name__,
                  str(err.__cause__).splitlines()[0] if err.__cause__ else err)
         return None
 

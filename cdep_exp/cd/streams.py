@@ -1,5 +1,5 @@
-"""Streams: helpers shared by the two captures (engine.py, eager.py) for values that carry
-several relevant parts at once, and for running a rule written for one part once per part."""
+"""Helpers shared by the two captures (engine.py, eager.py): values that carry several relevant
+parts at once, running a rule written for one part once per part, and their common errors."""
 from __future__ import annotations
 
 import functools
@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from cdep_exp.cd.rules import Decomposed
+from cdep_exp.cd.rules import Decomposed, UnsupportedOperationError
 
 
 def decomposed_in(values: Any) -> Iterator[Decomposed]:
@@ -61,3 +61,13 @@ def per_stream(fn: Callable) -> Callable:
         return merge_streams([fn(*select_stream(args, j), **select_stream(kwargs, j)) for j in range(streams)])
 
     return run
+
+
+def plain_target_updated() -> UnsupportedOperationError:
+    """The error for an in-place update of a plain tensor (a buffer, a zeros_like) by a value
+    that depends on the input: the plain tensor cannot carry the decomposition."""
+    return UnsupportedOperationError(
+        "an in-place operation writes a value that depends on the input into a plain tensor "
+        "(acc.add_(h) on acc = torch.zeros_like(h)); the plain tensor cannot carry the decomposition. "
+        "Write it out of place (acc = acc + h)."
+    )

@@ -51,9 +51,11 @@ def build_hugging_face_text(
     dropout: float = 0.1,
     config: dict[str, Any] | None = None,
 ) -> HuggingFaceTextClassifier:
-    """A `transformers` sequence classifier of `model_type` (bert, distilbert, roberta, gpt2, …),
-    random weights, sized by the arguments, which are mapped to each family's own config names;
-    `config` overrides or adds config keys. Raises ValueError for a model type transformers
+    """A `transformers` sequence classifier of `model_type` (tested: bert, distilbert, roberta,
+    gpt2), random weights, sized by the arguments, which are mapped to those families' own config
+    names; `config` overrides or adds config keys (another family's size names, e.g. llama's
+    num_key_value_heads). Encoder-decoder families (t5, bart) are not sequence classifiers of
+    embedded tokens and do not fit. Raises ValueError for a model type transformers
     does not know, ImportError without transformers installed."""
     import transformers
 
@@ -73,7 +75,8 @@ def build_hugging_face_text(
             model_type, vocab_size=vocab_size, num_labels=num_classes, pad_token_id=pad_index,
             **family, **(config or {}))
     except ValueError as err:
-        raise ValueError(f"model.model_type={model_type!r}: {str(err).splitlines()[0]}") from err
+        raise ValueError(f"model.model_type={model_type!r} is not a transformers model type; tested here: "
+                         f"bert, distilbert, roberta, gpt2 (transformers.CONFIG_MAPPING lists all)") from err
     model = transformers.AutoModelForSequenceClassification.from_config(cfg)
     return HuggingFaceTextClassifier(model, pad_index)
 

@@ -85,7 +85,7 @@ def activation(m: nn.Module, x: Decomposed) -> Decomposed:
 _ELEMENTWISE_FUNCTIONS = (
     F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.celu, F.selu,
     F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.softsign,
-    F.logsigmoid, F.tanh, torch.tanh, F.sigmoid, torch.sigmoid, F.threshold,
+    F.logsigmoid, F.tanh, torch.tanh, F.sigmoid, torch.sigmoid, F.threshold, torch.special.expit,
 )
 
 

@@ -76,7 +76,7 @@ def neg(fn: Callable, x: Decomposed) -> Decomposed:
     return _neg(x)
 
 
-@register_rule(operator.mul, torch.mul, "mul", "mul_")
+@register_rule(operator.mul, torch.mul, "mul", "mul_", torch.multiply, "multiply")
 def mul(fn: Callable, a, b) -> Decomposed:
     """a · b: linear in a decomposed factor times a constant; two decomposed factors: the
     product rule rel_a·rel_b → rel, cross terms → irrel (Murdoch et al. 2018)."""

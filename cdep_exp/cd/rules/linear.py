@@ -137,10 +137,13 @@ def einsum(fn: Callable, equation: str, *operands) -> Decomposed:
 
 
 @register_rule(torch.addmm, "addmm", torch.baddbmm, "baddbmm")
-def addmm(fn: Callable | str, bias, a, b, *, beta=1, alpha=1) -> Decomposed:
+def addmm(fn: Callable | str, bias, a=None, b=None, *, beta=1, alpha=1, mat1=None, mat2=None, batch1=None,
+          batch2=None) -> Decomposed:
     """beta·bias + alpha·(a @ b), a Linear layer written out (Hugging Face's Conv1D): the
     product by `matmul`'s rule, then a constant bias split like a Linear bias (one that depends
-    on the input is added part by part)."""
+    on the input is added part by part). The factors may come by keyword (mat1/mat2, batch1/batch2)."""
+    a = next(v for v in (a, mat1, batch1) if v is not None)
+    b = next(v for v in (b, mat2, batch2) if v is not None)
     out = matmul(operator.matmul, a, b)
     if alpha != 1:
         out = Decomposed(out.rel_total * alpha)

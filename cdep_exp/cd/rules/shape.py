@@ -124,6 +124,12 @@ def permute(name: str | Callable, x: Decomposed, *dims) -> Decomposed:
     return Decomposed(x.rel_total.permute(0, *(d % x.ndim + 1 for d in dims)))
 
 
+@register_rule("t", torch.t)
+def t(name: str | Callable, x: Decomposed) -> Decomposed:
+    """x.t(): the transpose of a value of at most two axes, on each part."""
+    return Decomposed(x.rel_total.transpose(1, 2) if x.ndim == 2 else x.rel_total)
+
+
 @register_rule("transpose", torch.transpose)
 def transpose(name: str | Callable, x: Decomposed, dim0: int, dim1: int) -> Decomposed:
     """Transpose of two axes of each part."""
@@ -298,7 +304,10 @@ _LIKE = {torch.zeros_like: "zeros_like", torch.ones_like: "ones_like", torch.ful
 @plain_result
 def created_like(fn: Callable | str, x, *args, **kwargs) -> Tensor:
     """Tensors made from a value's shape, dtype or device only (zeros_like, x.new_ones(...)) do
-    not depend on its entries: they are plain constants, computed from the total."""
+    not depend on its entries: they are plain constants, computed from the total. A decomposed
+    value as the data of new_tensor is refused."""
+    if any(isinstance(a, Decomposed) for a in (*args, *kwargs.values())):
+        raise unsupported("new_tensor of a value that depends on the input", "use x.clone() or x.detach()")
     if isinstance(fn, str):
         return getattr(total_of(x), fn)(*args, **kwargs)
     return fn(total_of(x), *args, **kwargs)
