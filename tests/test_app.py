@@ -82,8 +82,9 @@ def test_compas_run_reports_fairness(tmp_path: Path) -> None:
                  "trainer.max_epochs=2", "trainer.progress=false"]
     run(make_cfg(tmp_path, overrides), tmp_path / "run")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
-    assert set(metrics) == {"val", "test", "test_race_zeroed", "cf_race_flipped", "cf_race_removed"}
+    assert set(metrics) == {"train", "val", "test", "test_race_zeroed", "cf_race_flipped", "cf_race_removed"}
     assert {"accuracy", "wcr_black", "wcr_white", "fnr_black", "wcr_ratio"} <= set(metrics["test"])
+    assert 0 <= metrics["train"]["accuracy"] <= 100  # the training set, scored in eval mode
 
 
 def test_sst_run_fills_the_vocabulary_and_trains_the_lstm(tmp_path: Path) -> None:

@@ -76,3 +76,32 @@ def test_toy_colors_follow_both_rules_and_the_counterfactuals_flip_one() -> None
     assert torch.equal(m_equal, y == 0) and torch.equal(m_distinct, y == 1)
     assert splits.shortcut == "corners_flipped" and splits.val_shortcut == "val_corners_random"
     assert build_toy_colors(n_train=400, n_test=300, annotate="none", seed=1).train[:][2].sum() == 0
+
+
+def test_region_shares_locate_the_largest_input_gradients() -> None:
+    """A linear model's input gradient is its weight difference: put the large weights in a known
+    region and the share inside it is 100 %, outside 0 %."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cdep_exp.scoring.explanation import largest_components, region_shares
+    model = nn.Sequential(nn.Flatten(), nn.Linear(2 * 3 * 3, 2))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].weight.view(2, 2, 3, 3)[1, 1, 0, 0] = 5.0  # channel 1, pixel (0, 0)
+        model[1].weight.view(2, 2, 3, 3)[0, 0, 2, 2] = 0.1  # small: below 0.67 of the peak
+    corner, centre = torch.zeros(3, 3), torch.zeros(3, 3)
+    corner[0, 0], centre[1, 1] = 1, 1
+    loader = DataLoader(TensorDataset(torch.randn(6, 2, 3, 3), torch.zeros(6, dtype=torch.long)), batch_size=4)
+    shares = region_shares(model, loader, torch.device("cpu"), {"corner": corner, "centre": centre})
+    assert shares == {"corner": 100.0, "centre": 0.0}
+    top = largest_components(torch.tensor([[3.0, -2.5, 1.0]]))
+    assert top.tolist() == [[True, True, False]]
+
+
+def test_toy_colors_runs_report_where_the_gradients_are(tmp_path: Path) -> None:
+    run(make_cfg(tmp_path, ["dataset=toy_colors", "method=vanilla", "dataset.n_train=200", "dataset.n_test=100",
+                            "trainer.max_epochs=1", "trainer.progress=false"]), tmp_path / "run")
+    test = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]["test"]
+    assert 0 <= test["grad_in_corners"] <= 100 and 0 <= test["grad_in_top_middle"] <= 100
+    assert test["grad_in_corners"] + test["grad_in_top_middle"] <= 100 + 1e-9  # disjoint regions

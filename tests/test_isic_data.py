@@ -215,7 +215,7 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_app_runs_isic_end_to_end(tiny_runs: dict[str, Path], method: str) -> None:
     record = json.loads((tiny_runs[method] / "metrics.json").read_text())
     assert record["dataset"] == "isic_synthetic" and record["model"] == "VGG16Head"
-    assert set(record["metrics"]) == {"val", "test", "test_no_patches", "test_malignant_patched",
+    assert set(record["metrics"]) == {"train", "val", "test", "test_no_patches", "test_malignant_patched",
                                       "cf_patch_pasted", "cf_patch_removed", "cf_val_patch_pasted"}
     assert {"prob_change", "flip_rate", "accuracy"} == set(record["metrics"]["cf_patch_removed"])
     val, test = record["metrics"]["val"], record["metrics"]["test"]

@@ -70,6 +70,10 @@ class Splits:
     shortcut: str | None = None
     val_shortcut: str | None = None
     counterfactual_input: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # Named regions of the input (0/1 masks of one sample's shape, or its spatial shape): the app
+    # reports on "test" the share of each sample's largest input gradients inside each one
+    # (`grad_in_<name>`, cdep_exp.scoring.explanation), as the RRR paper locates explanations.
+    regions: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def named_datasets(self) -> dict[str, Dataset]:
         """Every dataset of the experiment by name: train, val, the tests, cf_<name> counterfactuals."""

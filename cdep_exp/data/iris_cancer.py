@@ -103,6 +103,7 @@ def build_iris_cancer(split_seed: int = 0, test_fraction: float = 1 / 3, val_fra
         shortcut="iris_flipped",
         val_shortcut="val_iris_shuffled",
         counterfactual_input=lambda inputs, annotation: removed(inputs),
+        regions={"iris": marks.clone()},
         description=f"Iris-Cancer (scikit-learn's Iris and Breast Cancer, {len(raw)} rows: "
                     f"{len(train_idx)} train / {len(val_idx)} val / {len(test_idx)} test, split seed {split_seed})",
     )

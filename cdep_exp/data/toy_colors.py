@@ -126,6 +126,7 @@ def build_toy_colors(n_train: int = 20000, n_test: int = 20000, val_fraction: fl
         shortcut=f"{rule}_flipped",
         val_shortcut=f"val_{rule}_random",
         counterfactual_input=without_rule,
+        regions={name: rule_mask(name)[0] for name in RULES},
         description=f"Toy Colors (generated, seed {seed}: {n_train - n_val:,} train / {n_val:,} val / "
                     f"{n_test:,} test images; annotated: {annotate})",
     )

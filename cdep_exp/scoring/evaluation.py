@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cdep_exp.data.base import Splits
+from cdep_exp.scoring.explanation import region_shares
 from cdep_exp.scoring.metrics import compute_metrics
 from cdep_exp.scoring.shortcut import shortcut_reliance
 
@@ -74,7 +75,8 @@ def evaluate_splits(
     metric_names: list[str],
     val_weights: torch.Tensor | None,
 ) -> dict[str, dict[str, float]]:
-    """Loss and the dataset's metrics on validation and on every test set it declares, and the
+    """Loss and the dataset's metrics on validation, on every test set it declares and on the
+    training set (the model in eval mode, as the RRR paper reports training accuracy), and the
     shortcut reliance (`cdep_exp.scoring.shortcut`) under each counterfactual (of a test set or
     of validation), as split `cf_<name>`.
 
@@ -88,6 +90,11 @@ def evaluate_splits(
     for name, dataset in splits.tests.items():
         factual[name] = evaluate(model, make_loader(dataset), device)
         results[name] = scores(factual[name], metric_names, splits.groups.get(name), thresholds)
+    if splits.regions and "test" in splits.tests:
+        shares = region_shares(model, make_loader(splits.tests["test"]), device, splits.regions)
+        results["test"].update({f"grad_in_{name}": share for name, share in shares.items()})
+    results["train"] = scores(evaluate(model, make_loader(splits.train), device), metric_names,
+                              splits.groups.get("train"), thresholds)
     for name, cf in splits.counterfactuals.items():
         changed = evaluate(model, make_loader(cf.dataset), device)
         if not np.array_equal(changed.labels, factual[cf.test].labels):

@@ -1,0 +1,55 @@
+"""Where a model's input gradients point: the share of each sample's largest input-gradient
+components that fall in a named region of the input (Ross et al. 2017's M_c masks: the
+components whose magnitude exceeds c = 0.67 of the sample's largest)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+
+def input_gradients(model: nn.Module, x: Tensor) -> Tensor:
+    """∂(Σ_k log p_k)/∂x for each sample (x's shape): the gradient RRR penalises (Ross et al. 2017,
+    Eq. 1), taken with the model in eval mode."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        log_probs = F.log_softmax(model(x), dim=1)
+        (grad,) = torch.autograd.grad(log_probs.sum(), x)
+    return grad
+
+
+def largest_components(grad: Tensor, cutoff: float = 0.67) -> Tensor:
+    """M_c per sample, as booleans of the sample's shape without its first (channel) axis for
+    images: a pixel counts when any of its channels exceeds `cutoff` × the sample's largest
+    |gradient|; for flat inputs, each feature. Raises ValueError for a cutoff outside (0, 1]."""
+    if not 0 < cutoff <= 1:
+        raise ValueError(f"cutoff={cutoff} must lie in (0, 1]")
+    magnitude = grad.abs()
+    peak = magnitude.flatten(1).amax(1).view(-1, *([1] * (grad.ndim - 1)))
+    top = magnitude > cutoff * peak
+    return top.any(1) if grad.ndim > 2 else top
+
+
+def region_shares(model: nn.Module, loader: DataLoader, device: torch.device, regions: dict[str, Tensor],
+                  cutoff: float = 0.67) -> dict[str, float]:
+    """For each region (a 0/1 mask of one sample's shape, or of its spatial shape for images),
+    the mean over samples of the share of M_c that lies inside it, as a percentage. Samples
+    whose gradient is all zero count as 0. The model is put in eval mode and restored."""
+    was_training = model.training
+    model.eval()
+    totals = {name: 0.0 for name in regions}
+    count = 0
+    try:
+        for batch in loader:
+            x = batch[0].to(device)
+            top = largest_components(input_gradients(model, x), cutoff).float().flatten(1)
+            size = top.sum(1).clamp_min(1)
+            for name, region in regions.items():
+                inside = region.to(device).float()
+                inside = inside.amax(0) if inside.ndim == x.ndim - 1 and x.ndim > 2 else inside
+                totals[name] += float(((top * inside.flatten()).sum(1) / size).sum())
+            count += len(x)
+    finally:
+        model.train(was_training)
+    return {name: 100 * value / max(count, 1) for name, value in totals.items()}
