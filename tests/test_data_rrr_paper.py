@@ -105,3 +105,18 @@ def test_toy_colors_runs_report_where_the_gradients_are(tmp_path: Path) -> None:
     test = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]["test"]
     assert 0 <= test["grad_in_corners"] <= 100 and 0 <= test["grad_in_top_middle"] <= 100
     assert test["grad_in_corners"] + test["grad_in_top_middle"] <= 100 + 1e-9  # disjoint regions
+
+
+def test_a_default_lambda_never_tuned_for_the_dataset_is_warned_about(tmp_path: Path) -> None:
+    from cdep_exp.run.app import untuned_lambda
+    conf = tmp_path / "conf"
+    (conf / "pair").mkdir(parents=True)
+    (conf / "pair" / "iris_cancer_rrr.yaml").write_text("method:\n  lam: 1\n")
+    choices = {"dataset": "iris_cancer", "method": "cdep", "experiment": None}
+    message = untuned_lambda(choices, [conf], [], 100.0)
+    assert message and "never tuned" in message and "iris_cancer_cdep.yaml" in message
+    assert untuned_lambda({**choices, "method": "rrr"}, [conf], [], 1.0) is None  # a pair file sets it
+    assert untuned_lambda(choices, [conf], ["method.lam=3"], 3.0) is None  # chosen on the command line
+    assert untuned_lambda({**choices, "experiment": "demo"}, [conf], [], 100.0) is None  # a preset's λ
+    assert untuned_lambda({**choices, "dataset": "decoymnist"}, [conf], [], 100.0) is None  # where it was tuned
+    assert untuned_lambda({**choices, "method": "vanilla"}, [conf], [], 0.0) is None

@@ -41,6 +41,40 @@ def overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+# The datasets on which the methods' default λ (conf/method/*.yaml) were measured (docs/methods.md,
+# "Default λ per dataset × method"); elsewhere a dataset × method pair without a pair file runs
+# on a λ nobody tuned for it.
+DEFAULT_LAMBDA_DATASETS = ("decoymnist", "decoyfmnist", "colormnist")
+
+
+def untuned_lambda(choices: dict, config_dirs: list[Path], command_line: list[str], lam: float) -> str | None:
+    """The warning for a run whose λ is its method's default on a dataset it was never tuned
+    for, or None: no experiment preset, no `method.lam` on the command line, no pair file
+    `pair/<dataset>_<method>.yaml` in any config directory, λ ≠ 0, another dataset than
+    `DEFAULT_LAMBDA_DATASETS`."""
+    dataset, method = choices.get("dataset"), choices.get("method")
+    if choices.get("experiment") or dataset in DEFAULT_LAMBDA_DATASETS or lam == 0:
+        return None
+    if any(o.split("=", 1)[0].lstrip("+~") == "method.lam" for o in command_line):
+        return None
+    if any((root / "pair" / f"{dataset}_{method}.yaml").exists() for root in config_dirs):
+        return None
+    return (f"method={method} runs on dataset={dataset} with its default λ={lam:g}, which was never tuned for "
+            f"this dataset (no conf/pair/{dataset}_{method}.yaml): set method.lam, or sweep it "
+            f"(python train.py -m dataset={dataset} method={method} method.lam=0.01,1,100).")
+
+
+def warn_untuned_lambda(lam: float) -> None:
+    """Log `untuned_lambda`'s warning for a run Hydra launched."""
+    if not HydraConfig.initialized():
+        return
+    runtime = HydraConfig.get().runtime
+    dirs = [Path(source.path) for source in runtime.config_sources if source.schema == "file"]
+    message = untuned_lambda(dict(runtime.choices), dirs, overrides(), lam)
+    if message:
+        log.warning(message)
+
+
 def check_launcher_alive() -> None:
     """In a worker process of a local sweep (joblib), refuse to start when the sweep that
     launched it has been killed (the worker was re-parented), instead of running queued jobs."""
@@ -60,6 +94,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     check_launcher_alive()
     directory = RunDirectory(Path(run_dir or HydraConfig.get().runtime.output_dir))
     lam = validate(cfg)
+    warn_untuned_lambda(lam)
     settings = trainer_settings(cfg.trainer)
     with directory.locked() as writable:
         return _run_locked(cfg, directory, lam, settings, writable)
