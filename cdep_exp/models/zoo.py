@@ -1,10 +1,10 @@
 """Models from the zoos researchers train today, built from a config with random weights (no
 download): a Hugging Face sequence classifier over token ids and a timm image classifier.
 
-Both are decomposed by the CD engine's eager capture (`cdep_exp.cd`, capture="auto"): the
-Hugging Face model from token ids and a token mask (its input embedding is split by the mask
-while the forward runs), the timm model like any image model. Nothing here is a CD rule; the
-zoo packages are imported only when such a model is built.
+The CD engine decomposes both with capture="auto" (`cdep_exp.cd`): the Hugging Face model
+eagerly, from token ids and a token mask (its input embedding is split by the mask while the
+forward runs), the timm model like any image model (fx where it traces, eagerly where not).
+Nothing here is a CD rule; the zoo packages are imported only when such a model is built.
 """
 from __future__ import annotations
 
