@@ -298,5 +298,5 @@ def test_token_ids_keep_their_mask_through_casts_copies_and_lookups(how: str) ->
 
 
 def test_token_ids_that_lose_their_mask_say_so() -> None:
-    with pytest.raises(UnsupportedOperationError, match="Token ids keep their mask only"):
+    with pytest.raises(UnsupportedOperationError, match="token ids lost their mask"):
         decompose(IdsWrapper("cat"), torch.randint(1, 20, (3, 6)), torch.ones(1, 6))

@@ -220,11 +220,20 @@ class InPlace(nn.Module):
         elif self.pattern == "chunk":
             a, b = h.chunk(2, 1)
             a.mul_(2)
+        elif self.pattern == "T":
+            h.T.mul_(2)
+        elif self.pattern == "movedim":
+            h.movedim(0, 1).mul_(2)
+        elif self.pattern == "no_op_cast":
+            h.to(torch.float32).mul_(2)
+        elif self.pattern == "contiguous":
+            h.contiguous().mul_(2)
         return self.o(h)
 
 
 @pytest.mark.parametrize("capture", ["fx", "eager"])
-@pytest.mark.parametrize("pattern", ["index", "named_view", "row", "functional", "module", "nested_view", "chunk"])
+@pytest.mark.parametrize("pattern", ["index", "named_view", "row", "functional", "module", "nested_view", "chunk", "T",
+                                     "movedim", "no_op_cast", "contiguous"])
 def test_an_inplace_update_through_a_view_is_right_or_refused(pattern: str, capture: str) -> None:
     torch.manual_seed(6)
     model = InPlace(pattern)

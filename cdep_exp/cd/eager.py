@@ -60,7 +60,7 @@ _DESCRIBE = {
 }
 _VIEWS = {"view", "view_as", "reshape", "flatten", "transpose", "permute", "squeeze", "unsqueeze", "expand",
           "expand_as", "narrow", "t", "chunk", "split", "unbind", "select", "unflatten", "movedim", "moveaxis",
-          "getitem", "detach", "contiguous"}
+          "getitem", "detach", "swapaxes", "swapdims", "diagonal", "T", "mT", "H", "mH", "data"}
 # Operations on token ids that keep each token's mask beside it: same-shaped copies and casts.
 _ID_COPIES = {"long", "int", "to", "clone", "contiguous", "cpu", "detach", "type_as"}
 
@@ -183,6 +183,8 @@ class _State:
         if not _carries((args, kwargs)):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*_totals(args), **_totals(kwargs))
+        if name.startswith("Tensor.") and key in ("T", "mT", "data"):  # properties that are views
+            return _wrap(lookup(getattr)(getattr, args[0].decomposed, key), args[0], view=True)
         if key in _DESCRIBE:
             if key == "__len__":
                 return len(args[0].decomposed.total)
@@ -267,10 +269,12 @@ def _updated_in_place(target: Any, out: Any, name: str, where: str) -> Any:
                 f"{name} in {where} updates in place a value that shares storage with another live view of "
                 f"it; the decomposition cannot follow that aliasing. Make the operation out of place."
             )
-        target.decomposed = out
+        # Mutated, not rebound: a no-op cast or .contiguous() returned this very value, and the
+        # wrappers made of it must see the update too, as they would in eager torch.
+        target.decomposed.rel_total = out.rel_total
         return target
     if isinstance(out, Decomposed):
-        raise plain_target_updated()
+        raise plain_target_updated(name)
     return out
 
 
@@ -367,9 +371,10 @@ def run(model: nn.Module, rel_total: Tensor | TokenInput, extras: tuple = (), lo
     finally:
         _STATE.locate = False
     if not isinstance(out, CDTensor) or out.decomposed is None:
-        tokens = (" Token ids keep their mask only through views, indexing, casts and copies up to the "
-                  "embedding lookup (F.embedding, nn.Embedding, torch.embedding, table[ids]); any other "
-                  "operation on them (torch.cat, F.pad, one_hot) gives plain values.") if _is_ids(x) else ""
+        tokens = (" If the token ids lost their mask on the way to the embedding: token ids keep it only "
+                  "through views, indexing, casts and copies up to the lookup (F.embedding, nn.Embedding, "
+                  "torch.embedding, table[ids]); any other operation on them (torch.cat, F.pad, one_hot, "
+                  "arithmetic) gives plain values.") if _is_ids(x) else ""
         returned = "a value held fixed or not computed from x" if isinstance(out, Tensor) else type(out).__name__
         raise UnsupportedOperationError(
             f"{type(model).__name__}.forward must return one tensor computed from x (the logits) for "

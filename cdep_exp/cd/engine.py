@@ -189,7 +189,7 @@ def _step(fn: Callable, plain: Callable, load: Callable[[Env], tuple[list, dict]
                     target.rel_total = out.rel_total
                 return target
             if isinstance(target, Tensor) and isinstance(out, Decomposed):
-                raise plain_target_updated()
+                raise plain_target_updated("an in-place operation")
         return out
 
     return step
@@ -256,15 +256,20 @@ def _plain_result(node: fx.Node) -> bool:
 
 
 _VIEW_METHODS = {"view", "view_as", "reshape", "flatten", "transpose", "permute", "squeeze", "unsqueeze", "expand",
-                 "expand_as", "narrow", "t", "chunk", "split", "unbind", "select", "as_strided", "unflatten", "detach"}
+                 "expand_as", "narrow", "t", "chunk", "split", "unbind", "select", "as_strided", "unflatten", "detach",
+                 "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal"}
 _VIEW_FUNCTIONS = {torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
-                   torch.chunk, torch.split, torch.unbind, torch.narrow, torch.select}
+                   torch.chunk, torch.split, torch.unbind, torch.narrow, torch.select, torch.movedim, torch.moveaxis,
+                   torch.t}
+_VIEW_ATTRS = {"T", "mT", "H", "mH", "data"}
 
 
 def _is_view(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _VIEW_METHODS
     if node.op == "call_function":
+        if node.target is getattr:
+            return len(node.args) > 1 and node.args[1] in _VIEW_ATTRS
         return node.target in _VIEW_FUNCTIONS or node.target is operator.getitem
     return False
 
@@ -394,7 +399,12 @@ class _Plan:
                     _check_inplace(node, index, model)
                     target = node.args[0] if node.args else None
                     if isinstance(target, fx.Node) and target not in decomposed:
-                        raise plain_target_updated()
+                        raise plain_target_updated(_describe(node, model)[0])
+                if on_path and node.kwargs.get("out") is not None:
+                    raise UnsupportedOperationError(
+                        f"{_describe(node, model)[0]} with out= (graph node '{node.name}' of "
+                        f"{type(model).__name__}.forward): the output tensor cannot carry the decomposition; "
+                        f"assign the result instead.")
                 self.steps.append((i, _step(fn, plain, load, 0 if inplace else None, on_path)))
                 self.plain_steps.append((i, _step(plain, plain, load, None, False)))
         # Values no later node reads, per step: dropped from the environment as soon as the

@@ -63,11 +63,11 @@ def per_stream(fn: Callable) -> Callable:
     return run
 
 
-def plain_target_updated() -> UnsupportedOperationError:
-    """The error for an in-place update of a plain tensor (a buffer, a zeros_like) by a value
-    that depends on the input: the plain tensor cannot carry the decomposition."""
+def plain_target_updated(what: str) -> UnsupportedOperationError:
+    """The error for an in-place update (`what`) of a plain tensor (a buffer, a zeros_like) by a
+    value that depends on the input: the plain tensor cannot carry the decomposition."""
     return UnsupportedOperationError(
-        "an in-place operation writes a value that depends on the input into a plain tensor "
-        "(acc.add_(h) on acc = torch.zeros_like(h)); the plain tensor cannot carry the decomposition. "
-        "Write it out of place (acc = acc + h)."
+        f"{what} writes a value that depends on the input into a plain tensor (a buffer, or one made "
+        f"by zeros_like or ones); a plain tensor cannot carry the decomposition. Write it out of place "
+        f"(acc = acc + h instead of acc.add_(h) or acc += h)."
     )
