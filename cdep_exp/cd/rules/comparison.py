@@ -44,7 +44,8 @@ def read_from_total(fn: Callable | str, *args, **kwargs) -> Tensor:
     return fn(*args, **kwargs)
 
 
-def _positions(op: str, total: Tensor, dim: int, keepdim: bool) -> Tensor:
+def _positions(op: str, total: Tensor, dim: int) -> Tensor:
+    """Where the total has its largest (max, amax) or smallest entry along `dim`, kept as an axis."""
     if op in ("max", "amax"):
         return total.argmax(dim, keepdim=True)
     return total.argmin(dim, keepdim=True)
@@ -59,7 +60,7 @@ def extremum(fn: Callable | str, x, dim=None, keepdim: bool = False, **kwargs):
     if not isinstance(x, Decomposed) or dim is None or not isinstance(dim, int) or kwargs:
         raise unsupported(f"{op} without a single dim, or of two values",
                           "only the maximum along one axis, read where the total has it, is decomposed")
-    index = _positions(op, x.total, dim, keepdim)
+    index = _positions(op, x.total, dim)
     values = x.rel_total.gather(shift_dim(dim), index.expand(len(x.rel_total), *index.shape))
     if not keepdim:
         values, index = values.squeeze(shift_dim(dim)), index.squeeze(dim)
