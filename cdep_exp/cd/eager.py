@@ -37,7 +37,7 @@ from cdep_exp.cd.rules import (
     module_rule,
 )
 from cdep_exp.cd.rules.core import DecompositionNotFiniteError
-from cdep_exp.cd.streams import per_stream, plain_target_updated
+from cdep_exp.cd.streams import decomposed_in, per_stream, plain_target_updated, rel_not_finite
 
 # Operators whose rule is registered under the `operator` function; "r" ones swap the operands.
 _OPERATORS = {
@@ -279,9 +279,8 @@ def _updated_in_place(target: Any, out: Any, name: str, where: str) -> Any:
 
 
 def _raise_if_not_finite(out: Any, name: str, where: str) -> None:
-    parts = out if isinstance(out, (list, tuple)) else (out,)
-    for d in parts:
-        if isinstance(d, Decomposed) and not bool(torch.isfinite(d.rels).all()) and bool(torch.isfinite(d.total).all()):
+    for d in decomposed_in(out):
+        if rel_not_finite(d):
             raise DecompositionNotFiniteError(f"first after {name}, in {where}")
 
 

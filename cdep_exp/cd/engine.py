@@ -37,7 +37,7 @@ import functools
 import inspect
 import logging
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 from weakref import WeakKeyDictionary, WeakSet
 
@@ -59,7 +59,7 @@ from cdep_exp.cd.rules import (
 )
 from cdep_exp.cd import eager
 from cdep_exp.cd.rules.core import DecompositionNotFiniteError
-from cdep_exp.cd.streams import decomposed_in, has_decomposed, per_stream, plain_target_updated
+from cdep_exp.cd.streams import decomposed_in, has_decomposed, per_stream, plain_target_updated, rel_not_finite
 
 log = logging.getLogger("cdep_exp.cd")
 Env = list
@@ -94,39 +94,35 @@ def _refreshes_weight(hook: Any) -> bool:
     return isinstance(hook, (WeightNorm, prune.BasePruningMethod))
 
 
+class HooksRefusedError(UnsupportedOperationError):
+    """The fx capture met a forward hook it cannot run (capture='auto' then decomposes eagerly)."""
+
+
 def _hook_refused(where: str, kind: str, hook: Any) -> UnsupportedOperationError:
     name = getattr(hook, "__qualname__", type(hook).__qualname__)
-    return UnsupportedOperationError(
+    return HooksRefusedError(
         f"{where} has a {kind} ({name}); the fx capture walks the traced forward graph, which "
         f"does not run hooks, so the result would silently differ from model(x). Decompose with "
         f"capture='eager' (or 'auto'), which runs the forward and its hooks, or remove the hook."
     )
 
 
-def user_hooks(model: nn.Module) -> Iterator[tuple[str, str, Any]]:
-    """(where, kind, hook) for every forward hook and pre-hook that would run in `model(x)`,
-    global ones included, except the weight-refreshing pre-hooks (`_refreshes_weight`)."""
+def run_pre_hooks_or_refuse(model: nn.Module) -> None:
+    """In one pass over `model`'s modules, run the weight-refreshing pre-hooks
+    (`_refreshes_weight`) and raise HooksRefusedError for any other forward hook or pre-hook,
+    global ones included."""
     from torch.nn.modules import module as torch_module
     for kind, hooks in (("global forward hook", torch_module._global_forward_hooks),
                         ("global forward pre-hook", torch_module._global_forward_pre_hooks)):
         for hook in hooks.values():
-            yield "the process", kind, hook
+            raise _hook_refused("the process", kind, hook)
     for path, m in model.named_modules():
         where = f"module '{path}' ({type(m).__name__})" if path else f"the model ({type(m).__name__})"
+        for hook in m._forward_hooks.values():
+            raise _hook_refused(where, "forward hook", hook)
         for hook in m._forward_pre_hooks.values():
             if not _refreshes_weight(hook):
-                yield where, "forward pre-hook", hook
-        for hook in m._forward_hooks.values():
-            yield where, "forward hook", hook
-
-
-def run_pre_hooks_or_refuse(model: nn.Module) -> None:
-    """Run the weight-refreshing pre-hooks of `model`'s modules (`_refreshes_weight`) and raise
-    UnsupportedOperationError for any other forward hook or pre-hook, global ones included."""
-    for where, kind, hook in user_hooks(model):
-        raise _hook_refused(where, kind, hook)
-    for m in model.modules():
-        for hook in m._forward_pre_hooks.values():
+                raise _hook_refused(where, "forward pre-hook", hook)
             hook(m, ())
 
 
@@ -488,8 +484,7 @@ class _Plan:
         with torch.no_grad(), input_share(rel_total):
             for i, step in self.steps:
                 env[i] = step(env)
-                if any(not bool(torch.isfinite(d.rels).all()) and bool(torch.isfinite(d.total).all())
-                       for d in decomposed_in(env[i])):
+                if any(rel_not_finite(d) for d in decomposed_in(env[i])):
                     return f"first after {self.ops[i]}, graph node '{self.names[i]}' of {self.model_name}.forward"
         return f"at no single node of {self.model_name}.forward on a second pass (a random draw?)"
 
@@ -689,10 +684,14 @@ def _plan_or_eager(model: nn.Module, capture: str) -> _Plan | None:
     """The fx plan to run, or None to decompose eagerly (see `decompose` for `capture`)."""
     if capture not in CAPTURES:
         raise ValueError(f"capture={capture!r}: choose one of {', '.join(CAPTURES)}")
-    if capture == "eager" or (capture == "auto" and (model in _EAGER or next(user_hooks(model), None))):
+    if capture == "eager" or (capture == "auto" and model in _EAGER):
         return None
     try:
         return plan_of(model)
+    except HooksRefusedError:  # hooks can be removed later, so this choice is not cached
+        if capture == "fx":
+            raise
+        return None
     except TraceFailedError as err:
         if capture == "fx":
             raise

@@ -71,3 +71,9 @@ def plain_target_updated(what: str) -> UnsupportedOperationError:
         f"by zeros_like or ones); a plain tensor cannot carry the decomposition. Write it out of place "
         f"(acc = acc + h instead of acc.add_(h) or acc += h)."
     )
+
+
+def rel_not_finite(d: Decomposed) -> bool:
+    """Is a relevant part of `d` NaN or infinite while its total (the plain value) is finite?
+    (One device sync each; for the checked second pass that names where a decomposition broke.)"""
+    return not bool(torch.isfinite(d.rels).all()) and bool(torch.isfinite(d.total).all())
