@@ -74,6 +74,18 @@ def test_summarise_keeps_the_cli_format() -> None:
     assert summary.loc[0, "seeds"] == 2 and summary.loc[0, "overrides"] == "seed=1"
 
 
+def test_runs_that_differ_only_in_seed_or_data_split_share_one_row(tmp_path: Path) -> None:
+    for seed, split in [(0, 0), (0, 1), (0, 2), (1, 2)]:
+        config = {"dataset": {"name": "iris_cancer", "split_seed": split}, "seed": seed}
+        write_run(tmp_path, "rrr", "", "rrr", 1.0, seed, {"test": {"accuracy": 80.0 + split}}, config=config,
+                  dataset="iris_cancer")
+    other = {"dataset": {"name": "iris_cancer", "split_seed": 0, "test_fraction": 0.5}, "seed": 0}
+    write_run(tmp_path, "rrr", "", "rrr", 1.0, 0, {"test": {"accuracy": 50.0}}, config=other, dataset="iris_cancer")
+    summary = summarise(collect(find_records(tmp_path / OUTPUTS)), ["test/accuracy"]).sort_values("seeds")
+    assert list(summary["seeds"]) == [1, 4]  # another test fraction is another setting
+    assert summary["test/accuracy"].iloc[1] == "81.25 ± 0.96"
+
+
 def test_lambda_is_chosen_on_validation_not_on_test() -> None:
     # λ 10 is best on validation, λ 100 would be best on test: the table must report λ 10's test score.
     runs = pd.DataFrame({

@@ -101,6 +101,27 @@ def test_report_rows_split_cdep_by_form_and_pick_lambda_on_validation() -> None:
     assert table["Δp_y recoloured_train"].iloc[0] == "0.800 ± 0.141"
 
 
+def test_report_shows_every_test_counterfactual_of_a_dataset_that_names_no_shortcut() -> None:
+    import pandas as pd
+
+    from cdep_exp.reporting.shortcut import shortcut_table
+
+    def run(dataset: str, shortcut: str | None, seed: int) -> dict:
+        cfs = {f"cf_{name}/{metric}": value + seed for name in ("removed", "flipped", "val_shuffled")
+               for metric, value in (("prob_change", 0.5), ("flip_rate", 10.0), ("accuracy", 70.0))}
+        return {"dataset": dataset, "lam": 0, "seed": seed, "replicate": f"{seed}/None", "shortcut": shortcut,
+                "config": {"method": {"name": "vanilla"}}, "test/accuracy": 90.0, **cfs}
+
+    own = shortcut_table(pd.DataFrame([run("mine", None, 0), run("mine", None, 1)]))
+    assert {"Δp_y removed", "Δp_y flipped", "flips % removed", "acc % removed", "acc % flipped"} <= set(own.columns)
+    assert not any("val_shuffled" in c for c in own.columns)  # validation counterfactuals select, not report
+    assert own["acc % removed"].iloc[0] == "70.5 ± 0.7" and own["seeds"].iloc[0] == 2
+    named = shortcut_table(pd.DataFrame([run("iris_cancer", "flipped", 0)]))
+    assert "Δp_y flipped" in named and "Δp_y removed" not in named and named["acc % removed"].iloc[0] == "70.0"
+    every = shortcut_table(pd.DataFrame([run("iris_cancer", "flipped", 0)]), all_counterfactuals=True)
+    assert "Δp_y removed" in every
+
+
 def test_diagnosis_of_a_linear_model_finds_no_interactions() -> None:
     from cdep_exp.tools.shortcut_diagnosis import interaction_energies
 

@@ -9,9 +9,10 @@ import pandas as pd
 from cdep_exp.run.identity import identity_hash, identity_of
 from cdep_exp.run.record import RunRecord
 
-# A run is identified by these plus its seed; `settings` is the hash of its normalised config
-# without the seed (cdep_exp.run.identity; the run directory's last component), and
-# `overrides` its command-line overrides, for reading.
+# A run is identified by these plus its replicate; `settings` is the hash of its normalised config
+# without the seed and the data split (cdep_exp.run.identity), `replicate` its "<seed>/<split
+# seed>" (the repeats of one setting: another seed, or another random split of the data as
+# the RRR paper's Iris-Cancer draws), and `overrides` its command-line overrides, for reading.
 KEYS = ["dataset", "method", "lam", "settings"]
 RECORD_FIELDS = ("dataset", "data", "method", "lam", "seed", "device", "device_name", "epochs_run", "best_epoch",
                  "seconds_per_epoch", "peak_memory_gib", "peak_memory_kind", "shortcut", "val_shortcut")
@@ -22,7 +23,7 @@ def flatten_record(record: RunRecord, path: Path) -> dict:
     and the resolved config (`config`), whose `sweep` names the table preset that launched it."""
     config = record.config
     row = {key: getattr(record, key) for key in RECORD_FIELDS}
-    row.update(settings=settings_key(config), path=str(path.parent), mtime=path.stat().st_mtime,
+    row.update(settings=settings_key(config), replicate=f"{record.seed}/{split_seed(config)}", path=str(path.parent), mtime=path.stat().st_mtime,
                sweep=config.get("sweep"), protocol=config.get("protocol"), config=config,
                history=record.history, overrides=" ".join(record.overrides))
     for split, values in record.metrics.items():
@@ -31,11 +32,20 @@ def flatten_record(record: RunRecord, path: Path) -> dict:
     return row
 
 
+def split_seed(config: dict) -> object:
+    """The run's `dataset.split_seed` (the seed of its random data split), None where the dataset has none."""
+    dataset = config.get("dataset")
+    return dataset.get("split_seed") if isinstance(dataset, dict) else None
+
+
 def settings_key(config: dict) -> str:
-    """A short hash of a run's recorded config without the seed and what cannot change its
-    numbers (`cdep_exp.run.identity`): the runs of one setting (all its seeds) share it,
-    whatever spelling their overrides used."""
-    return identity_hash(identity_of(config, without=("seed",)), length=8)
+    """A short hash of a run's recorded config without the seed, the data split's seed and what
+    cannot change its numbers (`cdep_exp.run.identity`): the runs of one setting (all its seeds
+    and splits) share it, whatever spelling their overrides used."""
+    identity = identity_of(config, without=("seed",))
+    if isinstance(identity.get("dataset"), dict):
+        identity["dataset"] = {k: v for k, v in identity["dataset"].items() if k != "split_seed"}
+    return identity_hash(identity, length=8)
 
 
 def collect(paths: Iterable[Path]) -> pd.DataFrame:
@@ -85,12 +95,18 @@ def mean_std(values: pd.Series) -> str:
     return format_mean_std(values.mean(), values.std() if len(values) > 1 else float("nan"))
 
 
+def replicates(runs: pd.DataFrame) -> int:
+    """How many distinct (seed, data split) repeats `runs` holds; the seeds alone for rows
+    without a `replicate` column (tables built by hand)."""
+    return int((runs["replicate"] if "replicate" in runs else runs["seed"]).nunique())
+
+
 def summarise(runs: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    """Mean ± std (ddof 1, as the papers' pandas aggregation), the number of seeds and the
-    overrides of the setting (its shortest spelling) per setting."""
+    """Mean ± std (ddof 1, as the papers' pandas aggregation), the number of replicates (seeds ×
+    data splits) and the overrides of the setting (its shortest spelling) per setting."""
     grouped = runs.groupby(KEYS)
     table = grouped[columns].agg(mean_std)
-    table["seeds"] = grouped["seed"].nunique()
+    table["seeds"] = grouped.apply(replicates, include_groups=False)
     table["overrides"] = grouped["overrides"].agg(lambda spellings: min(spellings, key=len))
     return table.reset_index()
 

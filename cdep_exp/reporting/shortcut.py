@@ -7,12 +7,17 @@ Shortcut reliance (`cdep_exp.scoring.shortcut`) is the counterfactual sensitivit
 the mean absolute change of the true-class probability, |p_y(x) − p_y(x')|, when only the
 annotated features of a test sample x are changed (x'), and the prediction flip rate. Each run
 records which counterfactual measures its dataset's shortcut (`RunRecord.shortcut`, from the
-dataset's builder); `--all-counterfactuals` lists every one.
-Rows are methods, CDEP split by penalty form ("original": the paper's softmax/text forms).
+dataset's builder); a dataset that names none (a user's own) shows every counterfactual of its
+test sets, and `--all-counterfactuals` shows every one for all datasets. Beside Δp and flips,
+the accuracy on each counterfactual test set (e.g. the RRR paper's "accuracy without Iris").
+Rows are methods, CDEP split by penalty form ("original": the paper's softmax/text forms); the
+runs of one setting that differ only in their seed or their data split (`dataset.split_seed`)
+share a row, counted in `seeds` (`cdep_exp.reporting.records`).
 """
 
 import pandas as pd
 
+from cdep_exp.reporting.records import replicates
 from cdep_exp.reporting.selection import best_mean_validation
 from cdep_exp.run.identity import spell_number
 
@@ -33,6 +38,13 @@ def shortcut_names(runs: pd.DataFrame) -> pd.Series:
     datasets = runs["dataset"].astype(str).str.lower()
     legacy = datasets.map(lambda d: LEGACY_SHORTCUT.get(d, LEGACY_SHORTCUT.get(d.split("_")[0])))
     return recorded.where(recorded.notna(), legacy)
+
+
+def counterfactuals_of(runs: pd.DataFrame) -> list[str]:
+    """The counterfactuals of test sets that some of `runs` measured (`cf_<name>/...` columns with
+    a value), sorted; those of the validation set (named val_*) are for model selection and left out."""
+    return sorted({c.split("/")[0][3:] for c in runs.columns if c.startswith("cf_") and not c.startswith("cf_val_")
+                   and runs[c].notna().any()})
 
 
 def variant(config: dict) -> str:
@@ -67,13 +79,16 @@ def shortcut_table(
     rows = []
     for (dataset, name, lam), group in runs.groupby(["dataset", "variant", "lam"], sort=False):
         accuracy = ACCURACY.get(dataset, "accuracy")
-        row = {"dataset": dataset, "method": name, "λ": spell_number(lam), "seeds": group["seed"].nunique(),
+        row = {"dataset": dataset, "method": name, "λ": spell_number(lam), "seeds": replicates(group),
                f"test {accuracy}": spread(group.get(f"test/{accuracy}"))}
-        names = sorted({c.split("/")[0][3:] for c in group.columns if c.startswith("cf_")
-                        and group[c].notna().any()}) if all_counterfactuals else list(shortcut_names(group).dropna().unique())
-        for cf in names:
+        recorded = counterfactuals_of(group)
+        named = list(shortcut_names(group).dropna().unique())
+        measured = recorded if all_counterfactuals or not named else named
+        for cf in measured:
             row[f"Δp_y {cf}"] = spread(group.get(f"cf_{cf}/prob_change"))
             row[f"flips % {cf}"] = spread(group.get(f"cf_{cf}/flip_rate"), digits=1)
+        for cf in recorded:
+            row[f"acc % {cf}"] = spread(group.get(f"cf_{cf}/accuracy"), digits=1)
         rows.append(row)
     order = {"vanilla": 0, "rrr": 3, "eg": 4}
     table = pd.DataFrame(rows)
