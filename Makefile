@@ -30,7 +30,7 @@ launcher_args = hydra/launcher=$(call launcher_for,$(1)) $(if $(filter local,$(c
 threads_for = $(if $(filter basic,$(call launcher_for,$(1))),$(OMP_NUM_THREADS),$(SWEEP_THREADS))
 
 .PHONY: setup run test test-all bench-cost gpu-wheels gpu-check clean tables $(TABLES) figures notebooks \
-	benchmark shortcut benchmark-report
+	benchmark shortcut benchmark-report rrr-paper rrr_iris rrr_toy_colors rrr_decoy
 
 $(VENV)/.installed: requirements.txt requirements-data.txt pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -124,6 +124,16 @@ shortcut: setup
 benchmark-report: setup
 	$(PY) -m cdep_exp.reporting --table shortcut --scale $(SCALE) --score val_accuracy
 	$(PY) -m cdep_exp.reporting --figures --scale $(SCALE)
+
+## The RRR paper's experiments (Ross et al. 2017; docs/reproducing.md, "The RRR paper"): Iris-Cancer,
+## Toy Colors' sweep over the share of annotated images, Decoy MNIST with the paper's MLP, each
+## beside the paper's numbers in results/<scale>/rrr_*.md, and their figures.
+RRR_TABLES := rrr_iris rrr_toy_colors rrr_decoy
+rrr-paper:
+	$(MAKE) --keep-going --no-print-directory $(RRR_TABLES) figures
+
+$(RRR_TABLES): setup
+	$(call table_recipe,$@,$(DATA_DIR),)
 
 ## Accuracy against λ per method (paper Fig. S2) from the runs so far: results/figures/<scale>/.
 figures: setup

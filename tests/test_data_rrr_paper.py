@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from cdep_exp.data.iris_cancer import IRIS_COLUMNS, build_iris_cancer, iris_cancer_arrays
@@ -76,6 +77,18 @@ def test_toy_colors_follow_both_rules_and_the_counterfactuals_flip_one() -> None
     assert torch.equal(m_equal, y == 0) and torch.equal(m_distinct, y == 1)
     assert splits.shortcut == "corners_flipped" and splits.val_shortcut == "val_corners_random"
     assert build_toy_colors(n_train=400, n_test=300, annotate="none", seed=1).train[:][2].sum() == 0
+
+
+def test_toy_colors_annotate_only_the_requested_share_of_training_images() -> None:
+    from cdep_exp.data.toy_colors import build_toy_colors
+    marked = {f: build_toy_colors(n_train=500, n_test=10, val_fraction=0.2, seed=2, annotated_fraction=f)
+              .train[:][2].flatten(1).amax(1) for f in (0.0, 0.1, 1.0)}
+    assert [int(m.sum()) for m in marked.values()] == [0, 40, 400]  # of 400 training images
+    assert marked[1.0].bool().all()
+    same = build_toy_colors(n_train=500, n_test=10, val_fraction=0.2, seed=2, annotated_fraction=0.1)
+    assert torch.equal(same.train[:][2].flatten(1).amax(1), marked[0.1])  # the subset follows the seed
+    with pytest.raises(ValueError, match="annotated_fraction"):
+        build_toy_colors(n_train=50, n_test=10, annotated_fraction=1.5)
 
 
 def test_region_shares_locate_the_largest_input_gradients() -> None:

@@ -105,7 +105,8 @@ def test_sweep_params_expand_like_hydras_basic_sweeper() -> None:
     assert {job["method.lam"] for job in jobs} == {1.0, 10000.0}
 
 
-@pytest.mark.parametrize("table", [*tables.PAPER_TABLES, pytest.param("shortcut", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("table", [*tables.PAPER_TABLES, *tables.RRR_PAPER_TABLES,
+                                   pytest.param("shortcut", marks=pytest.mark.slow)])
 def test_every_table_preset_expands_at_every_scale(table: str) -> None:
     quick, full, paper = (sweeps.expected_runs(table, scale) for scale in ("quick", "full", "paper"))
     assert 0 < len(quick) < len(paper) and len(quick) < len(full) <= len(paper)
@@ -151,6 +152,32 @@ def test_table2_reads_each_datasets_primary_counterfactual_and_picks_lambda_on_v
     assert math.isnan(cells.loc[("ColorMNIST", "RRR"), "accuracy mean"])
     shown = table.display()
     assert list(shown.columns[:4]) == ["dataset", "method", "λ", "seeds"] and "flips %" in shown.columns
+
+
+def test_rrr_paper_tables_read_counterfactual_accuracy_and_gradient_location(tmp_path: Path) -> None:
+    for seed in range(3):  # Iris-Cancer: each seed its own split, as the preset ties them
+        split = {"dataset": {"split_seed": seed}}
+        write_run(tmp_path, "rrr_iris", "rrr_iris/vanilla", "vanilla", 0, seed,
+                  {"val": {"accuracy": 100.0}, "test": {"accuracy": 94.0, "grad_in_iris": 20.0 + seed},
+                   "train": {"accuracy": 100.0}, "cf_iris_removed": {"accuracy": 80.0 + seed}},
+                  config=split, dataset="iris_cancer")
+    table = tables.build("rrr_iris", "quick", tmp_path / OUTPUTS)
+    vanilla = table.cells.set_index("row").loc["Vanilla"]
+    assert vanilla["without_iris mean"] == 81.0 and vanilla["grad_in_iris mean"] == 21.0 and vanilla["seeds"] == 3
+    assert vanilla["accuracy paper mean"] == 92.0 and vanilla["without_iris paper mean"] == 81.0
+    assert table.cells.set_index("row").loc["RRR", "missing"] == 3
+    # Toy Colors: a row per share of annotated training images.
+    for seed in range(2):
+        for share, corners in ((0, 90.0), (0.01, 60.0), (0.1, 5.0), (1, 0.0)):
+            write_run(tmp_path, "rrr_toy_colors", "rrr_toy_colors/rrr", "rrr", 10, seed,
+                      {"val": {"accuracy": 99.0}, "test": {"accuracy": 98.0, "grad_in_corners": corners + seed,
+                                                           "grad_in_top_middle": 100 - corners}},
+                      config={"dataset": {"annotated_fraction": share}}, dataset="toy_colors")
+    table = tables.build("rrr_toy_colors", "quick", tmp_path / OUTPUTS)
+    cells = table.cells.set_index("row")
+    assert cells.loc["RRR, 1 % annotated", "grad_in_corners mean"] == 60.5
+    assert cells.loc["RRR, 100 % annotated", "grad_in_top_middle mean"] == 100.0
+    assert cells.loc["Vanilla", "missing"] == 2 and cells.loc["RRR, 0 % annotated", "missing"] == 0
 
 
 def test_every_lambda_the_rule_passed_over_is_reported_with_its_score(tmp_path: Path) -> None:

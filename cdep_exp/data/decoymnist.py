@@ -176,6 +176,7 @@ def build_decoymnist(
         input_shape=(1, 28, 28),
         description=f"{'DecoyMNIST' if images == 'mnist' else 'DecoyFMNIST'} ({variant}) on {mnist.description}",
         shortcut="patch_train_shade",
+        regions={"corners": annotation},
         val_shortcut="val_patch_random_shade",
         counterfactual_input=paint_background,
         groups={"train": shade_groups(train_shades(y[tr]), y[tr].numpy()),

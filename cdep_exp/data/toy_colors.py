@@ -79,16 +79,20 @@ def rule_mask(rule: str) -> torch.Tensor:
 
 
 def build_toy_colors(n_train: int = 20000, n_test: int = 20000, val_fraction: float = 0.1, annotate: str = "corners",
-                     seed: int = 0) -> Splits:
+                     seed: int = 0, annotated_fraction: float = 1.0) -> Splits:
     """Toy Colors splits of (x (3, 5, 5) in [0, 1], y, annotation (3, 5, 5)).
 
     `annotate`: "corners" or "top_middle" (1 on that rule's pixels: they must not matter) or
     "none" (an all-zero annotation, the unconstrained model). The paper's sizes are 20,000
     training and 20,000 test images; `val_fraction` of the training images are held out.
-    Raises ValueError for another `annotate` or a non-positive size.
+    `annotated_fraction`: the share of training images that carry the annotation (drawn from
+    `seed`; the rest carry none), the paper's sweep over the number of annotated examples.
+    Raises ValueError for another `annotate`, a non-positive size or a fraction outside [0, 1].
     """
     if annotate not in (*RULES, "none"):
         raise ValueError(f"dataset.annotate={annotate!r}: choose corners, top_middle or none")
+    if not 0 <= annotated_fraction <= 1:
+        raise ValueError(f"dataset.annotated_fraction={annotated_fraction} must lie in [0, 1]")
     if n_train < 2 or n_test < 1:
         raise ValueError(f"dataset.n_train={n_train} and dataset.n_test={n_test} must be at least 2 and 1")
     rng = np.random.default_rng(seed)
@@ -98,9 +102,16 @@ def build_toy_colors(n_train: int = 20000, n_test: int = 20000, val_fraction: fl
     images = {name: toy_colour_indices(y, rng) for name, y in labels.items()}
     marks = torch.zeros(3, SIZE, SIZE) if annotate == "none" else rule_mask(annotate)
 
-    def dataset(colour_indices: np.ndarray, y: np.ndarray) -> TensorDataset:
+    def dataset(colour_indices: np.ndarray, y: np.ndarray, annotated: np.ndarray | None = None) -> TensorDataset:
         x = torch.from_numpy(COLOURS[colour_indices]).permute(0, 3, 1, 2).contiguous()
-        return TensorDataset(x, torch.as_tensor(y, dtype=torch.long), marks.expand(len(y), -1, -1, -1))
+        annotation = marks.expand(len(y), -1, -1, -1)
+        if annotated is not None:
+            annotation = annotation * torch.from_numpy(annotated).float().view(-1, 1, 1, 1)
+        return TensorDataset(x, torch.as_tensor(y, dtype=torch.long), annotation)
+
+    n_annotated = int(round(annotated_fraction * len(labels["train"])))
+    annotated = np.zeros(len(labels["train"]), dtype=bool)
+    annotated[np.random.default_rng([seed, 1]).permutation(len(annotated))[:n_annotated]] = True
 
     counterfactuals = {}
     for rule in RULES:
@@ -117,7 +128,7 @@ def build_toy_colors(n_train: int = 20000, n_test: int = 20000, val_fraction: fl
         return torch.where(annotation > 0, torch.full_like(x, 0.5), x)
 
     return Splits(
-        train=dataset(images["train"], labels["train"]),
+        train=dataset(images["train"], labels["train"], annotated),
         val=dataset(images["val"], labels["val"]),
         tests={"test": dataset(images["test"], labels["test"])},
         num_classes=2,
@@ -128,5 +139,6 @@ def build_toy_colors(n_train: int = 20000, n_test: int = 20000, val_fraction: fl
         counterfactual_input=without_rule,
         regions={name: rule_mask(name)[0] for name in RULES},
         description=f"Toy Colors (generated, seed {seed}: {n_train - n_val:,} train / {n_val:,} val / "
-                    f"{n_test:,} test images; annotated: {annotate})",
+                    f"{n_test:,} test images; annotated: {annotate}"
+                    + (f" on {n_annotated:,} training images)" if annotated_fraction < 1 else ")"),
     )

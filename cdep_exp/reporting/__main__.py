@@ -3,6 +3,7 @@
     python -m cdep_exp.reporting --glob 'outputs/**/metrics.json'    # mean ± std per setting
     python -m cdep_exp.reporting --table table2 --scale quick        # one paper table → results/quick/
     python -m cdep_exp.reporting --table all --scale paper           # every paper table
+    python -m cdep_exp.reporting --table rrr_paper --scale full      # the RRR paper's tables (make rrr-paper)
     python -m cdep_exp.reporting --table shortcut --scale full       # the shortcut benchmark (make benchmark)
     python -m cdep_exp.reporting --table shortcut --score val_accuracy   # λ chosen on another validation score
     python -m cdep_exp.reporting --figures --scale quick             # accuracy against λ → results/figures/
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--glob", default="outputs/**/metrics.json", help="run records to summarise")
     parser.add_argument("--metric", default="test/accuracy", help="column(s) to summarise, comma-separated")
     parser.add_argument("--table", action="append",
-                        help="table(s) to build: table1 … tableS1, all (every paper table), or shortcut (the benchmark)")
+                        help="table(s) to build: table1 … tableS1, all (every CDEP paper table), shortcut (the "
+                             "benchmark), rrr_iris, rrr_toy_colors, rrr_decoy or rrr_paper (those three)")
     parser.add_argument("--score", choices=sorted(VALIDATION_SCORES),
                         help="with --table shortcut: the validation score λ is chosen on (default "
                              "val_counterfactual); the table is written as shortcut_<score>")
@@ -54,9 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     # Warnings about the records read (unreadable, failed runs) as plain lines in a terminal.
     warnings.formatwarning = lambda message, *args, **kwargs: f"Warning: {message}\n"
     if args.table:
-        from cdep_exp.reporting.tables import PAPER_TABLES, build  # composing presets needs Hydra: import on use
+        from cdep_exp.reporting.tables import PAPER_TABLES, RRR_PAPER_TABLES, build  # Hydra: import on use
 
-        for name in PAPER_TABLES if "all" in args.table else args.table:
+        groups = {"all": PAPER_TABLES, "rrr_paper": RRR_PAPER_TABLES}
+        for name in [n for requested in args.table for n in groups.get(requested, (requested,))]:
             try:
                 table = build(name, args.scale, args.outputs, overrides=tuple(args.set), score=args.score)
             except (KeyError, ValueError) as err:

@@ -4,7 +4,9 @@
 
 One figure per Table 2 dataset (ColorMNIST is the paper's Fig. S2), with the shortcut metric
 (flipped predictions under the counterfactual) against λ beside accuracy, and one per Table 4
-SST variant. The shortcut benchmark gets one figure of test accuracy against flips, a panel per
+SST variant. The RRR paper's tables get accuracy and input-gradient location against λ
+(Iris-Cancer; Decoy MNIST, the paper's Figure 9) and, for Toy Colors, against the share of
+annotated training images (the paper's Figure 3). The shortcut benchmark gets one figure of test accuracy against flips, a panel per
 dataset and a point per method and λ (shortcut_tradeoff.png). Other scripts (e.g. ISIC heatmaps) write their figures into results/figures/ too;
 the notebooks show them all.
 """
@@ -15,11 +17,15 @@ from matplotlib.figure import Figure
 
 from cdep_exp.reporting.tables import BENCHMARK_DATASETS, BENCHMARK_METHODS, TABLES, load, scored
 
-# (table, column that splits it into figures, rows kept, panels: (metric column, y label))
+# (table, column that splits it into figures (None: one figure), rows kept, panels: (metric column, y label))
 FIGURES = (
     ("table2", "dataset", None, (("accuracy", "test accuracy (%)"),
                                  ("flip_rate", "flipped by the shortcut edit (%)"))),
     ("table4", "variant", ("protocol", "corrected"), (("accuracy", "test accuracy (%), best-dev-loss epoch"),)),
+    ("rrr_iris", None, None, (("accuracy", "test accuracy (%)"), ("without_iris", "test accuracy without Iris (%)"),
+                              ("grad_in_iris", "top input gradients on Iris (%)"))),
+    ("rrr_decoy", None, None, (("train", "train accuracy (%)"), ("accuracy", "test accuracy (%)"),
+                               ("grad_in_corners", "top input gradients on the corners (%)"))),
 )
 
 
@@ -55,13 +61,60 @@ def lambda_figures(scale: str, outputs: Path) -> dict[str, Figure]:
     """One figure per Table 2 dataset and Table 4 variant with finished runs, by file stem."""
     made = {}
     for table, split, keep, panels in FIGURES:
+        if not (Path(outputs) / scale / table).is_dir():
+            continue  # nothing trained: composing the table's presets is not worth it
         runs = scored(TABLES[table], load(table, scale, outputs).found)
         if keep:
             runs = runs[runs[keep[0]] == keep[1]]
+        if runs.empty:
+            continue
+        if split is None:
+            made[f"{table}_lambda"] = lambda_figure(runs.assign(method=runs["row"]), panels,
+                                                    f"{TABLES[table].title.split(':')[0]}: against λ ({scale} scale)")
+            continue
         for name, group in runs.groupby(split):
             stem = f"{table}_{str(name).lower().replace(' ', '_')}_lambda"
             made[stem] = lambda_figure(group, panels, f"{name}: against λ ({scale} scale)")
     return made
+
+
+def annotated_share_figure(runs: pd.DataFrame, title: str) -> Figure:
+    """Toy Colors (the RRR paper's Figure 3): test accuracy and the % of the largest input
+    gradients on each rule's pixels against the share of annotated training images (symmetric
+    log axis, so 0 % shows), mean ± std over seeds; the unpenalised model as dashed lines."""
+    fig = Figure(figsize=(11, 3.8))
+    left, right = fig.subplots(1, 2)
+    penalised = runs[runs["lam"] > 0].assign(share=runs["dataset.annotated_fraction"].astype(float) * 100)
+    vanilla = runs[runs["lam"] == 0]
+    for ax, metrics in ((left, (("accuracy", "test accuracy"),)),
+                        (right, (("grad_in_corners", "corners"), ("grad_in_top_middle", "top middle")))):
+        for i, (metric, label) in enumerate(metrics):
+            stats = penalised.groupby("share")[metric].agg(["mean", "std"]).sort_index()
+            ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=3,
+                        color=f"C{i}", label=f"RRR: {label}")
+            if not vanilla.empty:
+                ax.axhline(vanilla[metric].mean(), color=f"C{i}", linestyle="--", label=f"Vanilla: {label}")
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(-0.2, 150)
+        ax.set_xticks([0, 1, 10, 100], ["0", "1", "10", "100"])
+        ax.set_xlabel("training images with the corners annotated (%)")
+        ax.legend(fontsize="small")
+    left.set_ylabel("test accuracy (%)")
+    right.set_ylabel("top input gradients on the rule's pixels (%)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def annotated_share_figures(scale: str, outputs: Path) -> dict[str, Figure]:
+    """The Toy Colors figure, when its table has finished runs."""
+    if not (Path(outputs) / scale / "rrr_toy_colors").is_dir():
+        return {}
+    runs = scored(TABLES["rrr_toy_colors"], load("rrr_toy_colors", scale, outputs).found)
+    if runs.empty:
+        return {}
+    return {"rrr_toy_colors_share": annotated_share_figure(
+        runs, f"RRR paper, Toy Colors: which rule as annotations grow ({scale} scale)")}
 
 
 def tradeoff_figure(runs: pd.DataFrame, title: str) -> Figure:
@@ -114,7 +167,9 @@ def write_figures(scale: str, outputs: Path, out_dir: Path) -> list[Path]:
     the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for stem, fig in {**lambda_figures(scale, outputs), **tradeoff_figures(scale, outputs)}.items():
+    figures = {**lambda_figures(scale, outputs), **tradeoff_figures(scale, outputs),
+               **annotated_share_figures(scale, outputs)}
+    for stem, fig in figures.items():
         fig.savefig(out_dir / f"{stem}.png", dpi=120)
         written.append(out_dir / f"{stem}.png")
     return written

@@ -1,4 +1,5 @@
-"""The numbers the CDEP paper (Rieger et al., ICML 2020) reports, beside which our tables are shown.
+"""The numbers the CDEP paper (Rieger et al., ICML 2020) and the RRR paper (Ross et al., IJCAI 2017)
+report, beside which our tables are shown.
 
 Keyed by table, then by the table's row labels (as cdep_exp.reporting.tables names them), then by metric.
 Where each number came from (script, setting, runs) is in docs/reference.md §12;
@@ -62,6 +63,11 @@ PAPER: dict[str, dict[tuple[str, ...], dict[str, Number]]] = {
         ("Gender", "Vanilla"): row(accuracy=(64.2, 3.1)),
         ("Gender", "CDEP"): row(accuracy=(78.0, 3.0)),
     },
+    # Ross et al. 2017 ("Right for the Right Reasons"), from the paper's text: Iris-Cancer vanilla
+    # with and without the Iris columns; Decoy MNIST's MLP trained normally (train / test) and with
+    # the corners annotated (test).
+    "rrr_iris": {("Vanilla",): row(accuracy=92.0, without_iris=81.0)},
+    "rrr_decoy": {("Vanilla",): row(accuracy=55.0, train=99.6), ("RRR",): row(accuracy=96.0)},
     "tableS1": {
         (method,): row(seconds_per_epoch=seconds, time_ratio=seconds / _S1["Vanilla"][0],
                        peak_memory=memory * GIB_PER_GB, memory_ratio=memory / _S1["Vanilla"][1])
