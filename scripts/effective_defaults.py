@@ -34,9 +34,12 @@ METHODS = ("vanilla", "cdep", "cdep_original", "rrr", "eg", "augment", "clp", "g
 # build_learner; tests/test_every_pair_trains.py checks the isic_synthetic ones), and why.
 NO_COUNTERFACTUAL = "ISIC's data gives a mask only, not the counterfactual input these methods train on"
 NO_GROUPS = "Toy Colors has no groups: both rules agree with the class in every split"
+NO_NEWSGROUPS_GROUPS = ("20 Newsgroups has no groups: every post carries headers, so none has a shortcut that "
+                        "disagrees with its class")
 REFUSED = {**{(dataset, method): NO_COUNTERFACTUAL
               for dataset in ("isic", "isic_synthetic") for method in ("augment", "clp")},
-           **{("toy_colors", method): NO_GROUPS for method in ("group_dro", "dfr")}}
+           **{("toy_colors", method): NO_GROUPS for method in ("group_dro", "dfr")},
+           **{("newsgroups", method): NO_NEWSGROUPS_GROUPS for method in ("group_dro", "dfr")}}
 START, END = "<!-- defaults:start -->", "<!-- defaults:end -->"
 HEADER = ("dataset", "method", "λ", "model", "optimizer", "batch", "epochs", "penalty / stage settings",
           "pair file: what it sets")
