@@ -3,6 +3,7 @@ whose one used feature is known, the figures' panels, and the command on tiny re
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from matplotlib.image import imread
@@ -13,7 +14,7 @@ from cdep_exp.penalties.eg import expected_gradients
 from cdep_exp.run import run
 from cdep_exp.tools import explain
 from cdep_exp.tools.attributions import cd_map, eg_map, feature_groups, gradient_map
-from cdep_exp.tools.explain_figures import FIGURES, Panel, SampleView, annotated_share
+from cdep_exp.tools.explain_figures import FIGURES, Panel, SampleView, annotated_share, outline
 from cdep_exp.tools.lime_maps import LimeExplainer
 from test_app import make_cfg
 
@@ -209,3 +210,10 @@ def test_unknown_methods_are_refused() -> None:
         explain.parse_args(["run", "--out", "x", "--methods", "grad,shap"])
     with pytest.raises(SystemExit):
         explain.parse_args(["run"])
+
+
+def test_outline_follows_pixel_edges() -> None:
+    mask = np.zeros((5, 5))
+    mask[:2, :2] = 1  # a 2 × 2 corner: 8 pixel edges around it
+    segments = outline(mask)
+    assert len(segments) == 8 and ((-0.5, -0.5), (0.5, -0.5)) in segments

@@ -242,7 +242,7 @@ def timing_table(rows: list[dict]) -> pd.DataFrame:
     """One row per dataset: seconds per explanation by method and LIME's multiple of the gradient's."""
     table = pd.DataFrame(rows)
     if "lime" in table and "grad" in table:
-        table["LIME / gradient"] = (table["lime"] / table["grad"]).round(0)
+        table["LIME / gradient"] = (table["lime"] / table["grad"]).round().astype(int)
     return table.rename(columns={m: f"{m} (s)" for m in METHODS})
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from torch import Tensor
@@ -48,6 +49,12 @@ def annotated_share(values: Tensor, annotation: Tensor) -> float:
     return float((magnitude * (annotation > 0)).sum()) / total if total > 0 else 0.0
 
 
+def share_legend(annotation: Tensor, unit: str, marked: str) -> str:
+    """What a panel's percentage means, against the share of features the annotation covers."""
+    return (f"% on annot.: share of |attribution| on the annotated {unit} ({marked}: "
+            f"{100 * float((annotation > 0).float().mean()):.0f}% of the {unit})")
+
+
 def scaled(values: Tensor) -> np.ndarray:
     """values / max |values| as numpy (all zero stays zero)."""
     peak = float(values.abs().max()) if values.numel() else 0.0
@@ -69,6 +76,24 @@ def _image_background(x: Tensor) -> tuple[np.ndarray, str | None]:
     low, high = float(x.min()), float(x.max())
     unit = ((x - low) / (high - low if high > low else 1.0)).double()
     return (unit[0].numpy(), "gray") if x.shape[0] == 1 else (unit.permute(1, 2, 0).numpy(), None)
+
+
+def outline(mask: np.ndarray) -> list[tuple[tuple[float, float], tuple[float, float]]]:
+    """The pixel edges between marked and unmarked pixels (or the image's border) of a 0/1 mask
+    (H, W), as line segments in imshow's coordinates (pixel centres at integers)."""
+    marked = np.pad(mask > 0, 1)
+    segments = []
+    for i, j in zip(*np.nonzero(marked)):
+        y, x = i - 1, j - 1
+        if not marked[i - 1, j]:
+            segments.append(((x - 0.5, y - 0.5), (x + 0.5, y - 0.5)))
+        if not marked[i + 1, j]:
+            segments.append(((x - 0.5, y + 0.5), (x + 0.5, y + 0.5)))
+        if not marked[i, j - 1]:
+            segments.append(((x - 0.5, y - 0.5), (x - 0.5, y + 0.5)))
+        if not marked[i, j + 1]:
+            segments.append(((x + 0.5, y - 0.5), (x + 0.5, y + 0.5)))
+    return segments
 
 
 def _note(ax, panel: Panel, annotation: Tensor) -> None:
@@ -93,18 +118,17 @@ def image_figure(samples: list[SampleView], runs: list[str], columns: list[str],
             row[0].imshow(background, cmap=cmap, interpolation="nearest")
             row[0].set_ylabel(f"{run}\n{sample.heading}" if r == 0 else run, fontsize=7)
             for ax, panel in zip(row[1:], panels[s][r]):
-                ax.imshow(grey, cmap="gray", interpolation="nearest", alpha=0.55)
+                ax.imshow(grey, cmap="gray_r", interpolation="nearest", alpha=0.3)
                 if panel.values is not None:
                     ax.imshow(colours(scaled(panel.values)), interpolation="nearest")
                 _note(ax, panel, sample.annotation)
             for ax in row:
-                if mask.any():
-                    ax.contour(mask, levels=[0.5], colors=ANNOTATION_COLOUR, linewidths=1.0)
+                ax.add_collection(LineCollection(outline(mask), colors=ANNOTATION_COLOUR, linewidths=1.2))
                 ax.set_xticks([])
                 ax.set_yticks([])
     for ax, name in zip(axes[0], ["input", *columns]):
         ax.set_title(name, fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(f"{title}\n{share_legend(samples[0].annotation, 'pixels', 'outlined green')}", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -135,7 +159,7 @@ def table_figure(samples: list[SampleView], runs: list[str], columns: list[str],
         ax.set_title(name, fontsize=8)
     for ax in axes[-1]:
         ax.set_xticks(positions, [str(i) for i in positions], rotation=90, fontsize=5 if features > 20 else 7)
-    fig.suptitle(f"{title}\norange bars: annotated columns", fontsize=9)
+    fig.suptitle(f"{title}\n{share_legend(samples[0].annotation, 'columns', 'orange bars')}", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -173,7 +197,7 @@ def text_figure(samples: list[SampleView], runs: list[str], columns: list[str],
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
     ax.axis("off")
-    ax.text(0.15, 0.3, f"{title}\n% = share of |attribution| on the annotated (green-boxed) words",
+    ax.text(0.15, 0.3, f"{title}\n% = share of |attribution| on the annotated words (boxed green)",
             fontsize=9, va="center")
     y = 0.7
     for kind, s, m, r, places, count in lines:
