@@ -8,25 +8,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from cdep_exp.models.base import require_token_model
-
 
 def input_gradients(model: nn.Module, x: Tensor) -> Tensor:
     """∂(Σ_k log p_k)/∂x for each sample (x's shape): the gradient RRR penalises (Ross et al. 2017,
-    Eq. 1), taken with the model in the mode it is in (eval, for explanations). Token ids x
-    (B, T) of a `TokenModel`: the gradient with respect to the embedded tokens, (B, T, D), as RRR
-    takes it on text; TypeError for token ids and a model without `embed`/`forward_embedded`."""
-    if torch.is_floating_point(x):
-        inputs, forward = x.detach().requires_grad_(True), model
-    else:
-        token_model = require_token_model(model, "input gradients")
-        inputs = token_model.embed(x).detach().requires_grad_(True)
-
-        def forward(embedded: Tensor) -> Tensor:
-            return token_model.forward_embedded(embedded, x)
+    Eq. 1), taken with the model in eval mode."""
+    x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        log_probs = F.log_softmax(forward(inputs), dim=1)
-        (grad,) = torch.autograd.grad(log_probs.sum(), inputs)
+        log_probs = F.log_softmax(model(x), dim=1)
+        (grad,) = torch.autograd.grad(log_probs.sum(), x)
     return grad
 
 

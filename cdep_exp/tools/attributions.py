@@ -2,7 +2,8 @@
 of an image (B, H, W), a column of a table (B, d), a token of a text (B, T).
 
 * `gradient_map`: |∂(Σ_k log p_k)/∂x|, what RRR penalises (Ross et al. 2017, Eq. 1), summed
-  over an image's channels or a token's embedding coordinates. Unsigned.
+  over an image's channels or a token's embedding coordinates (the gradient with respect to
+  the embedded tokens). Unsigned.
 * `cd_map`: the contextual decomposition of each feature group alone (Murdoch et al. 2018;
   Singh et al. 2019): the relevant part of the logits when only that group is relevant,
   centred over classes, read at class y: how much the group alone speaks for y. Groups are
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from cdep_exp.cd import decompose_many
+from cdep_exp.models.base import require_token_model
 from cdep_exp.penalties.base import centred
 from cdep_exp.penalties.eg import expected_gradients
 from cdep_exp.scoring.explanation import input_gradients
@@ -39,10 +41,24 @@ def input_kind(x: Tensor) -> str:
                      f"images (B, C, H, W) or table rows (B, d)")
 
 
+def token_input_gradients(model: nn.Module, tokens: Tensor) -> Tensor:
+    """∂(Σ_k log p_k)/∂e for token ids (B, T) of a `TokenModel`, e the embedded tokens (B, T, D):
+    the gradient RRR penalises on text. TypeError for a model without `embed`/`forward_embedded`."""
+    token_model = require_token_model(model, "input gradients")
+    embedded = token_model.embed(tokens).detach().requires_grad_(True)
+    with torch.enable_grad():
+        log_probs = torch.log_softmax(token_model.forward_embedded(embedded, tokens), dim=1)
+        (grad,) = torch.autograd.grad(log_probs.sum(), embedded)
+    return grad
+
+
 def gradient_map(model: nn.Module, x: Tensor) -> Tensor:
     """|input gradient| per displayed feature (module docstring): (B, H, W), (B, d) or (B, T)."""
+    kind = input_kind(x)
+    if kind == "text":
+        return token_input_gradients(model, x).abs().sum(-1)
     grad = input_gradients(model, x).abs()
-    return grad.sum(1) if input_kind(x) == "image" else grad.sum(-1) if grad.ndim == 3 else grad
+    return grad.sum(1) if kind == "image" else grad
 
 
 def default_patch(height: int, width: int) -> int:
