@@ -171,7 +171,7 @@ def test_command_draws_the_runs_and_writes_the_timing_table(iris_runs: list[Path
     assert png in written and imread(png).shape[0] > 300
     with open(tmp_path / "t" / "rrr_table1.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 1 and rows[0]["dataset"] == "iris_cancer" and rows[0]["CD groups"] == "34"
+    assert len(rows) == 1 and rows[0]["dataset"] == "iris_cancer" and float(rows[0]["CD groups"]) == 34
     for column in ("grad (s)", "cd (s)", "eg (s)", "lime (s)"):
         assert float(rows[0][column]) > 0
     # LIME fits a model to 5,000 perturbed rows; one gradient is one backward pass.

@@ -215,27 +215,37 @@ def draw(group: list[RestoredRun], batch: Batch, methods: list[str], explainers:
     return FIGURES[kind](samples, runs, columns, panels, title)
 
 
+def one_sample(batch: Batch, i: int) -> tuple[Tensor, Tensor, list[int]]:
+    """Sample i of the batch as a batch of one (a text cut to its own length)."""
+    x = batch.x[i:i + 1, :batch.lengths[i]] if input_kind(batch.x) == "text" else batch.x[i:i + 1]
+    return x, batch.y[i:i + 1], batch.lengths[i:i + 1]
+
+
 def time_methods(explainers: Explainers, batch: Batch, methods: list[str],
                  clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Mean seconds of one explanation of one sample per method, over the batch's samples,
     after one untimed call."""
     out = {}
     for name in methods:
-        explainers.explain(name, batch.x[:1], batch.y[:1], batch.lengths[:1])
+        explainers.explain(name, *one_sample(batch, 0))
         spent = []
         for i in range(len(batch.indices)):
+            sample = one_sample(batch, i)
             start = clock()
-            explainers.explain(name, batch.x[i:i + 1], batch.y[i:i + 1], batch.lengths[i:i + 1])
+            explainers.explain(name, *sample)
             spent.append(clock() - start)
         out[name] = sum(spent) / len(spent)
     return out
 
 
-def describe_input(x: Tensor) -> str:
-    kind = input_kind(x)
-    if kind == "image":
-        return f"image {'×'.join(map(str, x.shape[1:]))}"
-    return f"{x.shape[-1]} columns" if kind == "table" else "text"
+def describe_input(batch: Batch, patch: int | None) -> dict[str, str | float]:
+    """The timing table's description of a dataset's inputs and how many groups CD decomposes
+    (for texts, their mean word count over the timed samples)."""
+    x, kind = batch.x, input_kind(batch.x)
+    groups = [len(feature_groups(one_sample(batch, i)[0], patch)) for i in range(len(batch.indices))]
+    described = {"image": f"image {'×'.join(map(str, x.shape[1:]))}", "table": f"{x.shape[-1]} columns",
+                 "text": "text"}[kind]
+    return {"input": described, "CD groups": round(sum(groups) / len(groups), 1)}
 
 
 def timing_table(rows: list[dict]) -> pd.DataFrame:
@@ -304,14 +314,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
         if args.timing is not None:
             batch = pick_samples(splits, args.split, args.timing_samples, args.seed + 1, None, args.max_tokens)
             seconds = time_methods(explainers[0], batch, args.methods)
-            groups = len(feature_groups(batch.x[:1], args.patch))
             rows.append({"dataset": group[0].record.dataset, "model": group[0].record.model,
-                         "input": describe_input(batch.x), "CD groups": groups, **seconds})
+                         **describe_input(batch, args.patch), **seconds})
             log.info("timed %s: %s", rows[-1]["dataset"], seconds)
     if args.timing is not None:
         note = (f"Mean wall seconds of one explanation of one sample, over {args.timing_samples} samples of each "
                 f"dataset, after one untimed call; one process, torch on {torch.get_num_threads()} CPU thread(s). "
-                f"CD: every group (image patch, column, word) decomposed alone; EG: {args.eg_draws} (reference, α) "
+                f"CD: every group (image patch, column, word; for texts the mean word count) decomposed alone; EG: {args.eg_draws} (reference, α) "
                 f"draws; LIME: its default sample counts (1,000 images, 5,000 tables and texts). "
                 f"Made by `python -m cdep_exp.tools.explain` (docs/explanations.md).")
         write_timing(timing_table(rows), args.timing, note)
