@@ -217,3 +217,15 @@ def test_outline_follows_pixel_edges() -> None:
     mask[:2, :2] = 1  # a 2 × 2 corner: 8 pixel edges around it
     segments = outline(mask)
     assert len(segments) == 8 and ((-0.5, -0.5), (0.5, -0.5)) in segments
+
+
+def test_a_wide_table_shows_each_sample_s_weightiest_columns_by_name() -> None:
+    features, names = 100, [f"word{i}" for i in range(100)]
+    values = torch.zeros(features)
+    values[[7, 42]] = torch.tensor([1.0, -0.5])
+    panel = [[Panel(values, True)]]
+    annotation = torch.zeros(features)
+    fig = FIGURES["table"]([SampleView(torch.zeros(features), 0, annotation, "t")], ["vanilla"], ["cd"],
+                           [panel], "t", names=names, limit=5)
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert len(labels) == 5 and "word7" in labels and "word42" in labels

@@ -212,6 +212,8 @@ def draw(group: list[RestoredRun], batch: Batch, methods: list[str], explainers:
     runs = [run_label(r) for r in group]
     title = (f"{group[0].record.dataset}: {batch.split} samples; red: for the true class (gradient: its size), "
              f"blue: against\n{accuracies(group, batch.split)}")
+    if kind == "table":  # a bag-of-words input names its columns with its vocabulary
+        return FIGURES[kind](samples, runs, columns, panels, title, names=splits.vocab)
     return FIGURES[kind](samples, runs, columns, panels, title)
 
 

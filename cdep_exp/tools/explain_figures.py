@@ -133,33 +133,52 @@ def image_figure(samples: list[SampleView], runs: list[str], columns: list[str],
     return fig
 
 
+def shown_columns(panels: list[list[Panel]], features: int, limit: int) -> np.ndarray:
+    """All columns when there are at most `limit`; else the `limit` with the largest scaled
+    |attribution| summed over one sample's panels (every run and method), in column order."""
+    if features <= limit:
+        return np.arange(features)
+    weight = np.zeros(features)
+    for panel in (p for run in panels for p in run if p.values is not None):
+        weight += np.abs(scaled(panel.values))
+    return np.sort(np.argsort(-weight, kind="stable")[:limit])
+
+
 def table_figure(samples: list[SampleView], runs: list[str], columns: list[str],
-                 panels: list[list[list[Panel]]], title: str) -> Figure:
+                 panels: list[list[list[Panel]]], title: str, names: list[str] | None = None,
+                 limit: int = 40) -> Figure:
     """Rows: each sample under each run; columns: one bar chart per method, a bar per table
-    column (annotated columns orange), each chart scaled to its largest |value|."""
+    column (annotated columns orange), each chart scaled to its largest |value|. Columns are
+    labelled by `names` (e.g. the words of a bag-of-words input), else by index; of a wider
+    table each sample shows its `limit` weightiest columns (`shown_columns`), the shares still
+    counting all of them."""
     rows = len(samples) * len(runs)
     features = len(samples[0].annotation)
-    width = max(2.6, 0.09 * features + 0.8)
-    fig = Figure(figsize=(width * len(columns) + 1.2, 1.5 * rows + 1.0))
-    axes = fig.subplots(rows, len(columns), squeeze=False, sharex=True)
-    positions = np.arange(features)
+    width = max(2.6, 0.09 * min(features, limit) + 0.8)
+    fig = Figure(figsize=(width * len(columns) + 1.2, (1.5 if features <= limit else 1.9) * rows + 1.0))
+    axes = fig.subplots(rows, len(columns), squeeze=False)
+    labels = np.array(names if names is not None and len(names) == features else [str(i) for i in range(features)])
     for s, sample in enumerate(samples):
-        bar_colours = [TABLE_COLOURS[int(a > 0)] for a in sample.annotation]
+        shown = shown_columns(panels[s], features, limit)
+        positions = np.arange(len(shown))
+        bar_colours = [TABLE_COLOURS[int(sample.annotation[i] > 0)] for i in shown]
         for r, run in enumerate(runs):
             row = axes[s * len(runs) + r]
             row[0].set_ylabel(f"{run}\n{sample.heading}" if r == 0 else run, fontsize=7)
             for ax, panel in zip(row, panels[s][r]):
                 if panel.values is not None:
-                    ax.bar(positions, scaled(panel.values), color=bar_colours, width=0.8)
+                    ax.bar(positions, scaled(panel.values)[shown], color=bar_colours, width=0.8)
                 ax.axhline(0, color="black", linewidth=0.5)
                 ax.set_ylim(-1.05, 1.05)
                 ax.tick_params(labelsize=6)
+                last = r == len(runs) - 1 and (features > limit or s == len(samples) - 1)
+                ax.set_xticks(positions, labels[shown] if last else [], rotation=90,
+                              fontsize=5 if len(shown) > 20 else 7)
                 _note(ax, panel, sample.annotation)
     for ax, name in zip(axes[0], columns):
         ax.set_title(name, fontsize=8)
-    for ax in axes[-1]:
-        ax.set_xticks(positions, [str(i) for i in positions], rotation=90, fontsize=5 if features > 20 else 7)
-    fig.suptitle(f"{title}\n{share_legend(samples[0].annotation, 'columns', 'orange bars')}", fontsize=9)
+    subset = f"; each sample's {limit} weightiest columns of {features}" if features > limit else ""
+    fig.suptitle(f"{title}\n{share_legend(samples[0].annotation, 'columns', 'orange bars')}{subset}", fontsize=9)
     fig.tight_layout()
     return fig
 
