@@ -105,7 +105,7 @@ def test_cd_of_a_patch_alone_is_its_centred_relevant_logit() -> None:
 
 def test_text_maps_sit_on_the_word_the_model_reads() -> None:
     torch.manual_seed(0)
-    model, word = ReadsWord(10, 7), 7
+    model = ReadsWord(10, 7)
     x = torch.tensor([[3, 7, 2, 5], [7, 4, 0, 0]])
     y = torch.tensor([0, 1])
     train = torch.randint(1, 7, (40, 5))  # references without the word: EG credits only x's own

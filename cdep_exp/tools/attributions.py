@@ -15,7 +15,6 @@ of an image (B, H, W), a column of a table (B, d), a token of a text (B, T).
 
 LIME (`cdep_exp.tools.lime_maps`) gives the same shapes.
 """
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

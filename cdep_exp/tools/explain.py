@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
@@ -202,7 +203,7 @@ def load_groups(run_dirs: list[Path], data_dir: str | None) -> list[list[Restore
     return out
 
 
-def draw(group: list[RestoredRun], batch: Batch, methods: list[str], explainers: list[Explainers]) -> "Figure":
+def draw(group: list[RestoredRun], batch: Batch, methods: list[str], explainers: list[Explainers]) -> Figure:
     kind = input_kind(batch.x)
     splits = group[0].splits
     per_run = [e.panels(methods, batch) for e in explainers]

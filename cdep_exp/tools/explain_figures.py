@@ -10,7 +10,6 @@ as orange bars (tables); each panel gives the share of its |attribution| that li
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
