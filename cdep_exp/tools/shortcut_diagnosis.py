@@ -17,18 +17,14 @@ On a linear model without bias gap = 0 and effect = rel. Needs mask-type or rele
 annotations (not ColorMNIST's sampled masks).
 """
 import argparse
-import inspect
 from pathlib import Path
 
 import torch
-from hydra.utils import get_object
-from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from cdep_exp.cd import decompose
 from cdep_exp.penalties.base import annotated_samples, centred, eval_mode, without_annotated
-from cdep_exp.run.compose import DATASET_META_KEYS, build_model, build_splits
-from cdep_exp.run.record import RunRecord
+from cdep_exp.run.restore import restore_run
 
 
 @torch.no_grad()
@@ -57,29 +53,12 @@ def interaction_energies(model: torch.nn.Module, loader: DataLoader, relevant: b
     return out
 
 
-def current_dataset_keys(dataset: DictConfig) -> DictConfig:
-    """The dataset config without keys its builder no longer takes (records of older code)."""
-    accepted = set(inspect.signature(get_object(dataset._target_)).parameters)
-    return OmegaConf.create({k: v for k, v in dataset.items()
-                             if k in accepted or k in DATASET_META_KEYS or k.startswith("_")})
-
-
 def diagnose(run_dir: Path, split: str | None = None, dataset_overrides: dict | None = None) -> dict[str, float]:
     """Energies of the run's best checkpoint on `split` (see the module docstring), with the
     dataset config changed by `dataset_overrides` (e.g. {"annotation": "colour"} to read a
     vanilla ColorMNIST run through the colour-part annotation)."""
-    cfg = OmegaConf.create(RunRecord.load(run_dir / RunRecord.FILE).config_on())
-    dataset = current_dataset_keys(cfg.dataset)
-    for key, value in (dataset_overrides or {}).items():
-        dataset[key] = value
-    splits = build_splits(dataset)
-    model = build_model(cfg.model, splits)
-    state = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
-    # A frozen-backbone model trained on cached features checkpoints its head only.
-    head = getattr(model, "head", None)
-    target = head if head is not None and not any(k.startswith("backbone.") for k in state) and \
-        set(state) <= set(head.state_dict()) else model
-    target.load_state_dict(state)
+    restored = restore_run(run_dir, dataset_overrides)
+    splits, model = restored.splits, restored.model
     if split is None:
         cf = splits.counterfactuals.get(splits.shortcut)
         dataset = cf.dataset if cf is not None else splits.tests["test"]
