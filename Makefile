@@ -30,7 +30,7 @@ launcher_args = hydra/launcher=$(call launcher_for,$(1)) $(if $(filter local,$(c
 threads_for = $(if $(filter basic,$(call launcher_for,$(1))),$(OMP_NUM_THREADS),$(SWEEP_THREADS))
 
 .PHONY: setup run test test-all bench-cost gpu-wheels gpu-check clean tables $(TABLES) figures notebooks \
-	benchmark shortcut benchmark-report rrr-paper rrr_iris rrr_toy_colors rrr_decoy
+	benchmark shortcut benchmark-report rrr-paper rrr_iris rrr_toy_colors rrr_decoy rrr-explanations
 
 $(VENV)/.installed: requirements.txt requirements-data.txt pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -128,12 +128,24 @@ benchmark-report: setup
 ## The RRR paper's experiments (Ross et al. 2017; docs/reproducing.md, "The RRR paper"): Iris-Cancer,
 ## Toy Colors' sweep over the share of annotated images, Decoy MNIST with the paper's MLP, each
 ## beside the paper's numbers in results/<scale>/rrr_*.md, and their figures.
+## Then, from seed 0 of each table, the explanation pictures (results/figures/<scale>/explanations/)
+## and the seconds per explanation, input gradients against LIME (results/<scale>/rrr_table1.md).
 RRR_TABLES := rrr_iris rrr_toy_colors rrr_decoy
 rrr-paper:
-	$(MAKE) --keep-going --no-print-directory $(RRR_TABLES) figures
+	$(MAKE) --keep-going --no-print-directory $(RRR_TABLES) figures rrr-explanations
 
 $(RRR_TABLES): setup
 	$(call table_recipe,$@,$(DATA_DIR),)
+
+# The run directory of seed 0 of $(2) in table $(1) whose metrics.json contains $(3) (all when empty).
+rrr_run = $(patsubst %/metrics.json,%,$(firstword $(shell grep -l -s -E -e '$(3)' \
+	outputs/tables/$(SCALE)/$(1)/*/$(2)/lam=*/seed=0/*/metrics.json)))
+rrr-explanations: setup
+	$(PY) -m cdep_exp.tools.explain --data-dir $(DATA_DIR) --out results/figures/$(SCALE)/explanations \
+	  --timing results/$(SCALE)/rrr_table1 \
+	  $(call rrr_run,rrr_iris,vanilla,) $(call rrr_run,rrr_iris,rrr,) \
+	  $(call rrr_run,rrr_toy_colors,vanilla,) $(call rrr_run,rrr_toy_colors,rrr,"annotated_fraction": 1(\.0+)?[^.0-9]) \
+	  $(call rrr_run,rrr_decoy,vanilla,) $(call rrr_run,rrr_decoy,rrr,)
 
 ## Accuracy against λ per method (paper Fig. S2) from the runs so far: results/figures/<scale>/.
 figures: setup
