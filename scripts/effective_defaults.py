@@ -29,17 +29,20 @@ CONF = ROOT / "conf"
 PAPER_DATASETS = ("decoymnist", "decoyfmnist", "colormnist", "compas", "sst", "isic", "isic_synthetic")
 DATASETS = (*PAPER_DATASETS,
             *sorted(p.stem for p in (CONF / "dataset").glob("*.yaml") if p.stem not in PAPER_DATASETS))
-METHODS = ("vanilla", "cdep", "cdep_original", "rrr", "eg", "augment", "clp", "group_dro", "jtt", "dfr")
+METHODS = ("vanilla", "cdep", "cdep_original", "rrr", "eg", "augment", "clp", "group_dro", "jtt", "dfr",
+           "find_another")
 # Pairs that compose but that the run refuses before training (cdep_exp/run/compose.py:
 # build_learner; tests/test_every_pair_trains.py checks the isic_synthetic ones), and why.
 NO_COUNTERFACTUAL = "ISIC's data gives a mask only, not the counterfactual input these methods train on"
 NO_GROUPS = "Toy Colors has no groups: both rules agree with the class in every split"
 NO_NEWSGROUPS_GROUPS = ("20 Newsgroups has no groups: every post carries headers, so none has a shortcut that "
                         "disagrees with its class")
+NO_INPUT_GRADIENT = "SST's inputs are token ids, which have no input gradient to take M_c from"
 REFUSED = {**{(dataset, method): NO_COUNTERFACTUAL
               for dataset in ("isic", "isic_synthetic") for method in ("augment", "clp")},
            **{("toy_colors", method): NO_GROUPS for method in ("group_dro", "dfr")},
-           **{("newsgroups", method): NO_NEWSGROUPS_GROUPS for method in ("group_dro", "dfr")}}
+           **{("newsgroups", method): NO_NEWSGROUPS_GROUPS for method in ("group_dro", "dfr")},
+           ("sst", "find_another"): NO_INPUT_GRADIENT}
 START, END = "<!-- defaults:start -->", "<!-- defaults:end -->"
 HEADER = ("dataset", "method", "λ", "model", "optimizer", "batch", "epochs", "penalty / stage settings",
           "pair file: what it sets")

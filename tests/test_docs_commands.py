@@ -41,7 +41,8 @@ from cdep_exp.run.compose import trainer_settings, validate
 ROOT = Path(__file__).resolve().parents[1]
 EXEMPT = {"docs/reference.md"}
 DATASETS = tuple(sorted(path.stem for path in (ROOT / "conf" / "dataset").glob("*.yaml")))
-METHODS = ("vanilla", "cdep", "cdep_original", "rrr", "eg", "augment", "clp", "group_dro", "jtt", "dfr")
+METHODS = ("vanilla", "cdep", "cdep_original", "rrr", "eg", "augment", "clp", "group_dro", "jtt", "dfr",
+           "find_another")
 # Configs a standalone override may need besides the dataset × method pairs (scale=…, grid.…).
 PRESETS = ("table1/cdep", "table2/decoymnist_cdep", "table3/faithful_cdep", "table4/cdep", "tableS1/cdep",
            "shortcut/decoymnist_cdep_both", "demo")

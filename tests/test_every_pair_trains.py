@@ -1,5 +1,5 @@
 """Every dataset × method pair trains with only `dataset=` and `method=` chosen (plus the data
-root and caps that make it a few steps on tiny data): 5 datasets × 9 methods; a method that
+root and caps that make it a few steps on tiny data): 5 datasets × 10 methods; a method that
 cannot apply to a dataset fails with one line saying why."""
 import json
 import math
@@ -15,9 +15,10 @@ from test_data_compas import write_csv
 from test_data_sst import write_trees
 
 DATASETS = ("decoymnist", "colormnist", "compas", "sst", "isic_synthetic")
-METHODS = ("vanilla", "cdep", "rrr", "eg", "augment", "clp", "group_dro", "jtt", "dfr")
+METHODS = ("vanilla", "cdep", "rrr", "eg", "augment", "clp", "group_dro", "jtt", "dfr", "find_another")
 # Pairs that cannot apply, and what their one-line error says.
-REFUSED = {("isic_synthetic", m): "cannot build them" for m in ("augment", "clp")}
+REFUSED = {**{("isic_synthetic", m): "cannot build them" for m in ("augment", "clp")},
+           ("sst", "find_another"): "token ids"}
 CAPS = ["trainer.max_epochs=1", "trainer.max_steps_per_epoch=2", "trainer.batch_size=4", "trainer.progress=false"]
 # Tiny data, not other settings: how many images the generator draws, at what size.
 TINY_DATA = {
@@ -61,6 +62,6 @@ def test_pair_trains_from_its_defaults(
     assert math.isfinite(penalty) and penalty >= 0 and (method != "vanilla" or penalty == 0)
     assert record["config"]["method"]["name"] == method
     if dataset == "isic_synthetic":
-        through_images = method in ("rrr", "eg")
+        through_images = method in ("rrr", "eg", "find_another")
         assert (record["model"] == "VGG16Classifier") == through_images
         assert ("Feature cache off" in caplog.text) == through_images

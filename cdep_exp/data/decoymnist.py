@@ -117,6 +117,7 @@ def build_decoymnist(
     max_train: int | None = None,
     max_test: int | None = None,
     images: str = "mnist",
+    decoy: bool = True,
 ) -> Splits:
     """DecoyMNIST splits: train/val with train-style shades, tests {"test": decoyed MNIST test}.
 
@@ -128,10 +129,16 @@ def build_decoymnist(
     max_train: use only this many MNIST training images (before the train/val split).
     max_test: use only this many test images.
     images: "mnist" (DecoyMNIST) or "fashion_mnist" (DecoyFMNIST).
+    decoy: False leaves every training, validation and test image without its patch (plain
+      digits, the same samples, annotation and counterfactuals; every group "no patch"): the
+      clean-digits baseline of the same network. Not in the dataset config, so that the hash of
+      every decoyed run stays as it was: `+dataset.decoy=false`.
 
     Groups (`Splits.groups`): whether a sample's patch has its class's training shade ("class
     shade": every training and validation image; test images of the "ross" variant by chance)
     or not ("other shade").
+
+    Region (`Splits.regions`, for `grad_in_corners`): the four corner squares of the annotation.
 
     Counterfactuals of "test" (`cdep_exp.scoring.shortcut`): "patch_removed", the same digits without
     the patch (the background shade everywhere), and "patch_train_shade", the patch in the same
@@ -151,6 +158,8 @@ def build_decoymnist(
     else:
         test_shades = train_shades(test_rng.integers(0, 10, size=len(mnist.test_y)))
     test_x, test_offsets = add_decoy(mnist.test_x, test_shades, size, test_rng)
+    if not decoy:  # the corners were still drawn, so every other draw stays as with decoys
+        train_x, test_x = mnist.train_x, mnist.test_x
 
     keep = subsample(len(train_x), max_train, split_seed)
     x, y = scale(train_x[keep]), torch.from_numpy(mnist.train_y[keep].copy())
@@ -174,14 +183,16 @@ def build_decoymnist(
         tests={"test": shared_annotation(xt, yt, annotation)},
         num_classes=10,
         input_shape=(1, 28, 28),
-        description=f"{'DecoyMNIST' if images == 'mnist' else 'DecoyFMNIST'} ({variant}) on {mnist.description}",
+        description=(f"{'DecoyMNIST' if images == 'mnist' else 'DecoyFMNIST'} ({variant}"
+                     f"{'' if decoy else ', no patches'}) on {mnist.description}"),
         shortcut="patch_train_shade",
-        regions={"corners": annotation},
         val_shortcut="val_patch_random_shade",
         counterfactual_input=paint_background,
-        groups={"train": shade_groups(train_shades(y[tr]), y[tr].numpy()),
-                "val": shade_groups(train_shades(y[va]), y[va].numpy()),
-                "test": shade_groups(test_shades[keep_test], yt.numpy())},
+        groups=({"train": shade_groups(train_shades(y[tr]), y[tr].numpy()),
+                 "val": shade_groups(train_shades(y[va]), y[va].numpy()),
+                 "test": shade_groups(test_shades[keep_test], yt.numpy())} if decoy else
+                {"train": ["no patch"] * len(tr), "val": ["no patch"] * len(va), "test": ["no patch"] * len(yt)}),
+        regions={"corners": annotation.clone()},
         counterfactuals={
             "patch_removed": counterfactual(mnist.test_x, "test digits without their patch"),
             "patch_train_shade": counterfactual(

@@ -19,7 +19,6 @@ from cdep_exp.run.compose import build_learner, build_splits, seed_everything, t
 from cdep_exp.run.directory import RunDirectory
 from cdep_exp.run.identity import DataRoot, config_hash, config_identity, register_resolvers
 from cdep_exp.run.record import FAILED, RunRecord
-from cdep_exp.scoring.evaluation import evaluate_splits
 from cdep_exp.scoring.metrics import compute_metrics
 from cdep_exp.training import Checkpointer, NonFiniteLossError, Objective, TrainerSettings, Validation, fit
 
@@ -173,12 +172,13 @@ def _run_locked(cfg: DictConfig, directory: RunDirectory, lam: float, settings: 
             checkpointer.load_best(model)
         if stage is not None:
             stage.after_fit(model, context)
-        results = evaluate_splits(model, splits, context.eval_loader, device, metric_names, val_weights)
+        results = context.score(model)
         for split, values in results.items():
             for key, value in values.items():
                 writer.add_scalar(f"{split}/{key}", value, state.epoch)
 
     record.metrics, record.history = results, state.history
+    record.stage = stage.summary(results) if stage is not None else {}
     record.epochs_run, record.best_epoch, record.best_val_loss = state.epoch, state.best_epoch, state.best_val_loss
     record.seconds_per_epoch = state.seconds / max(len(state.history), 1)
     for key, value in peak_memory_gib(device).items():

@@ -28,6 +28,7 @@ from cdep_exp.feature_cache import CacheSettings, cache_splits, frozen_backbone
 from cdep_exp.penalties.base import Penalty
 from cdep_exp.run.checks import check_target, non_finite
 from cdep_exp.run.stages import Stage, StageContext
+from cdep_exp.scoring.evaluation import evaluate_splits
 from cdep_exp.training import EpochBatches, Optimisation, Precision, TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -274,10 +275,10 @@ def build_learner(cfg: DictConfig, splits: Splits, device: torch.device, setting
             log.info("%s reads %d training groups (class, attribute): %s", cfg.method.name, len(names),
                      ", ".join(f"({y}, {a})" for y, a in names))
         stage = instantiate_plain(cfg.method.stage) if cfg.method.get("stage") else None
-        context = stage_context(cfg, splits, settings, device, directory)
+        context = stage_context(cfg, splits, settings, device, directory, penalty)
         if stage is not None:
             splits = stage.before_fit(model, context)
-            context = stage_context(cfg, splits, settings, device, directory)  # loaders of the new splits
+            context = context.rebuild(splits)  # loaders of the new splits
         penalty.counterfactual = splits.counterfactual_input
         penalty.bind(splits.annotation)
     except ValueError as err:
@@ -290,10 +291,16 @@ def build_learner(cfg: DictConfig, splits: Splits, device: torch.device, setting
 
 
 def stage_context(cfg: DictConfig, splits: Splits, settings: TrainerSettings, device: torch.device,
-                  directory: Path) -> StageContext:
-    """What a method's stage (and the main fit) train with: loaders, optimisation, task loss."""
+                  directory: Path, penalty: Penalty | None = None) -> StageContext:
+    """What a method's stage (and the main fit) train with: loaders, optimisation, task loss, the
+    method's penalty and λ, the run's scoring of a model, and the same for other splits."""
     batches, eval_loader = make_loaders(splits, settings, cfg.seed, device)
     weights = None if splits.class_weights is None else splits.class_weights.to(device)
+    val_weights = weights if settings.weighted_val_loss else None
+    score = partial(evaluate_splits, splits=splits, make_loader=eval_loader, device=device,
+                    metric_names=list(cfg.dataset.metrics), val_weights=val_weights)
     return StageContext(splits, settings, batches, eval_loader,
                         lambda model: build_optimisation(cfg, model, settings.max_epochs),
-                        partial(F.cross_entropy, weight=weights), device, directory)
+                        partial(F.cross_entropy, weight=weights), device, directory, penalty, float(cfg.method.lam),
+                        score, partial(stage_context, cfg, settings=settings, device=device, directory=directory,
+                                       penalty=penalty))

@@ -54,7 +54,8 @@ class RunRecord:
     val_loss, val_<metric>). status: "finished" or "failed" (with `error`); revisions: every
     code revision (commit, dirty) that trained the run, in order, `git` the last of them.
     Seconds are wall seconds per epoch, validation included; peak memory in GiB of the kind
-    named by peak_memory_kind (CUDA allocated, or the process's peak resident set).
+    named by peak_memory_kind (CUDA allocated, or the process's peak resident set). stage: what
+    the method's stage recorded (`Stage.summary`; find_another: one entry per iteration), else {}.
     """
 
     dataset: str
@@ -83,6 +84,7 @@ class RunRecord:
     revisions: list[dict[str, Any]] = field(default_factory=list)
     status: str = FINISHED
     error: str | None = None
+    stage: dict[str, Any] = field(default_factory=dict)
 
     FILE: ClassVar[str] = "metrics.json"
 

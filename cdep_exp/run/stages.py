@@ -6,6 +6,9 @@
 * `RetrainLastLayer` (DFR, Kirichenko et al., ICLR 2023): after an ERM fit, refit the last
   linear layer by logistic regression on group-balanced validation data. Reads the validation
   groups (`Splits.groups["val"]`).
+
+Find-another-explanation (Ross et al. 2017), a stage that trains several models, lives in
+`cdep_exp.run.find_another`.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -29,6 +32,7 @@ from cdep_exp.data.base import Splits
 from cdep_exp.data.groups import Relabelled, group_ids, labels_of
 from cdep_exp.errors import ConfigError
 from cdep_exp.penalties import Vanilla
+from cdep_exp.penalties.base import Penalty
 from cdep_exp.scoring.evaluation import evaluate
 from cdep_exp.training import Checkpointer, EpochBatches, Objective, Optimisation, TrainerSettings, Validation, fit
 
@@ -37,7 +41,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StageContext:
-    """What a stage may use: the data, the training recipe and where to keep its checkpoints."""
+    """What a stage may use: the data, the training recipe and where to keep its checkpoints.
+
+    A stage that trains with the method's own objective reads `penalty` (built from the config,
+    not yet bound to an annotation kind) and `lam`; `score` evaluates a model as the run does
+    (`cdep_exp.scoring.evaluation.evaluate_splits`: {split: {metric: value}}); `rebuild` gives
+    the context of the same run on other splits (e.g. the training set re-annotated)."""
 
     splits: Splits
     settings: TrainerSettings
@@ -47,15 +56,22 @@ class StageContext:
     task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     device: torch.device
     directory: Path
+    penalty: Penalty | None = None
+    lam: float = 0.0
+    score: Callable[[nn.Module], dict[str, dict[str, float]]] | None = None
+    rebuild: Callable[[Splits], "StageContext"] | None = None
 
 
 class Stage(Protocol):
     """A method's stage: `before_fit` returns the splits the main fit trains on (re-annotated,
-    or as given); `after_fit` changes the trained model before it is evaluated."""
+    or as given); `after_fit` changes the trained model before it is evaluated; `summary` gets
+    the trained model's scores and returns what the stage records in metrics.json (`stage`)."""
 
     def before_fit(self, model: nn.Module, context: StageContext) -> Splits: ...
 
     def after_fit(self, model: nn.Module, context: StageContext) -> None: ...
+
+    def summary(self, results: dict[str, dict[str, float]]) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -87,6 +103,9 @@ class IdentifyErrors:
 
     def after_fit(self, model: nn.Module, context: StageContext) -> None:
         return None
+
+    def summary(self, results: dict[str, dict[str, float]]) -> dict[str, Any]:
+        return {}
 
 
 def last_linear(model: nn.Module) -> nn.Linear:
@@ -156,6 +175,9 @@ class RetrainLastLayer:
             layer.weight.copy_(torch.as_tensor(np.mean(weights, 0), dtype=layer.weight.dtype))
             if layer.bias is not None:
                 layer.bias.copy_(torch.as_tensor(np.mean(biases, 0), dtype=layer.bias.dtype))
+
+    def summary(self, results: dict[str, dict[str, float]]) -> dict[str, Any]:
+        return {}
 
     @staticmethod
     def _full_classes(fitted: LogisticRegression, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

@@ -31,25 +31,38 @@ def largest_components(grad: Tensor, cutoff: float = 0.67) -> Tensor:
     return top.any(1) if grad.ndim > 2 else top
 
 
+def explanation_masks(model: nn.Module, loader: DataLoader, device: torch.device, cutoff: float = 0.67) -> Tensor:
+    """M_c (`largest_components`) of every sample of `loader`, in order, on the CPU: booleans (N,
+    *sample shape) for flat inputs, (N, 1, H, W) for images (one mask per pixel, broadcastable
+    over the channels as an annotation is). The model is put in eval mode and restored. Raises
+    ValueError for a cutoff outside (0, 1] and TypeError for inputs that are not floating point
+    (token ids have no input gradient)."""
+    was_training = model.training
+    model.eval()
+    masks = []
+    try:
+        for batch in loader:
+            x = batch[0].to(device)
+            if not torch.is_floating_point(x):
+                raise TypeError(f"input gradients need continuous inputs, and these are {x.dtype} (token ids?)")
+            top = largest_components(input_gradients(model, x), cutoff)
+            masks.append((top.unsqueeze(1) if x.ndim > 2 else top).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(masks)
+
+
 def region_shares(model: nn.Module, loader: DataLoader, device: torch.device, regions: dict[str, Tensor],
                   cutoff: float = 0.67) -> dict[str, float]:
     """For each region (a 0/1 mask of one sample's shape, or of its spatial shape for images),
     the mean over samples of the share of M_c that lies inside it, as a percentage. Samples
     whose gradient is all zero count as 0. The model is put in eval mode and restored."""
-    was_training = model.training
-    model.eval()
-    totals = {name: 0.0 for name in regions}
-    count = 0
-    try:
-        for batch in loader:
-            x = batch[0].to(device)
-            top = largest_components(input_gradients(model, x), cutoff).float().flatten(1)
-            size = top.sum(1).clamp_min(1)
-            for name, region in regions.items():
-                inside = region.to(device).float()
-                inside = inside.amax(0) if inside.ndim == x.ndim - 1 and x.ndim > 2 else inside
-                totals[name] += float(((top * inside.flatten()).sum(1) / size).sum())
-            count += len(x)
-    finally:
-        model.train(was_training)
-    return {name: 100 * value / max(count, 1) for name, value in totals.items()}
+    top = explanation_masks(model, loader, device, cutoff).float().flatten(1)
+    size = top.sum(1).clamp_min(1)
+    shares = {}
+    for name, region in regions.items():
+        inside = region.float()
+        if inside.numel() != top.shape[1]:  # a region of an image's full shape: any channel counts
+            inside = inside.amax(0)
+        shares[name] = 100 * float(((top * inside.flatten()).sum(1) / size).mean()) if len(top) else 0.0
+    return shares
