@@ -30,7 +30,7 @@ launcher_args = hydra/launcher=$(call launcher_for,$(1)) $(if $(filter local,$(c
 threads_for = $(if $(filter basic,$(call launcher_for,$(1))),$(OMP_NUM_THREADS),$(SWEEP_THREADS))
 
 .PHONY: setup run test test-all bench-cost gpu-wheels gpu-check clean tables $(TABLES) figures notebooks \
-	benchmark shortcut benchmark-report rrr-paper rrr_iris rrr_toy_colors rrr_decoy rrr-explanations
+	benchmark shortcut benchmark-report rrr-paper rrr_iris rrr_toy_colors rrr_decoy rrr_fae rrr-explanations
 
 $(VENV)/.installed: requirements.txt requirements-data.txt pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -126,11 +126,12 @@ benchmark-report: setup
 	$(PY) -m cdep_exp.reporting --figures --scale $(SCALE)
 
 ## The RRR paper's experiments (Ross et al. 2017; docs/reproducing.md, "The RRR paper"): Iris-Cancer,
-## Toy Colors' sweep over the share of annotated images, Decoy MNIST with the paper's MLP, each
+## Toy Colors' sweep over the share of annotated images, Decoy MNIST with the paper's MLP,
+## find-another-explanation on Decoy MNIST and Iris-Cancer, each
 ## beside the paper's numbers in results/<scale>/rrr_*.md, and their figures.
 ## Then, from seed 0 of each table, the explanation pictures (results/figures/<scale>/explanations/)
 ## and the seconds per explanation, input gradients against LIME (results/<scale>/rrr_table1.md).
-RRR_TABLES := rrr_iris rrr_toy_colors rrr_decoy
+RRR_TABLES := rrr_iris rrr_toy_colors rrr_decoy rrr_fae
 rrr-paper:
 	$(MAKE) --keep-going --no-print-directory $(RRR_TABLES) figures rrr-explanations
 

@@ -180,6 +180,31 @@ def test_rrr_paper_tables_read_counterfactual_accuracy_and_gradient_location(tmp
     assert cells.loc["Vanilla", "missing"] == 2 and cells.loc["RRR, 0 % annotated", "missing"] == 0
 
 
+def test_find_another_table_has_a_row_per_model_of_the_iteration(tmp_path: Path) -> None:
+    for seed in range(2):
+        models = [{"iteration": i, "masked": 8.0 * i,
+                   "metrics": {"val": {"accuracy": 99.0},
+                               "test": {"accuracy": accuracy + seed, "grad_in_corners": 99.0 if i == 0 else 0.0},
+                               "cf_patch_removed": {"accuracy": accuracy}, "train": {"accuracy": 99.0}}}
+                  for i, accuracy in enumerate((33.0, 94.0, 88.0))]
+        # The run's own metrics are the last model's; each row must read its own model's.
+        write_run(tmp_path, "rrr_fae", "rrr_fae/decoymnist", "find_another", 0.1, seed,
+                  models[-1]["metrics"], dataset="decoymnist",
+                  stage={"cutoff": 0.67, "start": "empty", "iterations": models})
+        write_run(tmp_path, "rrr_fae", "rrr_fae/decoymnist_clean", "vanilla", 0, seed,
+                  {"val": {"accuracy": 96.0}, "test": {"accuracy": 95.0}}, dataset="decoymnist")
+    table = tables.build("rrr_fae", "quick", tmp_path / OUTPUTS)
+    cells = table.cells.set_index(["dataset", "model"])
+    assert list(cells.loc["Decoy MNIST"].index) == ["model 0", "model 1", "model 2", "same MLP, clean digits"]
+    assert cells.loc[("Decoy MNIST", "model 1"), "accuracy mean"] == 94.5
+    assert cells.loc[("Decoy MNIST", "model 0"), "on_shortcut mean"] == 99.0
+    assert cells.loc[("Decoy MNIST", "model 2"), "masked mean"] == 16.0
+    assert cells.loc[("Decoy MNIST", "same MLP, clean digits"), "accuracy mean"] == 95.0
+    assert cells.loc[("Decoy MNIST", "model 1"), "missing"] == 0
+    # Iris-Cancer has no run yet: each of its 4 models counts the 3 quick seeds as missing.
+    assert cells.loc[("Iris-Cancer", "model 3"), "missing"] == 3
+
+
 def test_every_lambda_the_rule_passed_over_is_reported_with_its_score(tmp_path: Path) -> None:
     for seed in range(2):
         for lam, val, test in ((100, 99.0, 90.0 + seed), (1000, 98.0, 97.0), (10000, 96.0, 96.0)):

@@ -5,8 +5,9 @@
 One figure per Table 2 dataset (ColorMNIST is the paper's Fig. S2), with the shortcut metric
 (flipped predictions under the counterfactual) against λ beside accuracy, and one per Table 4
 SST variant. The RRR paper's tables get accuracy and input-gradient location against λ
-(Iris-Cancer; Decoy MNIST, the paper's Figure 9) and, for Toy Colors, against the share of
-annotated training images (the paper's Figure 3). The shortcut benchmark gets one figure of test accuracy against flips, a panel per
+(Iris-Cancer; Decoy MNIST, the paper's Figure 9), for Toy Colors against the share of
+annotated training images (the paper's Figure 3), and for find-another-explanation per model of
+the iteration (the paper's Figure 10). The shortcut benchmark gets one figure of test accuracy against flips, a panel per
 dataset and a point per method and λ (shortcut_tradeoff.png). Other scripts (e.g. ISIC heatmaps) write their figures into results/figures/ too;
 the notebooks show them all.
 """
@@ -15,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from cdep_exp.reporting.tables import BENCHMARK_DATASETS, BENCHMARK_METHODS, TABLES, load, scored
+from cdep_exp.reporting.tables import (BENCHMARK_DATASETS, BENCHMARK_METHODS, CLEAN, FAE_DATASETS, TABLES, load,
+                                       scored)
 
 # (table, column that splits it into figures (None: one figure), rows kept, panels: (metric column, y label))
 FIGURES = (
@@ -162,13 +164,53 @@ def tradeoff_figures(scale: str, outputs: Path) -> dict[str, Figure]:
                                                        f"({scale} scale, every λ)")}
 
 
+def iterations_figure(runs: pd.DataFrame, title: str) -> Figure:
+    """Find-another-explanation (the RRR paper's Figure 10): per dataset, test accuracy, accuracy
+    without the shortcut and the % of the largest gradients on it for each model of the
+    iteration (mean ± std over seeds); the clean-digits model as a dashed line."""
+    datasets = [d for d in FAE_DATASETS.values() if d in set(runs["dataset"])]
+    fig = Figure(figsize=(5.5 * len(datasets), 3.8))
+    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
+    for ax, dataset in zip(axes, datasets):
+        group = runs[runs["dataset"] == dataset]
+        models = group[group["model"].str.startswith("model ")]
+        index = models["model"].str.removeprefix("model ").astype(int)
+        for i, (metric, label) in enumerate((("accuracy", "test accuracy"), ("without", "without the shortcut"),
+                                             ("on_shortcut", "top gradients on the shortcut"))):
+            stats = models.assign(i=index).groupby("i")[metric].agg(["mean", "std"]).sort_index()
+            ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=3,
+                        color=f"C{i}", label=label)
+        clean = group.loc[group["model"] == CLEAN, "accuracy"].dropna()
+        if not clean.empty:
+            ax.axhline(clean.mean(), color="grey", linestyle="--", label=CLEAN)
+        ax.set_xticks(sorted(index.unique()))
+        ax.set_xlabel("model (iteration of find-another-explanation)")
+        ax.set_ylabel("%")
+        ax.set_title(dataset)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def iterations_figures(scale: str, outputs: Path) -> dict[str, Figure]:
+    """The find-another-explanation figure, when its table has finished runs."""
+    if not (Path(outputs) / scale / "rrr_fae").is_dir():
+        return {}
+    runs = scored(TABLES["rrr_fae"], load("rrr_fae", scale, outputs).found)
+    if runs.empty:
+        return {}
+    return {"rrr_fae_iterations": iterations_figure(
+        runs, f"RRR paper, find-another-explanation: each model of the iteration ({scale} scale)")}
+
+
 def write_figures(scale: str, outputs: Path, out_dir: Path) -> list[Path]:
     """The λ figures and the benchmark's trade-off figure as PNG files under out_dir; returns
     the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     figures = {**lambda_figures(scale, outputs), **tradeoff_figures(scale, outputs),
-               **annotated_share_figures(scale, outputs)}
+               **annotated_share_figures(scale, outputs), **iterations_figures(scale, outputs)}
     for stem, fig in figures.items():
         fig.savefig(out_dir / f"{stem}.png", dpi=120)
         written.append(out_dir / f"{stem}.png")

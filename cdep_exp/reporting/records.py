@@ -15,7 +15,7 @@ from cdep_exp.run.record import RunRecord
 # the RRR paper's Iris-Cancer draws), and `overrides` its command-line overrides, for reading.
 KEYS = ["dataset", "method", "lam", "settings"]
 RECORD_FIELDS = ("dataset", "data", "method", "lam", "seed", "device", "device_name", "epochs_run", "best_epoch",
-                 "seconds_per_epoch", "peak_memory_gib", "peak_memory_kind", "shortcut", "val_shortcut")
+                 "seconds_per_epoch", "peak_memory_gib", "peak_memory_kind", "shortcut", "val_shortcut", "stage")
 
 
 def flatten_record(record: RunRecord, path: Path) -> dict:

@@ -29,7 +29,8 @@ REQUIRED = ("method", "method.lam", "seed")
 TOP_LEVEL = {"method": "method", "method.lam": "lam", "seed": "seed"}
 # Columns that describe an expected run from its composed preset (not matched against records):
 # column: dotted key of the config.
-DESCRIBED = {"dataset": "dataset.name", "protocol": "protocol"}
+# stage_iterations: how many models a find-another-explanation run trains before its own.
+DESCRIBED = {"dataset": "dataset.name", "protocol": "protocol", "stage_iterations": "method.stage.iterations"}
 
 
 def table_presets(table: str, conf_dir: Path = CONF_DIR) -> list[str]:
