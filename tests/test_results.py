@@ -203,6 +203,9 @@ def test_find_another_table_has_a_row_per_model_of_the_iteration(tmp_path: Path)
     assert cells.loc[("Decoy MNIST", "model 1"), "missing"] == 0
     # Iris-Cancer has no run yet: each of its 4 models counts the 3 quick seeds as missing.
     assert cells.loc[("Iris-Cancer", "model 3"), "missing"] == 3
+    from cdep_exp.reporting.figures import write_figures
+    written = write_figures("quick", tmp_path / OUTPUTS, tmp_path / "figures")
+    assert [path.name for path in written] == ["rrr_fae_iterations.png"] and written[0].stat().st_size > 10_000
 
 
 def test_every_lambda_the_rule_passed_over_is_reported_with_its_score(tmp_path: Path) -> None:

@@ -60,13 +60,12 @@ def lambda_figure(runs: pd.DataFrame, panels: tuple[tuple[str, str], ...], title
 
 
 def lambda_figures(scale: str, outputs: Path) -> dict[str, Figure]:
-    """One figure per Table 2 dataset and Table 4 variant with finished runs, by file stem."""
+    """One figure per Table 2 dataset and Table 4 variant, and one per RRR-paper λ table
+    (Iris-Cancer, Decoy MNIST), with finished runs, by file stem."""
     made = {}
     for table, split, keep, panels in FIGURES:
-        if not (Path(outputs) / scale / table).is_dir():
-            continue  # nothing trained: composing the table's presets is not worth it
-        runs = scored(TABLES[table], load(table, scale, outputs).found)
-        if keep:
+        runs = finished_runs(table, scale, outputs)
+        if keep and not runs.empty:
             runs = runs[runs[keep[0]] == keep[1]]
         if runs.empty:
             continue
@@ -108,11 +107,17 @@ def annotated_share_figure(runs: pd.DataFrame, title: str) -> Figure:
     return fig
 
 
+def finished_runs(table: str, scale: str, outputs: Path) -> pd.DataFrame:
+    """The table's finished runs, labelled and scored; empty, without composing its presets,
+    when nothing of the table was trained at this scale."""
+    if not (Path(outputs) / scale / table).is_dir():
+        return pd.DataFrame()
+    return scored(TABLES[table], load(table, scale, outputs).found)
+
+
 def annotated_share_figures(scale: str, outputs: Path) -> dict[str, Figure]:
     """The Toy Colors figure, when its table has finished runs."""
-    if not (Path(outputs) / scale / "rrr_toy_colors").is_dir():
-        return {}
-    runs = scored(TABLES["rrr_toy_colors"], load("rrr_toy_colors", scale, outputs).found)
+    runs = finished_runs("rrr_toy_colors", scale, outputs)
     if runs.empty:
         return {}
     return {"rrr_toy_colors_share": annotated_share_figure(
@@ -195,9 +200,7 @@ def iterations_figure(runs: pd.DataFrame, title: str) -> Figure:
 
 def iterations_figures(scale: str, outputs: Path) -> dict[str, Figure]:
     """The find-another-explanation figure, when its table has finished runs."""
-    if not (Path(outputs) / scale / "rrr_fae").is_dir():
-        return {}
-    runs = scored(TABLES["rrr_fae"], load("rrr_fae", scale, outputs).found)
+    runs = finished_runs("rrr_fae", scale, outputs)
     if runs.empty:
         return {}
     return {"rrr_fae_iterations": iterations_figure(
