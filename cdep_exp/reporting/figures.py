@@ -115,15 +115,6 @@ def finished_runs(table: str, scale: str, outputs: Path) -> pd.DataFrame:
     return scored(TABLES[table], load(table, scale, outputs).found)
 
 
-def annotated_share_figures(scale: str, outputs: Path) -> dict[str, Figure]:
-    """The Toy Colors figure, when its table has finished runs."""
-    runs = finished_runs("rrr_toy_colors", scale, outputs)
-    if runs.empty:
-        return {}
-    return {"rrr_toy_colors_share": annotated_share_figure(
-        runs, f"RRR paper, Toy Colors: which rule as annotations grow ({scale} scale)")}
-
-
 def tradeoff_figure(runs: pd.DataFrame, title: str) -> Figure:
     """Test accuracy against the % of predictions flipped by the shortcut edit, one panel per
     dataset, one marker per method, one point per λ (mean over seeds; bars: std). Up and to the
@@ -198,13 +189,22 @@ def iterations_figure(runs: pd.DataFrame, title: str) -> Figure:
     return fig
 
 
-def iterations_figures(scale: str, outputs: Path) -> dict[str, Figure]:
-    """The find-another-explanation figure, when its table has finished runs."""
-    runs = finished_runs("rrr_fae", scale, outputs)
-    if runs.empty:
-        return {}
-    return {"rrr_fae_iterations": iterations_figure(
-        runs, f"RRR paper, find-another-explanation: each model of the iteration ({scale} scale)")}
+# Figures of one table each: (file stem, table, drawing function, title).
+TABLE_FIGURES = (
+    ("rrr_toy_colors_share", "rrr_toy_colors", annotated_share_figure,
+     "RRR paper, Toy Colors: which rule as annotations grow"),
+    ("rrr_fae_iterations", "rrr_fae", iterations_figure, "RRR paper, find-another-explanation: each model of the iteration"),
+)
+
+
+def table_figures(scale: str, outputs: Path) -> dict[str, Figure]:
+    """The TABLE_FIGURES whose table has finished runs, by file stem."""
+    made = {}
+    for stem, table, draw, title in TABLE_FIGURES:
+        runs = finished_runs(table, scale, outputs)
+        if not runs.empty:
+            made[stem] = draw(runs, f"{title} ({scale} scale)")
+    return made
 
 
 def write_figures(scale: str, outputs: Path, out_dir: Path) -> list[Path]:
@@ -212,8 +212,7 @@ def write_figures(scale: str, outputs: Path, out_dir: Path) -> list[Path]:
     the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    figures = {**lambda_figures(scale, outputs), **tradeoff_figures(scale, outputs),
-               **annotated_share_figures(scale, outputs), **iterations_figures(scale, outputs)}
+    figures = {**lambda_figures(scale, outputs), **tradeoff_figures(scale, outputs), **table_figures(scale, outputs)}
     for stem, fig in figures.items():
         fig.savefig(out_dir / f"{stem}.png", dpi=120)
         written.append(out_dir / f"{stem}.png")
