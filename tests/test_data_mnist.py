@@ -448,6 +448,21 @@ def test_decoymnist_patches_shades_and_scaling(mnist_dir, variant, size):
         assert np.mean(test_shades == 255 - 25 * test_y) < 0.3  # shade no longer tracks the label
 
 
+def test_decoymnist_raw_pixels_keep_the_images_and_paint_patches_in_raw_background(mnist_dir):
+    data_dir, _ = mnist_dir
+    signed = build_decoymnist(str(data_dir), source="idx", variant="ross")
+    raw = build_decoymnist(str(data_dir), source="idx", variant="ross", pixels="raw")
+    x, _, a = signed.train[:]
+    xr, _, ar = raw.train[:]
+    assert torch.allclose(xr, (x + 1) * 127.5, atol=1e-3) and xr.max() == 255 and xr.min() == 0
+    removed = raw.counterfactual_input(xr[:4], ar[:4])
+    assert (removed[ar[:4].expand_as(removed).bool()] == 0).all()  # the patch painted as a 0 pixel
+    assert signed.counterfactual_input(x[:4], a[:4])[a[:4].expand_as(x[:4]).bool()].eq(-1).all()
+    assert "raw 0–255 pixels" in raw.description and "0–255" not in signed.description
+    with pytest.raises(ValueError, match="dataset.pixels"):
+        build_decoymnist(str(data_dir), source="idx", pixels="unit")
+
+
 def test_decoymnist_annotation_is_the_four_corners_shared(mnist_dir):
     data_dir, _ = mnist_dir
     s = build_decoymnist(str(data_dir), source="idx")

@@ -25,6 +25,8 @@ variant of the XIL typology (Friedrich et al. 2023), which uses Ross et al.'s co
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -95,16 +97,22 @@ def shade_groups(shades: np.ndarray, y: np.ndarray) -> list[str]:
     return ["class shade" if f else "other shade" for f in follows]
 
 
-def paint_background(x: torch.Tensor, annotation: torch.Tensor) -> torch.Tensor:
+def paint_background(x: torch.Tensor, annotation: torch.Tensor, background: float = -1.0) -> torch.Tensor:
     """Scaled images x (B, 1, 28, 28) with the annotated corners painted in the background's
-    value (−1, a pixel of 0): the patches removed."""
-    return x.masked_fill(annotation.bool().expand_as(x), -1.0)
+    value (`background`: a pixel of 0 as `scale` gives it, −1 by default): the patches removed."""
+    return x.masked_fill(annotation.bool().expand_as(x), background)
 
 
-def scale(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, 28, 28) → float32 (N, 1, 28, 28) in [−1, 1] (x / 255 · 2 − 1)."""
+# How pixels reach the model: "signed" in [−1, 1] (the CDEP code), "raw" the 0–255 values
+# themselves (Ross et al.'s code, whose MLP relies on the decoy less with them: issue #24).
+PIXELS = ("signed", "raw")
+
+
+def scale(images: np.ndarray, pixels: str = "signed") -> torch.Tensor:
+    """uint8 (N, 28, 28) → float32 (N, 1, 28, 28): in [−1, 1] (x / 255 · 2 − 1) for "signed",
+    the values 0–255 for "raw"."""
     x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).unsqueeze(1)
-    return x.div_(255.0).mul_(2.0).sub_(1.0)
+    return x if pixels == "raw" else x.div_(255.0).mul_(2.0).sub_(1.0)
 
 
 def build_decoymnist(
@@ -118,6 +126,7 @@ def build_decoymnist(
     max_test: int | None = None,
     images: str = "mnist",
     decoy: bool = True,
+    pixels: str = "signed",
 ) -> Splits:
     """DecoyMNIST splits: train/val with train-style shades, tests {"test": decoyed MNIST test}.
 
@@ -138,6 +147,8 @@ def build_decoymnist(
     shade": every training and validation image; test images of the "ross" variant by chance)
     or not ("other shade").
 
+    pixels: "signed" (values in [−1, 1]) or "raw" (0–255, as Ross et al.'s code fed its MLP).
+
     Region (`Splits.regions`, for `grad_in_corners`): the four corner squares of the annotation.
 
     Counterfactuals of "test" (`cdep_exp.scoring.shortcut`): "patch_removed", the same digits without
@@ -148,7 +159,10 @@ def build_decoymnist(
     """
     if variant not in PATCH_SIZE:
         raise ValueError(f"unknown DecoyMNIST variant {variant!r}; choose one of {tuple(PATCH_SIZE)}")
+    if pixels not in PIXELS:
+        raise ValueError(f"dataset.pixels={pixels!r}: choose one of {', '.join(PIXELS)}")
     size = PATCH_SIZE[variant]
+    as_input = functools.partial(scale, pixels=pixels)
     mnist = load_images(images, data_dir, source)
 
     train_rng, test_rng = (np.random.default_rng([int(decoy_seed), k]) for k in (0, 1))
@@ -162,15 +176,16 @@ def build_decoymnist(
         train_x, test_x = mnist.train_x, mnist.test_x
 
     keep = subsample(len(train_x), max_train, split_seed)
-    x, y = scale(train_x[keep]), torch.from_numpy(mnist.train_y[keep].copy())
+    x, y = as_input(train_x[keep]), torch.from_numpy(mnist.train_y[keep].copy())
     tr, va = split_indices(len(x), val_fraction, split_seed)
     keep_test = subsample(len(test_x), max_test, split_seed + 1)
-    xt, yt = scale(test_x[keep_test]), torch.from_numpy(mnist.test_y[keep_test].copy())
+    xt, yt = as_input(test_x[keep_test]), torch.from_numpy(mnist.test_y[keep_test].copy())
 
     annotation = corner_mask(size)
+    background = float(as_input(np.zeros((1, 1, 1), np.uint8)))  # a pixel of 0 as the model sees it
     train_rule = paint_decoy(mnist.test_x, train_shades(mnist.test_y), size, test_offsets)
     counterfactual = lambda images, what: Counterfactual(  # noqa: E731
-        "test", shared_annotation(scale(images[keep_test]), yt, annotation), what)
+        "test", shared_annotation(as_input(images[keep_test]), yt, annotation), what)
     # Validation digits with the patch (same corner) in the training shade of a digit drawn
     # independently of the label: the shortcut broken on same-distribution data.
     val_rows = keep[va.numpy()]
@@ -184,10 +199,11 @@ def build_decoymnist(
         num_classes=10,
         input_shape=(1, 28, 28),
         description=(f"{'DecoyMNIST' if images == 'mnist' else 'DecoyFMNIST'} ({variant}"
-                     f"{'' if decoy else ', no patches'}) on {mnist.description}"),
+                     f"{'' if decoy else ', no patches'}{', raw 0–255 pixels' if pixels == 'raw' else ''}) on "
+                     f"{mnist.description}; used: {len(tr):,} train / {len(va):,} val / {len(yt):,} test"),
         shortcut="patch_train_shade",
         val_shortcut="val_patch_random_shade",
-        counterfactual_input=paint_background,
+        counterfactual_input=functools.partial(paint_background, background=background),
         groups=({"train": shade_groups(train_shades(y[tr]), y[tr].numpy()),
                  "val": shade_groups(train_shades(y[va]), y[va].numpy()),
                  "test": shade_groups(test_shades[keep_test], yt.numpy())} if decoy else
@@ -198,7 +214,7 @@ def build_decoymnist(
             "patch_train_shade": counterfactual(
                 train_rule, "the test patch (same corner) in the training shade 255 − 25·y"),
             "val_patch_random_shade": Counterfactual(
-                "val", shared_annotation(scale(val_random), y[va], annotation),
+                "val", shared_annotation(as_input(val_random), y[va], annotation),
                 "the validation patch (same corner) in the training shade of a random digit"),
         },
     )
