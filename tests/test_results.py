@@ -71,7 +71,7 @@ def test_summarise_keeps_the_cli_format() -> None:
                          "test/accuracy": [1.0, 3.0]})
     summary = summarise(runs, ["test/accuracy"])
     assert summary.loc[0, "test/accuracy"] == "2.00 ± 1.41"
-    assert summary.loc[0, "seeds"] == 2 and summary.loc[0, "overrides"] == "seed=1"
+    assert summary.loc[0, "seeds"] == 2 and summary.loc[0, "overrides"] == ""  # seeds are repeats, not settings
 
 
 def test_runs_that_differ_only_in_seed_or_data_split_share_one_row(tmp_path: Path) -> None:

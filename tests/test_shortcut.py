@@ -122,6 +122,23 @@ def test_report_shows_every_test_counterfactual_of_a_dataset_that_names_no_short
     assert "Δp_y removed" in every
 
 
+def test_report_keeps_runs_of_other_settings_apart_and_names_what_differs() -> None:
+    import pandas as pd
+
+    from cdep_exp.reporting.shortcut import shortcut_table
+
+    def run(share: str, seed: int, accuracy: float) -> dict:
+        return {"dataset": "toy_colors", "lam": 10, "seed": seed, "replicate": f"{seed}/None",
+                "settings": f"hash{share}", "config": {"method": {"name": "rrr"}}, "test/accuracy": accuracy,
+                "overrides": f"method=rrr dataset.annotated_fraction={share} seed={seed}"}
+
+    table = shortcut_table(pd.DataFrame([run("0.1", 0, 80.0), run("0.1", 1, 90.0), run("1", 0, 99.0)]))
+    assert list(table["setting"]) == ["dataset.annotated_fraction=0.1", "dataset.annotated_fraction=1"]
+    assert list(table["seeds"]) == [2, 1] and table["test accuracy"].iloc[0] == "85.000 ± 7.071"
+    alone = shortcut_table(pd.DataFrame([run("0.1", 0, 80.0), run("0.1", 1, 90.0)]))
+    assert "setting" not in alone  # one setting: nothing to tell apart
+
+
 def test_diagnosis_of_a_linear_model_finds_no_interactions() -> None:
     from cdep_exp.tools.shortcut_diagnosis import interaction_energies
 

@@ -101,13 +101,25 @@ def replicates(runs: pd.DataFrame) -> int:
     return int((runs["replicate"] if "replicate" in runs else runs["seed"]).nunique())
 
 
+# Overrides that vary between the repeats of one setting, left out of the spelling a report shows.
+REPEAT_KEYS = ("seed", "dataset.split_seed")
+
+
+def setting_spelling(spellings: pd.Series) -> str:
+    """The shortest spelling of one setting's command-line overrides, without the keys that
+    only repeat it (REPEAT_KEYS), e.g. "dataset=toy_colors dataset.annotated_fraction=0.1"."""
+    def without_repeats(spelling: str) -> str:
+        return " ".join(o for o in str(spelling).split() if o.split("=", 1)[0].lstrip("+~") not in REPEAT_KEYS)
+    return min((without_repeats(s) for s in spellings), key=len)
+
+
 def summarise(runs: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """Mean ± std (ddof 1, as the papers' pandas aggregation), the number of replicates (seeds ×
     data splits) and the overrides of the setting (its shortest spelling) per setting."""
     grouped = runs.groupby(KEYS)
     table = grouped[columns].agg(mean_std)
     table["seeds"] = grouped.apply(replicates, include_groups=False)
-    table["overrides"] = grouped["overrides"].agg(lambda spellings: min(spellings, key=len))
+    table["overrides"] = grouped["overrides"].agg(setting_spelling)
     return table.reset_index()
 
 

@@ -17,7 +17,7 @@ share a row, counted in `seeds` (`cdep_exp.reporting.records`).
 
 import pandas as pd
 
-from cdep_exp.reporting.records import replicates
+from cdep_exp.reporting.records import replicates, setting_spelling
 from cdep_exp.reporting.selection import best_mean_validation
 from cdep_exp.run.identity import spell_number
 
@@ -69,18 +69,26 @@ def variant(config: dict) -> str:
 def shortcut_table(
     runs: pd.DataFrame, select: str | None = None, all_counterfactuals: bool = False
 ) -> pd.DataFrame:
-    """One row per dataset × variant (× λ unless `select` picks, per row, the λ whose mean of
-    the `select` column over seeds is best): seeds, the accuracy metric, and prob_change and
-    flip_rate of the counterfactuals, each as 'mean ± std' over seeds (ddof 1)."""
+    """One row per dataset × variant × setting (× λ unless `select` picks, per row, the λ whose
+    mean of the `select` column over seeds is best): seeds, the accuracy metric, and prob_change
+    and flip_rate of the counterfactuals, each as 'mean ± std' over seeds (ddof 1). Runs of one
+    variant and λ trained with other settings (another annotated share, another data size) are
+    separate rows, told apart by a `setting` column (their overrides without seed and split)."""
     runs = runs.copy()
     runs["variant"] = [variant(c) for c in runs["config"]]
+    if "settings" not in runs:
+        runs["settings"] = ""
     if select:
         runs = best_mean_validation(runs, ["dataset", "variant"], select)
+    keys = ["dataset", "variant", "lam"]
+    labels = setting_labels(runs, keys)
     rows = []
-    for (dataset, name, lam), group in runs.groupby(["dataset", "variant", "lam"], sort=False):
+    for (dataset, name, lam, settings), group in runs.groupby([*keys, "settings"], sort=False):
         accuracy = ACCURACY.get(dataset, "accuracy")
-        row = {"dataset": dataset, "method": name, "λ": spell_number(lam), "seeds": replicates(group),
-               f"test {accuracy}": spread(group.get(f"test/{accuracy}"))}
+        row = {"dataset": dataset, "method": name, "λ": spell_number(lam), "seeds": replicates(group)}
+        if labels:
+            row["setting"] = labels.get(settings, "")
+        row[f"test {accuracy}"] = spread(group.get(f"test/{accuracy}"))
         recorded = counterfactuals_of(group)
         named = list(shortcut_names(group).dropna().unique())
         measured = recorded if all_counterfactuals or not named else named
@@ -96,6 +104,22 @@ def shortcut_table(
         return table
     rank = [order.get(m, 1 if m.startswith("cdep original") else 2) for m in table["method"]]
     return table.assign(_rank=rank).sort_values(["dataset", "_rank", "method"], kind="stable").drop(columns="_rank")
+
+
+def setting_labels(runs: pd.DataFrame, keys: list[str]) -> dict[str, str]:
+    """Per settings hash, the overrides that tell it from the other settings of its `keys` group
+    (e.g. "dataset.annotated_fraction=0.1"), for the groups with more than one; {} when none has."""
+    labels = {}
+    for _, group in runs.groupby(keys, sort=False):
+        if group["settings"].nunique() < 2:
+            continue
+        spelled = {settings: dict(o.split("=", 1) for o in setting_spelling(g.get("overrides", pd.Series([""])))
+                                  .split() if "=" in o)
+                   for settings, g in group.groupby("settings", sort=False)}
+        differing = sorted({k for d in spelled.values() for k in d if len({e.get(k) for e in spelled.values()}) > 1})
+        for settings, overrides in spelled.items():
+            labels[settings] = " ".join(f"{k}={overrides[k]}" for k in differing if k in overrides) or "(defaults)"
+    return labels
 
 
 def spread(values: pd.Series | None, digits: int = 3) -> str:
@@ -117,9 +141,11 @@ def interpretation(table: pd.DataFrame) -> str:
             continue
         cf = column.removeprefix("Δp_y ")
         first = lambda v: float(v.split(" ")[0]) if isinstance(v, str) and v else None  # noqa: E731
+        names = [f"{m} ({setting})" if setting else m
+                 for m, setting in zip(rows["method"], rows.get("setting", [""] * len(rows)))]
         parts = ", ".join(
             f"{m} {first(p):.2f} / {first(f):.0f} %"
-            for m, p, f in zip(rows["method"], rows[column], rows.get(f"flips % {cf}", rows[column]))
+            for m, p, f in zip(names, rows[column], rows.get(f"flips % {cf}", rows[column]))
             if first(p) is not None)
         lines.append(
             f"{dataset}: editing only the annotated feature ({cf}) moves the true-class probability / flips "
