@@ -138,15 +138,17 @@ rrr-paper:
 $(RRR_TABLES): setup
 	$(call table_recipe,$@,$(DATA_DIR),)
 
-# The run directory of seed 0 of $(2) in table $(1) whose metrics.json contains $(3) (all when empty).
-rrr_run = $(patsubst %/metrics.json,%,$(firstword $(shell grep -l -s -E -e '$(3)' \
-	outputs/tables/$(SCALE)/$(1)/*/$(2)/lam=*/seed=0/*/metrics.json)))
+# The newest run directory of seed 0 of $(2) in table $(1) whose metrics.json contains $(3) (any when empty).
+rrr_run = $(patsubst %/metrics.json,%,$(shell grep -l -s -E -e '$(3)' \
+	$$(ls -t outputs/tables/$(SCALE)/$(1)/*/$(2)/lam=*/seed=0/*/metrics.json 2>/dev/null) | head -1))
+RRR_EXPLAINED = $(call rrr_run,rrr_iris,vanilla,) $(call rrr_run,rrr_iris,rrr,) \
+	$(call rrr_run,rrr_toy_colors,vanilla,) $(call rrr_run,rrr_toy_colors,rrr,"annotated_fraction": 1(\.0+)?[^.0-9]) \
+	$(call rrr_run,rrr_decoy,vanilla,) $(call rrr_run,rrr_decoy,rrr,)
+# One thread, so the seconds per explanation compare methods, not thread contention.
 rrr-explanations: setup
-	$(PY) -m cdep_exp.tools.explain --data-dir $(DATA_DIR) --out results/figures/$(SCALE)/explanations \
-	  --timing results/$(SCALE)/rrr_table1 \
-	  $(call rrr_run,rrr_iris,vanilla,) $(call rrr_run,rrr_iris,rrr,) \
-	  $(call rrr_run,rrr_toy_colors,vanilla,) $(call rrr_run,rrr_toy_colors,rrr,"annotated_fraction": 1(\.0+)?[^.0-9]) \
-	  $(call rrr_run,rrr_decoy,vanilla,) $(call rrr_run,rrr_decoy,rrr,)
+	@test -n "$(strip $(RRR_EXPLAINED))" || { echo "No finished run of the RRR paper's tables at SCALE=$(SCALE): run make rrr-paper SCALE=$(SCALE) first."; exit 1; }
+	OMP_NUM_THREADS=1 $(PY) -m cdep_exp.tools.explain --data-dir $(DATA_DIR) \
+	  --out results/figures/$(SCALE)/explanations --timing results/$(SCALE)/rrr_table1 $(RRR_EXPLAINED)
 
 ## Accuracy against λ per method (paper Fig. S2) from the runs so far: results/figures/<scale>/.
 figures: setup

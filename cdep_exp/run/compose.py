@@ -282,7 +282,7 @@ def build_learner(cfg: DictConfig, splits: Splits, device: torch.device, setting
         penalty.counterfactual = splits.counterfactual_input
         penalty.bind(splits.annotation)
     except ValueError as err:
-        raise ConfigError(f"method={cfg.method.name} on dataset {cfg.dataset.name}: {err}.") from err
+        raise ConfigError(f"method={cfg.method.name} on dataset {cfg.dataset.name}: {str(err).rstrip('.')}.") from err
     try:
         Precision(settings.precision, device)
     except ValueError as err:

@@ -18,6 +18,7 @@ of one explanation of one sample by each method, over `--timing-samples` samples
 untimed call (fx tracing, LIME's set-up), all in this one process.
 """
 import argparse
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from cdep_exp.atomic import write_atomic
 from cdep_exp.cd import UnsupportedOperationError
 from cdep_exp.data.base import Splits
 from cdep_exp.run.compose import build_splits
+from cdep_exp.run.identity import normalise
 from cdep_exp.run.restore import RestoredRun, restore_run, run_config
 from cdep_exp.tools.attributions import cd_map, eg_map, feature_groups, gradient_map, input_kind
 from cdep_exp.tools.explain_figures import FIGURES, Panel, SampleView
@@ -105,6 +107,9 @@ def pick_samples(splits: Splits, split: str | None, count: int, seed: int, indic
             if len(annotated) >= count:
                 break
         indices = (annotated + plain)[:count]
+    outside = [i for i in indices if not -len(dataset) <= i < len(dataset)]
+    if outside:
+        raise ValueError(f"--indices {outside} lie outside {split}, which holds {len(dataset)} samples")
     items = [dataset[i] for i in indices]
     x, y, annotation = collate(splits, items)
     lengths = [len(item[0]) for item in items]
@@ -193,7 +198,8 @@ def load_groups(run_dirs: list[Path], data_dir: str | None) -> list[list[Restore
     configs = {}
     for run_dir in run_dirs:
         _, cfg = run_config(run_dir, data_dir)
-        key = OmegaConf.to_yaml(cfg.dataset)
+        # Normalised, so that one dataset spelled `1` in one run and `1.0` in another is one group.
+        key = json.dumps(normalise(OmegaConf.to_container(cfg.dataset, resolve=True)), sort_keys=True)
         groups.setdefault(key, []).append(run_dir)
         configs[key] = cfg.dataset
     out = []
@@ -295,9 +301,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    """Run the command; returns the files written."""
+    """Run the command; returns the files written. A run directory without a readable record, or
+    samples outside the split, end the command with one line."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
+    try:
+        return explain(args)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"Error: {err}") from None
+
+
+def explain(args: argparse.Namespace) -> list[Path]:
+    """What `main` does, from parsed arguments."""
+    for run_dir in args.run_dirs:
+        if not (Path(run_dir) / "metrics.json").is_file():
+            raise ValueError(f"{run_dir} is not a run directory: it has no metrics.json (pass the folders "
+                             f"train.py logs as 'run dir')")
     written, rows, names = [], [], set()
     for group in load_groups(args.run_dirs, args.data_dir):
         splits = group[0].splits
