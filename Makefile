@@ -148,7 +148,7 @@ RRR_EXPLAINED = $(call rrr_run,rrr_iris,vanilla,) $(call rrr_run,rrr_iris,rrr,) 
 rrr-explanations: setup
 	@test -n "$(strip $(RRR_EXPLAINED))" || { echo "No finished run of the RRR paper's tables at SCALE=$(SCALE): run make rrr-paper SCALE=$(SCALE) first."; exit 1; }
 	OMP_NUM_THREADS=1 $(PY) -m cdep_exp.tools.explain --data-dir $(DATA_DIR) \
-	  --out results/figures/$(SCALE)/explanations --timing results/$(SCALE)/rrr_table1 $(RRR_EXPLAINED)
+	  --out results/figures/$(SCALE)/explanations --timing results/$(SCALE)/rrr_table1 --timing-samples 20 $(RRR_EXPLAINED)
 
 ## Accuracy against λ per method (paper Fig. S2) from the runs so far: results/figures/<scale>/.
 figures: setup
