@@ -105,9 +105,29 @@ def test_image_masks_are_per_pixel_and_broadcast_over_channels() -> None:
         explanation_masks(model, [(torch.zeros(2, 4, dtype=torch.long),)], torch.device("cpu"))
 
 
+def test_the_predicted_class_probability_gradient_is_the_authors_explanation() -> None:
+    """For a linear softmax model ∂p_ŷ/∂x = p_ŷ (w_ŷ − Σ_k p_k w_k): with class 1 far ahead it
+    vanishes, while ∂Σ_k log p_k/∂x = Σ_k w_k − K Σ_k p_k w_k does not."""
+    from cdep_exp.scoring.explanation import input_gradients
+    model = nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]))
+        model.bias.zero_()
+    x = torch.tensor([[0.0, 10.0, 0.0], [0.1, 0.2, 0.3]])
+    probs = torch.softmax(model(x), dim=1)
+    top = probs.argmax(1)
+    w = model.weight.detach()
+    expected = probs.gather(1, top[:, None]) * (w[top] - probs @ w)
+    assert torch.allclose(input_gradients(model, x, "max_prob"), expected, atol=1e-6)
+    assert torch.allclose(input_gradients(model, x), w.sum(0) - 2 * probs @ w, atol=1e-6)
+    assert input_gradients(model, x[:1], "max_prob").abs().max() < 1e-6
+    with pytest.raises(ValueError, match="gradient target"):
+        input_gradients(model, x, "logits")
+
+
 @pytest.mark.parametrize("settings, match", [
     ({"iterations": 0}, "iterations"), ({"iterations": 1.5}, "iterations"), ({"cutoff": 0}, "cutoff"),
-    ({"cutoff": 1.2}, "cutoff"), ({"start": "labels"}, "start"),
+    ({"cutoff": 1.2}, "cutoff"), ({"start": "labels"}, "start"), ({"gradient": "logits"}, "gradient"),
 ])
 def test_bad_settings_fail_in_one_line(settings: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match) as err:

@@ -33,7 +33,7 @@ from cdep_exp.errors import ConfigError
 from cdep_exp.penalties import Vanilla
 from cdep_exp.penalties.base import Penalty
 from cdep_exp.run.stages import StageContext
-from cdep_exp.scoring.explanation import explanation_masks
+from cdep_exp.scoring.explanation import GRADIENT_TARGETS, explanation_masks
 from cdep_exp.training import Checkpointer, Objective, Validation, fit
 
 log = logging.getLogger(__name__)
@@ -46,11 +46,15 @@ class FindAnotherExplanation:
     """`iterations` (k ≥ 1) rounds of train → add M_`cutoff` of the trained model to each training
     sample's annotation; the main fit is the (k+1)-th model. `start`: "empty" (model 0 is plain
     ERM, no annotation read) or "dataset" (model 0 trains on the dataset's mask annotation, and
-    the masks add to it). Raises ConfigError for k < 1, a cutoff outside (0, 1] or another start."""
+    the masks add to it). `gradient`: what M_c differentiates, "log_prob_sum" (Σ_k log p_k, the
+    gradient RRR penalises) or "max_prob" (the predicted class's probability, what the authors'
+    code takes its masks from; `cdep_exp.scoring.explanation.input_gradients`). Raises
+    ConfigError for k < 1, a cutoff outside (0, 1], another start or another gradient."""
 
     iterations: int = 1
     cutoff: float = 0.67
     start: str = "empty"
+    gradient: str = "log_prob_sum"
     rows: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -62,6 +66,8 @@ class FindAnotherExplanation:
                               f"components above cutoff × the sample's largest (the paper: 0.67).")
         if self.start not in STARTS:
             raise ConfigError(f"method.stage.start={self.start!r} must be one of {', '.join(STARTS)}.")
+        if self.gradient not in GRADIENT_TARGETS:
+            raise ConfigError(f"method.stage.gradient={self.gradient!r} must be one of {', '.join(GRADIENT_TARGETS)}.")
 
     def before_fit(self, model: nn.Module, context: StageContext) -> Splits:
         """Train models 0 … k−1 (copies of `model`, which stays untouched) and return the splits
@@ -73,7 +79,8 @@ class FindAnotherExplanation:
         for i in range(self.iterations):
             annotated = self._annotated(splits, annotation)
             trained, results = self._train(i, model, penalty, annotation, context.rebuild(annotated))
-            masks = explanation_masks(trained, context.eval_loader(splits.train), context.device, self.cutoff)
+            masks = explanation_masks(trained, context.eval_loader(splits.train), context.device, self.cutoff,
+                                      self.gradient)
             self.rows[-1]["explanation"] = self._explain(trained, context)
             grown = torch.maximum(annotation, masks.to(annotation.dtype)) if annotation is not None else masks.float()
             self.rows.append(self._annotation_row(i + 1, grown, annotation))
@@ -90,7 +97,7 @@ class FindAnotherExplanation:
         whose `metrics` are the run's)}; logs the last model's line."""
         self.rows[-1]["metrics"] = results
         self._log(self.rows[-1], results)
-        return {"cutoff": self.cutoff, "start": self.start, "iterations": self.rows}
+        return {"cutoff": self.cutoff, "start": self.start, "gradient": self.gradient, "iterations": self.rows}
 
     def _penalty(self, context: StageContext) -> Penalty:
         """A copy of the method's penalty bound to a mask annotation; ConfigError if it cannot use one."""
@@ -167,7 +174,7 @@ class FindAnotherExplanation:
         """Per feature (pixel) of the first test set, the share of its samples whose M_c holds it (%)."""
         tests = context.splits.tests
         test = tests.get("test", next(iter(tests.values())))
-        masks = explanation_masks(model, context.eval_loader(test), context.device, self.cutoff)
+        masks = explanation_masks(model, context.eval_loader(test), context.device, self.cutoff, self.gradient)
         return rounded(100 * spatial(masks).mean(0))
 
     @staticmethod

@@ -9,13 +9,23 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 
-def input_gradients(model: nn.Module, x: Tensor) -> Tensor:
-    """∂(Σ_k log p_k)/∂x for each sample (x's shape): the gradient RRR penalises (Ross et al. 2017,
-    Eq. 1), taken with the model in eval mode."""
+# What an input gradient differentiates: "log_prob_sum", Σ_k log p_k (what RRR penalises, Ross et
+# al. 2017, Eq. 1), or "max_prob", the predicted class's probability (what the authors' code
+# explains with, and takes find-another-explanation's masks from).
+GRADIENT_TARGETS = ("log_prob_sum", "max_prob")
+
+
+def input_gradients(model: nn.Module, x: Tensor, target: str = "log_prob_sum") -> Tensor:
+    """∂f/∂x for each sample (x's shape), f = Σ_k log p_k ("log_prob_sum": the gradient RRR
+    penalises, Ross et al. 2017, Eq. 1) or max_k p_k ("max_prob"), taken in the model's current
+    mode. Raises ValueError for another target."""
+    if target not in GRADIENT_TARGETS:
+        raise ValueError(f"gradient target {target!r}: choose one of {', '.join(GRADIENT_TARGETS)}")
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         log_probs = F.log_softmax(model(x), dim=1)
-        (grad,) = torch.autograd.grad(log_probs.sum(), x)
+        f = log_probs.sum() if target == "log_prob_sum" else log_probs.exp().amax(1).sum()
+        (grad,) = torch.autograd.grad(f, x)
     return grad
 
 
@@ -31,8 +41,9 @@ def largest_components(grad: Tensor, cutoff: float = 0.67) -> Tensor:
     return top.any(1) if grad.ndim > 2 else top
 
 
-def explanation_masks(model: nn.Module, loader: DataLoader, device: torch.device, cutoff: float = 0.67) -> Tensor:
-    """M_c (`largest_components`) of every sample of `loader`, in order, on the CPU: booleans (N,
+def explanation_masks(model: nn.Module, loader: DataLoader, device: torch.device, cutoff: float = 0.67,
+                      target: str = "log_prob_sum") -> Tensor:
+    """M_c (`largest_components` of `input_gradients` with `target`) of every sample of `loader`, in order, on the CPU: booleans (N,
     *sample shape) for flat inputs, (N, 1, H, W) for images (one mask per pixel, broadcastable
     over the channels as an annotation is). The model is put in eval mode and restored. Raises
     ValueError for a cutoff outside (0, 1] and TypeError for inputs that are not floating point
@@ -45,7 +56,7 @@ def explanation_masks(model: nn.Module, loader: DataLoader, device: torch.device
             x = batch[0].to(device)
             if not torch.is_floating_point(x):
                 raise TypeError(f"input gradients need continuous inputs, and these are {x.dtype} (token ids?)")
-            top = largest_components(input_gradients(model, x), cutoff)
+            top = largest_components(input_gradients(model, x, target), cutoff)
             masks.append((top.unsqueeze(1) if x.ndim > 2 else top).cpu())
     finally:
         model.train(was_training)
