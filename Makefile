@@ -139,7 +139,8 @@ $(RRR_TABLES): setup
 	$(call table_recipe,$@,$(DATA_DIR),)
 
 # The newest run directory of seed 0 of $(2) in table $(1) whose metrics.json contains $(3) (any when empty).
-rrr_run = $(patsubst %/metrics.json,%,$(shell grep -l -s -E -e '$(3)' \
+# (/dev/null keeps grep off stdin when there is no run.)
+rrr_run = $(patsubst %/metrics.json,%,$(shell grep -l -s -E -e '$(3)' /dev/null \
 	$$(ls -t outputs/tables/$(SCALE)/$(1)/*/$(2)/lam=*/seed=0/*/metrics.json 2>/dev/null) | head -1))
 RRR_EXPLAINED = $(call rrr_run,rrr_iris,vanilla,) $(call rrr_run,rrr_iris,rrr,) \
 	$(call rrr_run,rrr_toy_colors,vanilla,) $(call rrr_run,rrr_toy_colors,rrr,"annotated_fraction": 1(\.0+)?[^.0-9]) \

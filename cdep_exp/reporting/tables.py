@@ -394,9 +394,10 @@ TABLES: dict[str, Spec] = {
         score=lambda runs: score_rrr_paper(runs).assign(
             minutes=column(runs, "seconds_per_epoch") * column(runs, "epochs_run") / 60),
         notes=("Ross et al.'s DecoyMNIST (dataset.variant=ross): 4×4 swatches in a random corner, the "
-               "training shade encodes the class, test shades are random. The paper trains 64 epochs; the "
-               "full scale trains 5 with early stopping on training-style validation data and tests the best "
-               "epoch. 'Top gradients on corners': the % of each test image's largest input-gradient pixels "
+               "training shade encodes the class, test shades are random. The paper's recipe "
+               "(conf/experiment/rrr_decoy/recipe/faithful.yaml): raw 0–255 pixel values (dataset.pixels=raw), "
+               "batch 256, 64 epochs at the full and paper scales (10 at quick), the last epoch tested. "
+               "'Top gradients on corners': the % of each test image's largest input-gradient pixels "
                "(the paper's M_0.67) inside the four corner swatches. Shortcut metric: the swatch repainted in "
                "its class's training shade.",),
     ),

@@ -3,9 +3,10 @@ trained runs (before and after a penalty), and the seconds one explanation takes
 RRR paper's Table 1, input gradients against LIME).
 
     python -m cdep_exp.tools.explain VANILLA_RUN RRR_RUN --out results/figures/explanations
-    python -m cdep_exp.tools.explain IRIS_RUN TOY_RUN DECOY_RUN --timing results/full/rrr_table1
+    python -m cdep_exp.tools.explain IRIS_RUN TOY_RUN DECOY_RUN --timing timing/rrr_table1
 
-Runs whose dataset configs agree are drawn together, one PNG per dataset (<out>/<dataset>.png):
+Runs whose dataset configs agree are drawn together, one PNG per dataset (<out>/<dataset>.png;
+<dataset>_<n>.png for runs of it with other data settings):
 a row per sample and run, a column per method, the same samples for every run. Methods
 (`--methods`, docs/explanations.md): input gradients (what RRR penalises), CD of each patch,
 column or word alone (what CDEP reads), expected gradients (what the EG prior reads), and LIME.
@@ -273,7 +274,9 @@ def write_timing(table: pd.DataFrame, stem: Path, note: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    first, _, rest = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(description=" ".join(first.split()), epilog=rest,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path, help="run directories (metrics.json, checkpoints/best.pt)")
     parser.add_argument("--out", type=Path, help="folder for the PNGs, one per dataset")
     parser.add_argument("--timing", type=Path, metavar="STEM", help="write the timing table to STEM.md and STEM.csv")
