@@ -106,12 +106,16 @@ def shortcut_column(runs: pd.DataFrame, metric: str) -> pd.Series:
     return out
 
 
+def run_minutes(runs: pd.DataFrame) -> pd.Series:
+    """Wall minutes of each run's training and validation epochs."""
+    return column(runs, "seconds_per_epoch") * column(runs, "epochs_run") / 60
+
+
 def score_shortcut(runs: pd.DataFrame) -> pd.DataFrame:
     """Test accuracy, the shortcut metric (Δp_y and flips, `cdep_exp.scoring.shortcut`),
     minutes per run, and validation accuracy to choose λ on."""
-    minutes = column(runs, "seconds_per_epoch") * column(runs, "epochs_run") / 60
     return runs.assign(accuracy=column(runs, "test/accuracy"), prob_change=shortcut_column(runs, "prob_change"),
-                       flip_rate=shortcut_column(runs, "flip_rate"), minutes=minutes,
+                       flip_rate=shortcut_column(runs, "flip_rate"), minutes=run_minutes(runs),
                        select=column(runs, "val/accuracy"))
 
 
@@ -391,8 +395,7 @@ TABLES: dict[str, Spec] = {
                  Metric("grad_in_corners", "Top gradients on corners %"), Metric("prob_change", "Δp_y", 3),
                  Metric("flip_rate", "flips %"), Metric("minutes", "min / run")),
         label=lambda runs: runs.assign(row=method_label(runs)),
-        score=lambda runs: score_rrr_paper(runs).assign(
-            minutes=column(runs, "seconds_per_epoch") * column(runs, "epochs_run") / 60),
+        score=lambda runs: score_rrr_paper(runs).assign(minutes=run_minutes(runs)),
         notes=("Ross et al.'s DecoyMNIST (dataset.variant=ross): 4×4 swatches in a random corner, the "
                "training shade encodes the class, test shades are random. The paper's recipe "
                "(conf/experiment/rrr_decoy/recipe/faithful.yaml): raw 0–255 pixel values (dataset.pixels=raw), "

@@ -20,8 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from cdep_exp.cd import decompose_many
-from cdep_exp.models.base import require_token_model
-from cdep_exp.penalties.base import centred
+from cdep_exp.penalties.base import centred, differentiable_input
 from cdep_exp.penalties.eg import expected_gradients
 from cdep_exp.scoring.explanation import input_gradients
 
@@ -42,11 +41,11 @@ def input_kind(x: Tensor) -> str:
 
 def token_input_gradients(model: nn.Module, tokens: Tensor) -> Tensor:
     """∂(Σ_k log p_k)/∂e for token ids (B, T) of a `TokenModel`, e the embedded tokens (B, T, D):
-    the gradient RRR penalises on text. TypeError for a model without `embed`/`forward_embedded`."""
-    token_model = require_token_model(model, "input gradients")
-    embedded = token_model.embed(tokens).detach().requires_grad_(True)
+    the gradient RRR penalises on text, through the same embedding step as the penalty
+    (`differentiable_input`). TypeError for a model without `embed`/`forward_embedded`."""
     with torch.enable_grad():
-        log_probs = torch.log_softmax(token_model.forward_embedded(embedded, tokens), dim=1)
+        embedded, forward, _ = differentiable_input(model, tokens, torch.zeros(tokens.shape), "input gradients")
+        log_probs = torch.log_softmax(forward(embedded), dim=1)
         (grad,) = torch.autograd.grad(log_probs.sum(), embedded)
     return grad
 

@@ -19,7 +19,6 @@ of one explanation of one sample by each method, over `--timing-samples` samples
 untimed call (fx tracing, LIME's set-up), all in this one process.
 """
 import argparse
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -37,7 +36,7 @@ from cdep_exp.atomic import write_atomic
 from cdep_exp.cd import UnsupportedOperationError
 from cdep_exp.data.base import Splits
 from cdep_exp.run.compose import build_splits
-from cdep_exp.run.identity import normalise
+from cdep_exp.run.identity import identity_hash, normalise
 from cdep_exp.run.restore import RestoredRun, restore_run, run_config
 from cdep_exp.tools.attributions import cd_map, eg_map, feature_groups, gradient_map, input_kind
 from cdep_exp.tools.explain_figures import FIGURES, Panel, SampleView
@@ -88,7 +87,7 @@ def split_dataset(splits: Splits, split: str | None) -> tuple[str, Dataset]:
         split = cf.test if cf is not None else "test"
     named = {**splits.named_datasets(), **{name: cf.dataset for name, cf in splits.counterfactuals.items()}}
     if split not in named:
-        raise SystemExit(f"no split {split!r}; this dataset has: {', '.join(splits.named_datasets())}")
+        raise ValueError(f"no split {split!r}; this dataset has: {', '.join(splits.named_datasets())}")
     return split, named[split]
 
 
@@ -200,7 +199,7 @@ def load_groups(run_dirs: list[Path], data_dir: str | None) -> list[list[Restore
     for run_dir in run_dirs:
         _, cfg = run_config(run_dir, data_dir)
         # Normalised, so that one dataset spelled `1` in one run and `1.0` in another is one group.
-        key = json.dumps(normalise(OmegaConf.to_container(cfg.dataset, resolve=True)), sort_keys=True)
+        key = identity_hash(normalise(OmegaConf.to_container(cfg.dataset, resolve=True)))
         groups.setdefault(key, []).append(run_dir)
         configs[key] = cfg.dataset
     out = []
