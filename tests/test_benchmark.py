@@ -34,6 +34,19 @@ def test_benchmark_quick_scale_has_three_seeds_of_every_setting() -> None:
     assert len(quick["sweep"].unique()) == 70
 
 
+@pytest.mark.parametrize("data_dir", ["data", "/elsewhere/mnist"])
+def test_runs_trained_with_make_s_data_root_count_for_their_preset(data_dir: str) -> None:
+    # make passes paths.data_dir=$(DATA_DIR); the report composes each preset without it. A path
+    # that only one of the two writes as <data_dir> (the generated ISIC images once lived under
+    # ./data whatever the data root) made every run of that dataset "trained with other settings".
+    vanilla = [preset for preset in sweeps.table_presets("shortcut") if preset.endswith("_vanilla")]
+    assert len(vanilla) == 6  # one per dataset recipe (composing every preset is slow)
+    for preset in vanilla:
+        reference = sweeps.job_identity(preset, "quick", CONF, (), ("method.lam=0",))
+        trained = sweeps.job_identity(preset, "quick", CONF, (f"paths.data_dir={data_dir}",), ("method.lam=0",))
+        assert sweeps.conflicts(reference, trained, frozenset({"method.lam"})) == [], preset
+
+
 @pytest.mark.slow
 def test_the_ablation_presets_switch_the_corrected_cdeps_terms() -> None:
     from hydra import compose, initialize_config_dir
