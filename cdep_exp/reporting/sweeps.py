@@ -156,8 +156,8 @@ def normalise_value(key: str, written: str) -> Any:
 # data split's seed (a preset may tie it to the seed, as the RRR paper's repeated splits), the
 # list of metrics to evaluate (training does not read it; code adds metrics over time), and the
 # embedding size, which a run sets from the word vectors it loads (their source,
-# model.embeddings, is compared).
-NOT_SETTINGS = frozenset({"seed", "dataset.split_seed", "dataset.metrics", "model.embed_dim"})
+# model.embeddings, is compared), and where the frozen backbone's feature cache is kept.
+NOT_SETTINGS = frozenset({"seed", "dataset.split_seed", "dataset.metrics", "model.embed_dim", "feature_cache.dir"})
 
 
 def conflicts(reference: dict[str, Any], record: dict[str, Any], swept: frozenset[str]) -> list[str]:
