@@ -64,7 +64,13 @@ def restore_run(run_dir: Path, dataset_overrides: dict | None = None, data_dir: 
     record, cfg = run_config(run_dir, data_dir)
     for key, value in (dataset_overrides or {}).items():
         cfg.dataset[key] = value
+    return restore_loaded(run_dir, record, cfg, splits)
+
+
+def restore_loaded(run_dir: Path, record: RunRecord, cfg: DictConfig, splits: Splits | None = None) -> RestoredRun:
+    """`restore_run` for a record and config already read with `run_config`: the data built
+    from `cfg.dataset` (unless `splits` are given) and the model with the best checkpoint."""
     if splits is None:
         splits = build_splits(cfg.dataset)
-    model = load_best(build_model(cfg.model, splits), run_dir).eval()
-    return RestoredRun(run_dir, record, cfg, splits, model)
+    model = load_best(build_model(cfg.model, splits), Path(run_dir)).eval()
+    return RestoredRun(Path(run_dir), record, cfg, splits, model)

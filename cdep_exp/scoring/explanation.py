@@ -43,8 +43,8 @@ def largest_components(grad: Tensor, cutoff: float = 0.67) -> Tensor:
 
 def explanation_masks(model: nn.Module, loader: DataLoader, device: torch.device, cutoff: float = 0.67,
                       target: str = "log_prob_sum") -> Tensor:
-    """M_c (`largest_components` of `input_gradients` with `target`) of every sample of `loader`, in order, on the CPU: booleans (N,
-    *sample shape) for flat inputs, (N, 1, H, W) for images (one mask per pixel, broadcastable
+    """M_c (`largest_components` of `input_gradients` with `target`) of every sample of `loader`,
+    in order, on the CPU: booleans (N, *sample shape) for flat inputs, (N, 1, H, W) for images (one mask per pixel, broadcastable
     over the channels as an annotation is). The model is put in eval mode and restored. Raises
     ValueError for a cutoff outside (0, 1] and TypeError for inputs that are not floating point
     (token ids have no input gradient)."""

@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
@@ -37,7 +37,8 @@ from cdep_exp.cd import UnsupportedOperationError
 from cdep_exp.data.base import Splits
 from cdep_exp.run.compose import build_splits
 from cdep_exp.run.identity import identity_hash, normalise
-from cdep_exp.run.restore import RestoredRun, restore_run, run_config
+from cdep_exp.run.record import RunRecord
+from cdep_exp.run.restore import RestoredRun, restore_loaded, run_config
 from cdep_exp.tools.attributions import cd_map, eg_map, feature_groups, gradient_map, input_kind
 from cdep_exp.tools.explain_figures import FIGURES, Panel, SampleView
 from cdep_exp.tools.lime_maps import LimeExplainer
@@ -194,18 +195,16 @@ def sample_view(batch: Batch, i: int, vocab: list[str] | None) -> SampleView:
 
 def load_groups(run_dirs: list[Path], data_dir: str | None) -> list[list[RestoredRun]]:
     """The runs, grouped by dataset config (one data build per group), in the order given."""
-    groups: dict[str, list[Path]] = {}
-    configs = {}
+    groups: dict[str, list[tuple[Path, RunRecord, DictConfig]]] = {}
     for run_dir in run_dirs:
-        _, cfg = run_config(run_dir, data_dir)
+        record, cfg = run_config(run_dir, data_dir)
         # Normalised, so that one dataset spelled `1` in one run and `1.0` in another is one group.
         key = identity_hash(normalise(OmegaConf.to_container(cfg.dataset, resolve=True)))
-        groups.setdefault(key, []).append(run_dir)
-        configs[key] = cfg.dataset
+        groups.setdefault(key, []).append((run_dir, record, cfg))
     out = []
-    for key, dirs in groups.items():
-        splits = build_splits(configs[key])
-        out.append([restore_run(d, data_dir=data_dir, splits=splits) for d in dirs])
+    for runs in groups.values():
+        splits = build_splits(runs[0][2].dataset)
+        out.append([restore_loaded(run_dir, record, cfg, splits) for run_dir, record, cfg in runs])
     return out
 
 
@@ -344,8 +343,8 @@ def explain(args: argparse.Namespace) -> list[Path]:
     if args.timing is not None:
         note = (f"Mean wall seconds of one explanation of one sample, over {args.timing_samples} samples of each "
                 f"dataset, after one untimed call; one process, torch on {torch.get_num_threads()} CPU thread(s). "
-                f"CD: every group (image patch, column, word; for texts the mean word count) decomposed alone; EG: {args.eg_draws} (reference, α) "
-                f"draws; LIME: its default sample counts (1,000 images, 5,000 tables and texts). "
+                f"CD: every group (image patch, column, word; for texts the mean word count) decomposed alone; "
+                f"EG: {args.eg_draws} (reference, α) draws; LIME: its default sample counts (1,000 images, 5,000 tables and texts). "
                 f"Made by `python -m cdep_exp.tools.explain` (docs/explanations.md).")
         write_timing(timing_table(rows), args.timing, note)
         written += [args.timing.with_suffix(".md"), args.timing.with_suffix(".csv")]
