@@ -6,13 +6,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from cdep_exp.data.colormnist import build_colormnist
 from cdep_exp.data.decoymnist import build_decoymnist, train_shades
-from cdep_exp.reporting import sweeps, tables
-from cdep_exp.reporting.selection import VALIDATION_SCORES
+from cdep_exp.reporting import sweeps, tables, tuning
+from cdep_exp.reporting.selection import BEST_TUNING_VALIDATION, TUNES_LAM, VALIDATION_SCORES
 from test_results import OUTPUTS, write_run
 
 CONF = sweeps.CONF_DIR
@@ -138,3 +139,71 @@ def test_a_paper_table_refuses_another_validation_score(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="Unknown validation score"):
         tables.build("shortcut", "quick", tmp_path / OUTPUTS, score="test_accuracy")
     assert set(VALIDATION_SCORES) == {"val_accuracy", "val_worst_group", "val_counterfactual"}
+
+
+def test_the_full_scale_tunes_lambda_on_seed_0_where_a_grid_has_several() -> None:
+    _, _, tuned = sweeps.sweep_params("shortcut/decoymnist_cdep_both", "full")
+    _, _, single = sweeps.sweep_params("shortcut/decoymnist_vanilla", "full")  # one λ: nothing to tune
+    _, _, compas = sweeps.sweep_params("shortcut/compas_rrr", "full")  # seconds a run: every seed tunes
+    _, _, quick = sweeps.sweep_params("shortcut/decoymnist_cdep_both", "quick")
+    assert tuned == (0.0,) and single is None and compas is None and quick is None
+
+
+def test_tuning_plan_trains_seed_0_on_the_grid_then_the_chosen_lambda_on_the_others() -> None:
+    expected = pd.DataFrame([{"sweep": "shortcut/a", "dataset": "d", "method": "cdep", "lam": lam, "seed": seed,
+                              TUNES_LAM: seed == 0} for lam in (1.0, 10.0, 100.0) for seed in (0.0, 1.0, 2.0)]
+                            + [{"sweep": "shortcut/b", "dataset": "d", "method": "vanilla", "lam": 0.0,
+                                "seed": seed, TUNES_LAM: True} for seed in (0.0, 1.0, 2.0)])
+    assert tuning.planned(expected) == 5 + 3 and tuning.tuning_seeds(expected) == [0]
+
+    def found_at(pairs: list[tuple[float, float, float]]) -> pd.DataFrame:
+        rows = [{"sweep": "shortcut/a", "method": "cdep", "lam": lam, "seed": seed, TUNES_LAM: seed == 0,
+                 "select": score} for lam, seed, score in pairs]
+        return pd.DataFrame(rows)
+
+    def missing_of(found: pd.DataFrame) -> pd.DataFrame:
+        done = set(zip(found["lam"], found["seed"]))
+        return expected[[not (s == "shortcut/a" and (lam, seed) in done)
+                         for s, lam, seed in zip(expected["sweep"], expected["lam"], expected["seed"])]]
+
+    # λ 100 of seed 0 is still missing: nothing is chosen, the repeats wait with λ unknown.
+    found = found_at([(1.0, 0.0, 90.0), (10.0, 0.0, 95.0)])
+    waiting = tuning.outstanding(found, missing_of(found), BEST_TUNING_VALIDATION)
+    rows_a = waiting[waiting["sweep"] == "shortcut/a"]
+    assert sorted(rows_a["seed"]) == [0.0, 1.0, 2.0] and rows_a["lam"].isna().sum() == 2
+    assert tuning.next_runs(waiting) == [["experiment=shortcut/a", "seed=0"], ["experiment=shortcut/b"]]
+
+    # Seed 0 done: λ 10 validates best, so seeds 1 and 2 train λ 10 only. A seed-1 run at λ 1
+    # (trained before, say) would lift λ 1's mean over seeds above λ 10's, but only the tuning seed chooses.
+    found = found_at([(1.0, 0.0, 93.0), (10.0, 0.0, 95.0), (100.0, 0.0, 80.0), (1.0, 1.0, 99.0)])
+    repeats = tuning.outstanding(found, missing_of(found), BEST_TUNING_VALIDATION)
+    rows_a = repeats[repeats["sweep"] == "shortcut/a"]
+    assert list(zip(rows_a["lam"], rows_a["seed"])) == [(10.0, 1.0), (10.0, 2.0)]
+    assert tuning.next_runs(repeats)[0] == ["experiment=shortcut/a", "method.lam=10", "seed=1,2"]
+
+
+def test_benchmark_table_at_the_full_scale_reports_the_lambda_chosen_on_seed_0(tmp_path: Path) -> None:
+    conf = benchmark_conf(tmp_path, ("decoymnist_cdep_gap",), "1,100")
+    preset = conf / "experiment" / "shortcut" / "decoymnist_cdep_gap.yaml"
+    preset.write_text(preset.read_text().replace('full: {lams: "1,10,100"}', 'full: {lams: "1,100"}'))
+
+    def train(lam: float, seed: int, val_cf: float, test: float) -> None:
+        write_run(tmp_path, "shortcut", "shortcut/decoymnist_cdep_gap", "cdep", lam, seed,
+                  benchmark_metrics(97.0, val_cf, test, 90.0, 1.0), dataset="decoymnist", scale="full",
+                  shortcut="patch_train_shade", val_shortcut="val_patch_random_shade")
+
+    train(1, 0, 92.0, 80.0)
+    train(100, 0, 95.0, 96.0)
+    train(1, 1, 99.0, 70.0)  # another seed at λ 1 lifts its mean above λ 100's; it must not move the choice
+    outputs = tmp_path / OUTPUTS
+    assert tables.next_runs("shortcut", "full", outputs, conf_dir=conf) == [
+        ["experiment=shortcut/decoymnist_cdep_gap", "method.lam=100", "seed=1,2"]]
+    table = tables.build("shortcut", "full", outputs, conf_dir=conf)
+    assert table.expected == 4 and sorted(zip(table.missing["lam"], table.missing["seed"])) == [(100, 1), (100, 2)]
+    assert "best validation on the tuning seeds" in table.markdown()
+    train(100, 1, 94.0, 98.0)
+    train(100, 2, 93.0, 97.0)
+    table = tables.build("shortcut", "full", outputs, conf_dir=conf)
+    row = table.cells.set_index(["dataset", "method"]).loc[("DecoyMNIST", "CDEP ablation: gap term only")]
+    assert row["lam"] == 100 and row["seeds"] == 3 and row["accuracy mean"] == 97.0 and table.missing.empty
+    assert tables.next_runs("shortcut", "full", outputs, conf_dir=conf) == []

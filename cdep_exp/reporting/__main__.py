@@ -6,6 +6,7 @@
     python -m cdep_exp.reporting --table rrr_paper --scale full      # the RRR paper's tables (make rrr-paper)
     python -m cdep_exp.reporting --table shortcut --scale full       # the shortcut benchmark (make benchmark)
     python -m cdep_exp.reporting --table shortcut --score val_accuracy   # λ chosen on another validation score
+    python -m cdep_exp.reporting --table shortcut --scale full --next-runs  # the sweeps still to train, a line each
     python -m cdep_exp.reporting --figures --scale quick             # accuracy against λ → results/figures/
     python -m cdep_exp.reporting --shortcut --glob 'outputs/demo/**/metrics.json'  # accuracy next to shortcut reliance
 """
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--score", choices=sorted(VALIDATION_SCORES),
                         help="with --table shortcut: the validation score λ is chosen on (default "
                              "val_counterfactual); the table is written as shortcut_<score>")
+    parser.add_argument("--next-runs", action="store_true",
+                        help="with --table: print the sweeps that train what the table still needs and can start "
+                             "now, one line of Hydra overrides each (where λ is tuned on some seeds, the repeats "
+                             "at the chosen λ once those have finished); nothing when no run is missing")
     parser.add_argument("--figures", action="store_true", help="plot accuracy against λ per method (Fig. S2)")
     parser.add_argument("--shortcut", action="store_true",
                         help="accuracy next to the shortcut metric (counterfactual Δp and flips) per method and form")
@@ -56,10 +61,17 @@ def main(argv: list[str] | None = None) -> None:
     # Warnings about the records read (unreadable, failed runs) as plain lines in a terminal.
     warnings.formatwarning = lambda message, *args, **kwargs: f"Warning: {message}\n"
     if args.table:
-        from cdep_exp.reporting.tables import PAPER_TABLES, RRR_PAPER_TABLES, build  # Hydra: import on use
+        from cdep_exp.reporting.tables import PAPER_TABLES, RRR_PAPER_TABLES, build, next_runs  # Hydra: import on use
 
         groups = {"all": PAPER_TABLES, "rrr_paper": RRR_PAPER_TABLES}
         for name in [n for requested in args.table for n in groups.get(requested, (requested,))]:
+            if args.next_runs:
+                try:
+                    for line in next_runs(name, args.scale, args.outputs, overrides=tuple(args.set)):
+                        print(" ".join(line))
+                except (KeyError, ValueError) as err:
+                    raise SystemExit(f"Error: {err.args[0]}") from None
+                continue
             try:
                 table = build(name, args.scale, args.outputs, overrides=tuple(args.set), score=args.score)
             except (KeyError, ValueError) as err:

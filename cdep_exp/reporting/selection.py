@@ -7,7 +7,9 @@ it instead of hiding the choice in table code; each table names its λ rule in i
   or `max_over_epochs` (the best per-epoch validation score: the SST paper's number, an oracle
   on the validation set, docs/reference.md §7.6), which a table applies to a run's history.
 * λ: `BEST_MEAN_VALIDATION` — the λ whose mean validation score over seeds is best, as the
-  paper chose λ (DomainBed's "training-domain validation" with the seeds averaged first).
+  paper chose λ (DomainBed's "training-domain validation" with the seeds averaged first);
+  `BEST_TUNING_VALIDATION` — the same over the seeds that try every λ, where a preset tunes on
+  some seeds only and repeats the chosen λ with the others (`cdep_exp.reporting.tuning`).
 * The validation score it maximises, by name (`VALIDATION_SCORES`): validation accuracy,
   validation worst-group accuracy (the group-robustness literature's rule), or the accuracy on
   the validation counterfactual that breaks the shortcut (`Splits.val_shortcut`: the same
@@ -32,10 +34,22 @@ def lower_is_better(metric: str) -> bool:
     return metric.endswith("loss")
 
 
+# Column of a table's runs: True where the run's seed tries every λ of its grid, False where the
+# seed trains only the λ chosen on the others (a run without the column tunes).
+TUNES_LAM = "tunes_lam"
+
+
+def tuning_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs whose seed tries every λ (all of them where no run says otherwise)."""
+    return runs[runs[TUNES_LAM].fillna(True).astype(bool)] if TUNES_LAM in runs else runs
+
+
 def best_mean_validation(runs: pd.DataFrame, by: list[str], metric: str) -> pd.DataFrame:
-    """The runs at each group's best λ: the λ whose mean `metric` over seeds is best (highest, or
-    lowest for a loss). Ties go to the smaller λ. Groups whose runs all lack the metric are dropped."""
-    means = runs.groupby([*by, "lam"], dropna=False)[metric].mean().dropna().reset_index()
+    """The runs at each group's best λ: the λ whose mean `metric` over the tuning seeds
+    (`tuning_runs`: every seed, unless the runs say otherwise) is best (highest, or lowest for a
+    loss), with every run of that λ. Ties go to the smaller λ. Groups whose tuning runs all lack
+    the metric are dropped."""
+    means = tuning_runs(runs).groupby([*by, "lam"], dropna=False)[metric].mean().dropna().reset_index()
     best = means.sort_values(metric, ascending=lower_is_better(metric), kind="stable").drop_duplicates(by)
     return runs.merge(best[[*by, "lam"]], on=[*by, "lam"])
 
@@ -53,6 +67,9 @@ class LambdaRule:
 BEST_MEAN_VALIDATION = LambdaRule(
     "best mean validation", "the λ whose validation score averaged over seeds is best, ties to the smaller λ",
     best_mean_validation)
+BEST_TUNING_VALIDATION = LambdaRule(
+    "best validation on the tuning seeds", "the λ whose validation score averaged over the seeds that try every λ "
+    "(the grid's lam_seeds) is best, ties to the smaller λ; the other seeds train that λ only", best_mean_validation)
 
 
 @dataclass(frozen=True)

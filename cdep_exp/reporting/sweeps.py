@@ -6,6 +6,10 @@ basic sweeper does gives the expected grid, so a table lists exactly the runs `m
 launch, and the ones without a `metrics.json` are reported as missing. Each expected run also
 carries what its composed preset says of it (`DESCRIBED`: the dataset's name, the protocol), so
 tables label found and missing runs alike without reading preset names.
+
+A preset may tune λ on some seeds only (`grid.<scale>.lam_seeds`, e.g. "0"): those seeds try
+every λ of its grid and the others train only the λ chosen on them (`cdep_exp.reporting.tuning`).
+Each expected run says which kind it is (`selection.TUNES_LAM`); the grid still lists every λ × seed.
 """
 import itertools
 import math
@@ -20,6 +24,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 import cdep_exp.training.settings  # noqa: F401  (registers the trainer group's schema for composing)
+from cdep_exp.reporting.selection import TUNES_LAM
 from cdep_exp.run.identity import config_identity, identity_of, normalise
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -44,10 +49,11 @@ def table_presets(table: str, conf_dir: Path = CONF_DIR) -> list[str]:
 
 @cache
 def sweep_params(preset: str, scale: str, conf_dir: Path = CONF_DIR, overrides: tuple[str, ...] = ()
-                 ) -> tuple[dict[str, str], dict[str, Any]]:
-    """The preset's `hydra.sweeper.params` at this scale (interpolations resolved) and its
-    DESCRIBED values (None where the preset has no such key). `overrides` are what the table's
-    make target adds to every sweep (Table 1 at the quick scale: dataset=isic_synthetic)."""
+                 ) -> tuple[dict[str, str], dict[str, Any], tuple[Any, ...] | None]:
+    """The preset's `hydra.sweeper.params` at this scale (interpolations resolved), its
+    DESCRIBED values (None where the preset has no such key) and its λ-tuning seeds
+    (`grid.<scale>.lam_seeds` normalised, None where every seed tries every λ). `overrides` are
+    what the table's make target adds to every sweep (Table 1 at the quick scale: dataset=isic_synthetic)."""
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment={preset}", f"scale={scale}", *overrides],
                       return_hydra_config=True)
@@ -57,7 +63,13 @@ def sweep_params(preset: str, scale: str, conf_dir: Path = CONF_DIR, overrides: 
         raise ValueError(f"Preset {preset} does not sweep {missing}; add them to hydra.sweeper.params "
                          f"(a single value is fine) so its runs can be matched to the table.")
     described = {name: OmegaConf.select(cfg, key, default=None) for name, key in DESCRIBED.items()}
-    return {key: str(value) for key, value in params.items()}, described
+    lam_seeds = OmegaConf.select(cfg, f"grid.{scale}.lam_seeds", default=None)
+    # A single λ has nothing to tune: every seed trains it at once.
+    if lam_seeds is not None and len(expand({"method.lam": str(params["method.lam"])})) > 1:
+        lam_seeds = tuple(job["seed"] for job in expand({"seed": str(lam_seeds)}))
+    else:
+        lam_seeds = None
+    return {key: str(value) for key, value in params.items()}, described, lam_seeds
 
 
 @cache
@@ -91,8 +103,8 @@ def column(key: str) -> str:
 
 
 def expected_runs(table: str, scale: str, conf_dir: Path = CONF_DIR, overrides: tuple[str, ...] = ()) -> pd.DataFrame:
-    """One row per run the table's presets launch: sweep (the preset), method, lam, seed and
-    any other swept key (e.g. `dataset.variant`) as a column."""
+    """One row per run the table's presets launch: sweep (the preset), method, lam, seed, any
+    other swept key (e.g. `dataset.variant`) as a column, and TUNES_LAM."""
     return pd.DataFrame(list(_expected(table, scale, Path(conf_dir), tuple(overrides))))
 
 
@@ -101,8 +113,9 @@ def _expected(table: str, scale: str, conf_dir: Path, overrides: tuple[str, ...]
     """Composing a preset takes about a second, so each (table, scale) is expanded once per process."""
     expected = []
     for preset in table_presets(table, conf_dir):
-        params, described = sweep_params(preset, scale, conf_dir, overrides)
-        expected += [{"sweep": preset, **described, **{column(key): value for key, value in job.items()}}
+        params, described, lam_seeds = sweep_params(preset, scale, conf_dir, overrides)
+        expected += [{"sweep": preset, **described, **{column(key): value for key, value in job.items()},
+                      TUNES_LAM: lam_seeds is None or job["seed"] in lam_seeds}
                      for job in expand(params)]
     return tuple(expected)
 
@@ -129,7 +142,7 @@ def preset_identities(table: str, scale: str, conf_dir: Path = CONF_DIR, overrid
     """Per preset of the table, what its runs share (`PresetSettings`)."""
     out = {}
     for preset in table_presets(table, conf_dir):
-        params, _ = sweep_params(preset, scale, conf_dir, overrides)
+        params, _, _ = sweep_params(preset, scale, conf_dir, overrides)
         by = tuple(key for key in params if key not in PER_RUN)
         references = {}
         for job in expand_overrides(params):
@@ -213,7 +226,7 @@ def match(
     found, missing, other = [], [], []
     for preset, jobs in expected.groupby("sweep", sort=False):
         keys = [key for key in jobs.columns
-                if key != "sweep" and key not in DESCRIBED and not jobs[key].isna().all()]
+                if key not in ("sweep", TUNES_LAM) and key not in DESCRIBED and not jobs[key].isna().all()]
         records = runs[runs["sweep"] == preset].sort_values("mtime") if "sweep" in runs else runs.iloc[:0]
         if identities is not None and preset in identities and not records.empty:
             settings = identities[preset]
@@ -225,7 +238,7 @@ def match(
                       for path, keys_ in zip(records["path"], differing) if keys_]
             records = records[[not keys_ for keys_ in differing]]
         newest = {tuple(run_value(run, key) for key in keys): index for index, run in records.iterrows()}
-        wanted = jobs[["sweep", *[c for c in DESCRIBED if c in jobs], *keys]].to_dict("records")
+        wanted = jobs[["sweep", *[c for c in (*DESCRIBED, TUNES_LAM) if c in jobs], *keys]].to_dict("records")
         hits = [newest.get(tuple(job[key] for key in keys)) for job in wanted]
         # What a record says of itself wins over what its preset says of the grid, where it says it.
         found += [job | {k: v for k, v in runs.loc[index].to_dict().items() if not _absent(v)}

@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 
 from cdep_exp.atomic import write_atomic
-from cdep_exp.reporting import sweeps
+from cdep_exp.reporting import sweeps, tuning
 from cdep_exp.reporting.paper_numbers import paper_number
 from cdep_exp.reporting.records import aggregate, collect, find_records, format_mean_std
-from cdep_exp.reporting.selection import (BEST_MEAN_VALIDATION, VALIDATION_SCORES, LambdaRule, ValidationScore,
-                                          max_over_epochs)
+from cdep_exp.reporting.selection import (BEST_MEAN_VALIDATION, BEST_TUNING_VALIDATION, VALIDATION_SCORES,
+                                          LambdaRule, ValidationScore, max_over_epochs)
 from cdep_exp.reporting.shortcut import shortcut_names
 from cdep_exp.run.identity import spell_number
 
@@ -577,9 +577,10 @@ def score_rows(spec: Spec, runs: pd.DataFrame, missing: pd.DataFrame) -> pd.Data
     return cells
 
 
-def data_notes(scale: str, root: Path, runs: pd.DataFrame, expected: int) -> list[str]:
-    """Where the numbers come from: scale, how many runs, data and device."""
-    notes = [f"Scale {scale}: {len(runs)} of {expected} expected runs finished (run records under {root})."]
+def data_notes(scale: str, root: Path, runs: pd.DataFrame, expected: int, missing: int) -> list[str]:
+    """Where the numbers come from: scale, how many of the `expected` runs are not `missing`,
+    data and device."""
+    notes = [f"Scale {scale}: {expected - missing} of {expected} expected runs finished (run records under {root})."]
     if runs.empty:
         return notes
     for dataset, descriptions in runs.groupby("dataset")["data"]:
@@ -598,10 +599,12 @@ class Runs:
     """A table's runs: the finished ones its presets expect, labelled and scored, and the rest."""
 
     found: pd.DataFrame
-    missing: pd.DataFrame
-    expected: int
+    missing: pd.DataFrame  # expected runs without a record (all λ × seeds, before `tuning.outstanding`)
+    expected: int  # runs the presets train (`tuning.planned`)
     root: Path
     other: pd.DataFrame  # records under the table's folder trained with other settings (not counted)
+    # The seeds that try every λ in presets that tune on some seeds only (grid.<scale>.lam_seeds); [] for none.
+    tuning_seeds: list[int] = field(default_factory=list)
 
 
 def load(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_dir: Path = sweeps.CONF_DIR,
@@ -615,7 +618,24 @@ def load(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_dir
     root = Path(outputs) / scale / name
     records = collect(find_records(root) if root.is_dir() else [])
     found, missing, other = sweeps.match(expected, records, sweeps.preset_identities(name, scale, conf_dir, overrides))
-    return Runs(found, missing, len(expected), root, other)
+    return Runs(found, missing, tuning.planned(expected), root, other, tuning.tuning_seeds(expected))
+
+
+def outstanding(name: str, runs: Runs) -> pd.DataFrame:
+    """The runs table `name` still needs (`tuning.outstanding`): where presets tune λ on some
+    seeds, the repeats follow the table's own λ rule and score, whatever score a build chooses on."""
+    if not runs.tuning_seeds:
+        return runs.missing
+    # The runs as recorded, plus the score: a table's labels rename columns such as `method`.
+    found = runs.found.assign(select=scored(TABLES[name], runs.found)["select"]) if not runs.found.empty else runs.found
+    return tuning.outstanding(found, runs.missing, BEST_TUNING_VALIDATION)
+
+
+def next_runs(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_dir: Path = sweeps.CONF_DIR,
+              overrides: tuple[str, ...] = ()) -> list[list[str]]:
+    """The sweeps that train what table `name` still needs and can start now (`tuning.next_runs`),
+    each as Hydra overrides beginning with experiment=<preset>; empty when nothing is missing."""
+    return tuning.next_runs(outstanding(name, load(name, scale, outputs, conf_dir, overrides)))
 
 
 def scored(spec: Spec, runs: pd.DataFrame) -> pd.DataFrame:
@@ -652,14 +672,22 @@ def build(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_di
             raise ValueError(f"Unknown validation score {score!r}; choose one of {', '.join(VALIDATION_SCORES)}.")
         spec = choosing_on(spec, VALIDATION_SCORES[score])
     runs = load(name, scale, outputs, conf_dir, overrides)
+    missing = outstanding(name, runs)
+    if runs.tuning_seeds:
+        spec = replace(spec, selection=BEST_TUNING_VALIDATION)
     if spec.score_name != TABLES[name].score_name:
         name = f"{name}_{spec.score_name}"
-    cells = with_paper(name, spec, score_rows(spec, runs.found, runs.missing))
-    notes = data_notes(scale, runs.root, runs.found, runs.expected) + list(spec.notes)
+    cells = with_paper(name, spec, score_rows(spec, runs.found, missing))
+    notes = data_notes(scale, runs.root, runs.found, runs.expected, len(missing)) + list(spec.notes)
+    if runs.tuning_seeds:
+        seeds = ", ".join(map(str, runs.tuning_seeds))
+        notes.insert(1, f"Where a dataset's grid names lam_seeds, only seed {seeds} tries every λ; the other seeds "
+                        f"train the λ chosen on it by {TABLES[name].selects_on}, so a row chosen on another score "
+                        f"may have fewer seeds. Missing runs with λ '–' wait for seed {seeds} to finish.")
     if not runs.other.empty:
         example = runs.other["conflicts"].iloc[0]
         notes.insert(1, f"Not counted: {len(runs.other)} run record(s) under {runs.root} trained with other "
                         f"settings than their preset's (e.g. {example}), such as a debugging sweep with ARGS=.")
     if not runs.found.empty and runs.found["dataset"].eq("isic_synthetic").any():
         spec = replace(spec, title=spec.title + " (GENERATED data)")
-    return Table(name, spec, cells, notes, runs.missing, runs.expected, every_lam(spec, runs.found))
+    return Table(name, spec, cells, notes, missing, runs.expected, every_lam(spec, runs.found))
