@@ -122,7 +122,12 @@ def tradeoff_figure(runs: pd.DataFrame, title: str) -> Figure:
     datasets = [d for d in BENCHMARK_DATASETS.values() if d in set(runs["dataset"])]
     columns = min(3, len(datasets))
     rows = -(-len(datasets) // columns)
-    fig = Figure(figsize=(5.0 * columns, 4.0 * rows + 1.2))
+    # The legend names up to 12 methods below the panels: wide enough for it, a line per `ncol` methods.
+    ncol = 6 if columns == 3 else 4
+    methods = sum(method in set(runs["method"]) for method in BENCHMARK_METHODS.values())
+    legend = 0.3 * -(-methods // ncol) + 0.3
+    height = 4.0 * rows + legend + 0.4
+    fig = Figure(figsize=(max(5.0 * columns, 12.0), height))
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
     markers = "os^vD<>phX*P"
     colours = [f"C{i}" for i in range(10)] + ["black", "olive"]
@@ -143,9 +148,9 @@ def tradeoff_figure(runs: pd.DataFrame, title: str) -> Figure:
         ax.set_ylabel("test accuracy (%)")
     for ax in axes[len(datasets):]:
         ax.set_visible(False)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=6, fontsize="small")
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=ncol, fontsize="small")
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 1.0 / (4.0 * rows + 1.2), 1, 1))
+    fig.tight_layout(rect=(0, legend / height, 1, 1))
     return fig
 
 
