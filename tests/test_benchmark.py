@@ -207,3 +207,20 @@ def test_benchmark_table_at_the_full_scale_reports_the_lambda_chosen_on_seed_0(t
     row = table.cells.set_index(["dataset", "method"]).loc[("DecoyMNIST", "CDEP ablation: gap term only")]
     assert row["lam"] == 100 and row["seeds"] == 3 and row["accuracy mean"] == 97.0 and table.missing.empty
     assert tables.next_runs("shortcut", "full", outputs, conf_dir=conf) == []
+
+
+@pytest.mark.parametrize("datasets", [1, 4])
+def test_tradeoff_figure_has_a_panel_per_dataset_and_a_legend_entry_per_method(datasets: int) -> None:
+    from cdep_exp.reporting.figures import tradeoff_figure
+
+    names = list(tables.BENCHMARK_DATASETS.values())[:datasets]
+    methods = ["Vanilla", "Logit pairing", "RRR"]
+    runs = pd.DataFrame([{"dataset": d, "method": m, "lam": lam, "flip_rate": 10.0 * i, "accuracy": 90.0 - i}
+                         for d in names for i, m in enumerate(methods) for lam in (1.0, 10.0)])
+    fig = tradeoff_figure(runs, "title")
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in visible] == names
+    # In the benchmark's method order, each once however many panels show it.
+    assert [text.get_text() for text in fig.legends[0].get_texts()] == ["Vanilla", "RRR", "Logit pairing"]
+    # Two λ per method: one line of two points each, at the runs' means.
+    assert len(visible[0].lines) >= len(methods) and fig.get_figwidth() >= 12.0
