@@ -169,3 +169,11 @@ def test_a_model_that_does_not_fit_the_data_fails_in_one_line(tmp_path: Path) ->
     done = train(tmp_path, "dataset=blobs", "method=vanilla", "model.num_classes=3")
     assert done.returncode != 0
     assert "model.num_classes=2" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_method_that_cannot_apply_fails_in_one_line_without_a_lambda_warning(tmp_path: Path) -> None:
+    # The new dataset only marks where its feature is, so logit pairing cannot apply: the one-line
+    # error, and no advice to sweep the λ of a run that cannot train.
+    done = train(tmp_path, "dataset=blobs", "method=clp")
+    assert done.returncode != 0 and "cannot build them" in done.stderr
+    assert "never tuned" not in done.stdout + done.stderr and "Traceback" not in done.stderr

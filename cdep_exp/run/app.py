@@ -93,7 +93,6 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     check_launcher_alive()
     directory = RunDirectory(Path(run_dir or HydraConfig.get().runtime.output_dir))
     lam = validate(cfg)
-    warn_untuned_lambda(lam)
     settings = trainer_settings(cfg.trainer)
     with directory.locked() as writable:
         return _run_locked(cfg, directory, lam, settings, writable)
@@ -143,6 +142,8 @@ def _run_locked(cfg: DictConfig, directory: RunDirectory, lam: float, settings: 
     if finished is not None:
         return finished.best_val_loss
     model, penalty, splits, stage, context = build_learner(cfg, splits, device, settings, directory.checkpoints)
+    # Only now: a method that cannot apply to the data has failed with its one line, and a finished run was skipped.
+    warn_untuned_lambda(lam)
     log.info("%s | %s λ=%g | %s on %s | run dir %s", description, cfg.method.name, lam,
              type(model).__name__, device, directory.path)
     metric_names = list(cfg.dataset.metrics)
