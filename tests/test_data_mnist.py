@@ -557,5 +557,7 @@ def test_colormnist_split_fixed_by_split_seed(mnist_dir):
     assert torch.equal(a.val.tensors[0], b.val.tensors[0])
     assert not torch.equal(a.val.tensors[0], c.val.tensors[0])
     assert len(a.train) == 270 and len(a.val) == 30
+    # The run log and the tables' data notes say how many digits were used, as for DecoyMNIST.
+    assert a.description.endswith(f"used: 270 train / 30 val / {len(a.tests['test'])} test")
     with pytest.raises(ValueError, match="val_colors"):
         build_colormnist(str(data_dir), source="idx", val_colors="random")

@@ -165,7 +165,8 @@ def build_colormnist(
         num_classes=10,
         input_shape=(3, 28, 28),
         annotation="weights" if annotation == "pixels" else "relevant",
-        description=f"ColorMNIST (val colours {val_colors}, annotation {annotation}) on {mnist.description}",
+        description=(f"ColorMNIST (val colours {val_colors}, annotation {annotation}) on {mnist.description}; "
+                     f"used: {len(tr):,} train / {len(va):,} val / {len(test_labels):,} test"),
         shortcut="recoloured_train",
         val_shortcut="val_recoloured_random",
         # The colour part annotation gives the grey digit, x − colour part; sampled pixels give none.
