@@ -224,3 +224,48 @@ def test_tradeoff_figure_has_a_panel_per_dataset_and_a_legend_entry_per_method(d
     assert [text.get_text() for text in fig.legends[0].get_texts()] == ["Vanilla", "RRR", "Logit pairing"]
     # Two λ per method: one line of two points each, at the runs' means.
     assert len(visible[0].lines) >= len(methods) and fig.get_figwidth() >= 12.0
+
+
+def test_full_scale_table_on_another_score_and_a_diverged_tuning_run(tmp_path: Path) -> None:
+    conf = benchmark_conf(tmp_path, ("decoymnist_cdep_gap",), "1,100")  # the full grid: λ 1, 10, 100
+    outputs = tmp_path / OUTPUTS
+
+    def train(lam: float, seed: int, val: float, val_cf: float, **fields) -> None:
+        write_run(tmp_path, "shortcut", "shortcut/decoymnist_cdep_gap", "cdep", lam, seed,
+                  benchmark_metrics(val, val_cf, 90.0, 80.0, 1.0), dataset="decoymnist", scale="full",
+                  shortcut="patch_train_shade", val_shortcut="val_patch_random_shade", **fields)
+
+    train(1, 0, 99.0, 60.0)
+    train(10, 0, 97.0, 90.0)
+    # λ 100 diverged on seed 0: it was tried and cannot be chosen, and is not trained again.
+    write_run(tmp_path, "shortcut", "shortcut/decoymnist_cdep_gap", "cdep", 100, 0, {}, dataset="decoymnist",
+              scale="full", status="failed", error="non-finite loss")
+    with pytest.warns(UserWarning, match="1 failed run"):
+        assert tables.next_runs("shortcut", "full", outputs, conf_dir=conf) == [
+            ["experiment=shortcut/decoymnist_cdep_gap", "method.lam=10", "seed=1,2"]]
+        table = tables.build("shortcut", "full", outputs, conf_dir=conf)
+    assert sorted(zip(table.missing["lam"], table.missing["seed"])) == [(10, 1), (10, 2)]
+    assert "tunes_lam" not in table.missing.columns
+    notes = "\n".join(table.notes)
+    assert "Failed" in notes and "λ 100 seed 0" in notes and "2 of 5 expected runs finished" in notes
+    # Chosen on validation accuracy instead, seed 0 prefers λ 1, which has that seed only.
+    with pytest.warns(UserWarning, match="1 failed run"):
+        on_accuracy = tables.build("shortcut", "full", outputs, conf_dir=conf, score="val_accuracy")
+    row = on_accuracy.cells.set_index(["dataset", "method"]).loc[("DecoyMNIST", "CDEP ablation: gap term only")]
+    assert on_accuracy.name == "shortcut_val_accuracy" and row["lam"] == 1 and row["seeds"] == 1
+
+
+def test_the_quick_scale_names_the_rule_that_averages_every_seed(tmp_path: Path) -> None:
+    conf = benchmark_conf(tmp_path, ("decoymnist_cdep_gap",), "1,100")
+    write_run(tmp_path, "shortcut", "shortcut/decoymnist_cdep_gap", "cdep", 1, 0, benchmark_metrics(99, 60, 90, 80, 1),
+              dataset="decoymnist", shortcut="patch_train_shade", val_shortcut="val_patch_random_shade")
+    table = tables.build("shortcut", "quick", tmp_path / OUTPUTS, conf_dir=conf)
+    assert "λ per row: best mean validation," in table.markdown() and len(table.missing) == 5
+
+
+def test_lam_seeds_outside_the_swept_seeds_is_refused(tmp_path: Path) -> None:
+    conf = benchmark_conf(tmp_path, ("decoymnist_cdep_gap",), "1,100")
+    recipe = conf / "experiment" / "shortcut" / "recipe" / "decoymnist.yaml"
+    recipe.write_text(recipe.read_text().replace('lam_seeds: "0"', 'lam_seeds: "7"'))
+    with pytest.raises(ValueError, match="lam_seeds .7. must be among the seeds it sweeps .0, 1, 2."):
+        tables.build("shortcut", "full", tmp_path / OUTPUTS, conf_dir=conf)

@@ -74,7 +74,7 @@ def test_a_model_that_turns_nan_in_its_last_step_is_recorded_as_failed(tmp_path:
     assert "NaN" not in text and "Infinity" not in text  # valid JSON for jq and JavaScript
     record = json.loads(text)
     assert record["status"] == "failed" and "no longer finite" in record["error"] and record["metrics"] == {}
-    with pytest.warns(UserWarning, match="Left out 1 failed run"):
+    with pytest.warns(UserWarning, match="Not counted: 1 failed run"):
         assert collect([tmp_path / "run" / "metrics.json"]).empty  # never a table row
     with pytest.raises(NonFiniteLossError):  # and never skipped as finished by a later sweep
         run(make_cfg(tmp_path, overrides), tmp_path / "run")

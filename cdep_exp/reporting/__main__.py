@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--next-runs", action="store_true",
                         help="with --table: print the sweeps that train what the table still needs and can start "
                              "now, one line of Hydra overrides each (where λ is tuned on some seeds, the repeats "
-                             "at the chosen λ once those have finished); nothing when no run is missing")
+                             "at the chosen λ once those have finished, chosen on the table's own score whatever --score "
+                             "says); nothing when no run is missing")
     parser.add_argument("--figures", action="store_true", help="plot accuracy against λ per method (Fig. S2)")
     parser.add_argument("--shortcut", action="store_true",
                         help="accuracy next to the shortcut metric (counterfactual Δp and flips) per method and form")

@@ -48,10 +48,11 @@ def settings_key(config: dict) -> str:
     return identity_hash(identity, length=8)
 
 
-def collect(paths: Iterable[Path]) -> pd.DataFrame:
+def collect(paths: Iterable[Path], keep_failed: bool = False) -> pd.DataFrame:
     """One row per finished run. Unreadable records (truncated, not JSON) are skipped with a
     warning that names each file; failed runs (status "failed", e.g. a diverged loss) are left
-    out with a warning that counts them."""
+    out with a warning that counts them, or kept with `keep_failed` (their `status` column
+    says "failed"; they have no metrics)."""
     rows, unreadable, failed = [], [], []
     for path in sorted(paths):
         try:
@@ -59,15 +60,15 @@ def collect(paths: Iterable[Path]) -> pd.DataFrame:
         except (OSError, ValueError) as err:
             unreadable.append(f"{path} ({type(err).__name__})")
             continue
-        if record.finished:
-            rows.append(flatten_record(record, Path(path)))
-        else:
+        if record.finished or keep_failed:
+            rows.append(flatten_record(record, Path(path)) | {"status": record.status})
+        if not record.finished:
             failed.append(str(Path(path).parent))
     if unreadable:
         warnings.warn(f"Skipped {len(unreadable)} unreadable run record(s): {'; '.join(unreadable)}", stacklevel=2)
     if failed:
-        warnings.warn(f"Left out {len(failed)} failed run(s) (see their metrics.json 'error'): {'; '.join(failed[:5])}",
-                      stacklevel=2)
+        warnings.warn(f"Not counted: {len(failed)} failed run(s) (see their metrics.json 'error'): "
+                      f"{'; '.join(failed[:5])}", stacklevel=2)
     return pd.DataFrame(rows)
 
 

@@ -67,6 +67,10 @@ def sweep_params(preset: str, scale: str, conf_dir: Path = CONF_DIR, overrides: 
     # A single λ has nothing to tune: every seed trains it at once.
     if lam_seeds is not None and len(expand({"method.lam": str(params["method.lam"])})) > 1:
         lam_seeds = tuple(job["seed"] for job in expand({"seed": str(lam_seeds)}))
+        seeds = {job["seed"] for job in expand({"seed": str(params["seed"])})}
+        if not set(lam_seeds) <= seeds:
+            raise ValueError(f"Preset {preset}: grid.{scale}.lam_seeds ({', '.join(f'{s:g}' for s in lam_seeds)}) "
+                             f"must be among the seeds it sweeps ({', '.join(f'{s:g}' for s in sorted(seeds))}).")
     else:
         lam_seeds = None
     return {key: str(value) for key, value in params.items()}, described, lam_seeds

@@ -15,8 +15,8 @@ from cdep_exp.atomic import write_atomic
 from cdep_exp.reporting import sweeps, tuning
 from cdep_exp.reporting.paper_numbers import paper_number
 from cdep_exp.reporting.records import aggregate, collect, find_records, format_mean_std
-from cdep_exp.reporting.selection import (BEST_MEAN_VALIDATION, BEST_TUNING_VALIDATION, VALIDATION_SCORES,
-                                          LambdaRule, ValidationScore, max_over_epochs)
+from cdep_exp.reporting.selection import (BEST_MEAN_VALIDATION, BEST_TUNING_VALIDATION, TUNES_LAM,
+                                          VALIDATION_SCORES, LambdaRule, ValidationScore, max_over_epochs)
 from cdep_exp.reporting.shortcut import shortcut_names
 from cdep_exp.run.identity import spell_number
 
@@ -577,10 +577,9 @@ def score_rows(spec: Spec, runs: pd.DataFrame, missing: pd.DataFrame) -> pd.Data
     return cells
 
 
-def data_notes(scale: str, root: Path, runs: pd.DataFrame, expected: int, missing: int) -> list[str]:
-    """Where the numbers come from: scale, how many of the `expected` runs are not `missing`,
-    data and device."""
-    notes = [f"Scale {scale}: {expected - missing} of {expected} expected runs finished (run records under {root})."]
+def data_notes(scale: str, root: Path, runs: pd.DataFrame, expected: int, finished: int) -> list[str]:
+    """Where the numbers come from: scale, how many of the `expected` runs `finished`, data and device."""
+    notes = [f"Scale {scale}: {finished} of {expected} expected runs finished (run records under {root})."]
     if runs.empty:
         return notes
     for dataset, descriptions in runs.groupby("dataset")["data"]:
@@ -599,12 +598,15 @@ class Runs:
     """A table's runs: the finished ones its presets expect, labelled and scored, and the rest."""
 
     found: pd.DataFrame
-    missing: pd.DataFrame  # expected runs without a record (all λ × seeds, before `tuning.outstanding`)
+    # Expected runs without a finished record (all λ × seeds, before `tuning.outstanding`), the failed ones included.
+    missing: pd.DataFrame
     expected: int  # runs the presets train (`tuning.planned`)
     root: Path
     other: pd.DataFrame  # records under the table's folder trained with other settings (not counted)
     # The seeds that try every λ in presets that tune on some seeds only (grid.<scale>.lam_seeds); [] for none.
     tuning_seeds: list[int] = field(default_factory=list)
+    # The expected runs whose newest record failed (a non-finite loss): part of `missing`.
+    failed: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def load(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_dir: Path = sweeps.CONF_DIR,
@@ -616,9 +618,12 @@ def load(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_dir
     overrides = tuple(overrides)
     expected = sweeps.expected_runs(name, scale, conf_dir, overrides)
     root = Path(outputs) / scale / name
-    records = collect(find_records(root) if root.is_dir() else [])
+    records = collect(find_records(root) if root.is_dir() else [], keep_failed=True)
     found, missing, other = sweeps.match(expected, records, sweeps.preset_identities(name, scale, conf_dir, overrides))
-    return Runs(found, missing, tuning.planned(expected), root, other, tuning.tuning_seeds(expected))
+    failing = found["status"].eq("failed") if "status" in found else pd.Series(False, index=found.index)
+    failed = found[failing].reindex(columns=expected.columns)
+    return Runs(found[~failing], pd.concat([missing, failed], ignore_index=True), tuning.planned(expected), root,
+                other, tuning.tuning_seeds(expected), failed)
 
 
 def outstanding(name: str, runs: Runs) -> pd.DataFrame:
@@ -627,8 +632,14 @@ def outstanding(name: str, runs: Runs) -> pd.DataFrame:
     if not runs.tuning_seeds:
         return runs.missing
     # The runs as recorded, plus the score: a table's labels rename columns such as `method`.
-    found = runs.found.assign(select=scored(TABLES[name], runs.found)["select"]) if not runs.found.empty else runs.found
-    return tuning.outstanding(found, runs.missing, BEST_TUNING_VALIDATION)
+    found = runs.found
+    if not found.empty:
+        scores = scored(TABLES[name], found)["select"]
+        if len(scores) != len(found):
+            raise ValueError(f"Table {name} labels a run more than once, so it cannot tune λ on some seeds; "
+                             f"remove lam_seeds from its presets' grids.")
+        found = found.assign(select=scores.to_numpy())
+    return tuning.outstanding(found, runs.missing, BEST_TUNING_VALIDATION, runs.failed)
 
 
 def next_runs(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_dir: Path = sweeps.CONF_DIR,
@@ -673,21 +684,32 @@ def build(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_di
         spec = choosing_on(spec, VALIDATION_SCORES[score])
     runs = load(name, scale, outputs, conf_dir, overrides)
     missing = outstanding(name, runs)
+    base = name
     if runs.tuning_seeds:
         spec = replace(spec, selection=BEST_TUNING_VALIDATION)
-    if spec.score_name != TABLES[name].score_name:
-        name = f"{name}_{spec.score_name}"
+    if spec.score_name != TABLES[base].score_name:
+        name = f"{base}_{spec.score_name}"
     cells = with_paper(name, spec, score_rows(spec, runs.found, missing))
-    notes = data_notes(scale, runs.root, runs.found, runs.expected, len(missing)) + list(spec.notes)
+    # Failed tuning runs are tried λ, neither finished nor still missing.
+    failed_listed = runs.failed.merge(missing, on=list(runs.failed.columns)) if not runs.failed.empty else runs.failed
+    finished = runs.expected - len(missing) - (len(runs.failed) - len(failed_listed))
+    notes = data_notes(scale, runs.root, runs.found, runs.expected, finished) + list(spec.notes)
     if runs.tuning_seeds:
         seeds = ", ".join(map(str, runs.tuning_seeds))
         notes.insert(1, f"Where a dataset's grid names lam_seeds, only seed {seeds} tries every λ; the other seeds "
-                        f"train the λ chosen on it by {TABLES[name].selects_on}, so a row chosen on another score "
-                        f"may have fewer seeds. Missing runs with λ '–' wait for seed {seeds} to finish.")
+                        f"train the λ chosen on it by {TABLES[base].selects_on}, so a row chosen on another score "
+                        f"may have fewer seeds. Missing runs with λ '–' wait for seed {seeds} (or, where its "
+                        f"runs lack that score, cannot be placed).")
+    if not runs.failed.empty:
+        shown = "; ".join(f"{row.sweep} λ {fmt_lam(row.lam)} seed {int(row.seed)}"
+                          for row in runs.failed.head(6).itertuples())
+        notes.insert(1, f"Failed (a non-finite loss; not counted, a tuning seed's λ not chosen): {len(runs.failed)} "
+                        f"run(s): {shown}{' …' if len(runs.failed) > 6 else ''}.")
     if not runs.other.empty:
         example = runs.other["conflicts"].iloc[0]
         notes.insert(1, f"Not counted: {len(runs.other)} run record(s) under {runs.root} trained with other "
                         f"settings than their preset's (e.g. {example}), such as a debugging sweep with ARGS=.")
     if not runs.found.empty and runs.found["dataset"].eq("isic_synthetic").any():
         spec = replace(spec, title=spec.title + " (GENERATED data)")
+    missing = missing.drop(columns=[TUNES_LAM], errors="ignore")
     return Table(name, spec, cells, notes, missing, runs.expected, every_lam(spec, runs.found))

@@ -60,13 +60,19 @@ def chosen_lams(found: pd.DataFrame, missing: pd.DataFrame, keys: list[str], rul
     return chosen[[*keys, "lam"]].drop_duplicates(keys)
 
 
-def outstanding(found: pd.DataFrame, missing: pd.DataFrame, rule: LambdaRule) -> pd.DataFrame:
-    """The expected runs the plan still needs: every missing tuning run; the missing repeats at
-    each setting's chosen λ (`chosen_lams`); and, for a setting whose λ is not chosen yet, one row
-    per missing repeating seed with lam NaN."""
-    if missing.empty or not tunes_on_some_seeds(missing):
+def outstanding(found: pd.DataFrame, missing: pd.DataFrame, rule: LambdaRule,
+                failed: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The expected runs the plan still needs: every missing tuning run except those that failed
+    (`failed`: a diverged λ is tried, and cannot be chosen; training it again would diverge
+    again); the missing repeats at each setting's chosen λ (`chosen_lams`); and, for a setting
+    whose λ is not chosen yet, one row per missing repeating seed with lam NaN."""
+    if missing.empty:
         return missing
     keys = setting_keys(missing)
+    if failed is not None and not failed.empty:
+        tried = failed.loc[failed[TUNES_LAM].astype(bool), [*keys, "lam", "seed"]].assign(_tried=True)
+        missing = missing.merge(tried, on=[*keys, "lam", "seed"], how="left")
+        missing = missing[missing["_tried"].isna()].drop(columns="_tried")
     chosen = chosen_lams(found, missing, keys, rule).rename(columns={"lam": "_chosen"})
     rows = missing.merge(chosen, on=keys, how="left")
     tuning = rows[TUNES_LAM].astype(bool)
@@ -99,7 +105,7 @@ def next_runs(outstanding_runs: pd.DataFrame) -> list[list[str]]:
             lines.append([*launch, seeds_override(tuning["seed"])])
         else:
             repeats = rows[rows["lam"].notna()]
-            for values, group in repeats.groupby([*swept, "lam"], sort=False):
+            for values, group in repeats.groupby([*swept, "lam"], sort=False, dropna=False):
                 values = values if isinstance(values, tuple) else (values,)
                 settings = [f"{key}={value}" for key, value in zip(swept, values[:-1])]
                 lines.append([*launch, *settings, f"method.lam={spell_number(values[-1])}",
