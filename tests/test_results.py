@@ -321,3 +321,13 @@ def test_settings_that_follow_a_swept_key_are_compared_with_that_jobs_config(tmp
         path.write_text(json.dumps(record))
     runs = tables.load("table4", "quick", tmp_path / OUTPUTS)
     assert len(runs.found) == 2 and runs.other.empty
+
+
+def test_data_notes_say_in_words_what_peak_memory_measured() -> None:
+    runs = pd.DataFrame({"dataset": ["compas", "compas"], "data": ["COMPAS, 6,172 rows", "COMPAS, 6,172 rows"],
+                         "device": ["cpu", "cuda"], "device_name": ["Xeon", "H100"],
+                         "peak_memory_kind": ["process_peak_rss", "cuda_max_allocated"]})
+    notes = tables.data_notes("quick", Path("outputs/tables/quick/table3"), runs, expected=3, finished=2)
+    assert notes[0].startswith("Scale quick: 2 of 3 expected runs finished")
+    assert notes[-1] == ("Device: H100, Xeon (peak memory recorded as CUDA tensor memory allocated, the process's "
+                         "peak resident memory since the run started).")

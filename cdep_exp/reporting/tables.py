@@ -588,9 +588,16 @@ def data_notes(scale: str, root: Path, runs: pd.DataFrame, expected: int, finish
         notes.append(f"Data ({dataset}): {text}.{marker}")
     named = runs["device_name"].fillna(runs["device"]) if "device_name" in runs else runs["device"]
     devices = ", ".join(sorted(named.dropna().astype(str).unique()))
-    memory = ", ".join(sorted(runs["peak_memory_kind"].dropna().astype(str).unique()))
-    notes.append(f"Device: {devices} (peak memory: {memory}).")
+    kinds = runs["peak_memory_kind"].dropna().astype(str).unique() if "peak_memory_kind" in runs else []
+    memory = ", ".join(sorted({MEMORY_KINDS.get(kind, kind) for kind in kinds if kind}))
+    notes.append(f"Device: {devices}" + (f" (peak memory recorded as {memory})." if memory else "."))
     return notes
+
+
+# What each run's `peak_memory_kind` (cdep_exp.provenance.peak_memory_gib) measured, in words.
+MEMORY_KINDS = {"cuda_max_allocated": "CUDA tensor memory allocated",
+                "process_peak_rss": "the process's peak resident memory since the run started",
+                "process_max_rss": "the process's peak resident memory"}
 
 
 @dataclass
