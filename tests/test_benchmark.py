@@ -193,9 +193,14 @@ def test_benchmark_table_at_the_full_scale_reports_the_lambda_chosen_on_seed_0(t
                   shortcut="patch_train_shade", val_shortcut="val_patch_random_shade")
 
     train(1, 0, 92.0, 80.0)
-    train(100, 0, 95.0, 96.0)
     train(1, 1, 99.0, 70.0)  # another seed at λ 1 lifts its mean above λ 100's; it must not move the choice
     outputs = tmp_path / OUTPUTS
+    # Until seed 0 has tried every λ the row shows no λ; what has finished shows under "Every λ".
+    early = tables.build("shortcut", "full", outputs, conf_dir=conf)
+    row = early.cells.set_index(["dataset", "method"]).loc[("DecoyMNIST", "CDEP ablation: gap term only")]
+    assert math.isnan(row["lam"]) and list(early.every_lam["lam"]) == [1]
+    assert early.every_lam["select mean"].iloc[0] == 92.0  # the tuning seed's score, not the mean with seed 1
+    train(100, 0, 95.0, 96.0)
     assert tables.next_runs("shortcut", "full", outputs, conf_dir=conf) == [
         ["experiment=shortcut/decoymnist_cdep_gap", "method.lam=100", "seed=1,2"]]
     table = tables.build("shortcut", "full", outputs, conf_dir=conf)

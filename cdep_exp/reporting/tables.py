@@ -509,7 +509,8 @@ class Table:
                  self.display().to_markdown(index=False, disable_numparse=True), ""]
         if self.every_lam["lam"].nunique() > 1:
             lines += ["## Every λ", "", "What the λ rule chose from: per row and λ, the selection score "
-                      f"({self.spec.selects_on}) and each metric over the finished seeds.", "",
+                      f"({self.spec.selects_on}; over the seeds that tune λ) and each metric over the finished "
+                      "seeds.", "",
                       self.every_lam_display().to_markdown(index=False, disable_numparse=True), ""]
         if not self.missing.empty:
             lines += [f"## Missing runs: {len(self.missing)} of {self.expected}", "",
@@ -546,11 +547,14 @@ def with_paper(table: str, spec: Spec, cells: pd.DataFrame) -> pd.DataFrame:
 
 
 def every_lam(spec: Spec, runs: pd.DataFrame) -> pd.DataFrame:
-    """Per table row and λ: seeds, and mean and std of the selection score and of each metric
-    (the table's rows in order, then λ ascending)."""
+    """Per table row and λ: seeds, and mean and std of the selection score (over the seeds that
+    tune λ, the ones the rule read) and of each metric (the table's rows in order, then λ ascending)."""
     labels = list(spec.labels)
     metrics = ["select", *(m.key for m in spec.metrics if m.key != "val_score")]
-    rows = aggregate(scored(spec, runs), [*labels, "lam"], metrics)
+    runs = scored(spec, runs)
+    if TUNES_LAM in runs:
+        runs = runs.assign(select=runs["select"].where(runs[TUNES_LAM].fillna(True).astype(bool)))
+    rows = aggregate(runs, [*labels, "lam"], metrics)
     if rows.empty:
         return rows
     order = {tuple(row): i for i, row in enumerate(spec.rows)}
@@ -696,7 +700,9 @@ def build(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_di
         spec = replace(spec, selection=BEST_TUNING_VALIDATION)
     if spec.score_name != TABLES[base].score_name:
         name = f"{base}_{spec.score_name}"
-    cells = with_paper(name, spec, score_rows(spec, runs.found, missing))
+    # A row whose tuning seeds have not all finished has no λ yet (its runs show under "Every λ").
+    shown = tuning.settled(runs.found, missing) if runs.tuning_seeds else runs.found
+    cells = with_paper(name, spec, score_rows(spec, shown, missing))
     # Failed tuning runs are tried λ, neither finished nor still missing.
     failed_listed = runs.failed.merge(missing, on=list(runs.failed.columns)) if not runs.failed.empty else runs.failed
     finished = runs.expected - len(missing) - (len(runs.failed) - len(failed_listed))

@@ -60,6 +60,17 @@ def chosen_lams(found: pd.DataFrame, missing: pd.DataFrame, keys: list[str], rul
     return chosen[[*keys, "lam"]].drop_duplicates(keys)
 
 
+def settled(found: pd.DataFrame, missing: pd.DataFrame) -> pd.DataFrame:
+    """The found runs of settings whose tuning runs have all finished (or failed): a table shows
+    a λ for those only. Without tuning columns, every found run."""
+    if found.empty or missing.empty or TUNES_LAM not in missing:
+        return found
+    keys = setting_keys(missing)
+    pending = missing.loc[missing[TUNES_LAM].astype(bool), keys].drop_duplicates().assign(_pending=True)
+    rows = found.merge(pending, on=keys, how="left")
+    return rows[rows["_pending"].isna()].drop(columns="_pending")
+
+
 def outstanding(found: pd.DataFrame, missing: pd.DataFrame, rule: LambdaRule,
                 failed: pd.DataFrame | None = None) -> pd.DataFrame:
     """The expected runs the plan still needs: every missing tuning run except those that failed
