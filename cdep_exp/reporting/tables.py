@@ -714,10 +714,10 @@ def build(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_di
                         f"may have fewer seeds. Missing runs with λ '–' wait for seed {seeds} (or, where its "
                         f"runs lack that score, cannot be placed).")
     if not runs.failed.empty:
-        shown = "; ".join(f"{row.sweep} λ {fmt_lam(row.lam)} seed {int(row.seed)}"
+        named = "; ".join(f"{row.sweep} λ {fmt_lam(row.lam)} seed {int(row.seed)}"
                           for row in runs.failed.head(6).itertuples())
         notes.insert(1, f"Failed (a non-finite loss; not counted, a tuning seed's λ not chosen): {len(runs.failed)} "
-                        f"run(s): {shown}{' …' if len(runs.failed) > 6 else ''}.")
+                        f"run(s): {named}{' …' if len(runs.failed) > 6 else ''}.")
     if not runs.other.empty:
         example = runs.other["conflicts"].iloc[0]
         notes.insert(1, f"Not counted: {len(runs.other)} run record(s) under {runs.root} trained with other "

@@ -47,28 +47,30 @@ def planned(expected: pd.DataFrame) -> int:
     return int(expected[TUNES_LAM].sum()) + len(repeats.drop_duplicates([*setting_keys(expected), "seed"]))
 
 
+def without(frame: pd.DataFrame, rows: pd.DataFrame, on: list[str]) -> pd.DataFrame:
+    """`frame` less its rows whose `on` columns match a row of `rows` (an anti-join)."""
+    marked = frame.merge(rows[on].drop_duplicates().assign(_drop=True), on=on, how="left")
+    return marked[marked["_drop"].isna()].drop(columns="_drop")
+
+
+def settled(found: pd.DataFrame, missing: pd.DataFrame, keys: list[str] | None = None) -> pd.DataFrame:
+    """The found runs of settings (`keys`, by default `setting_keys(missing)`) whose tuning runs
+    have all finished (or failed): a table shows a λ for those only. Without tuning columns,
+    every found run."""
+    if found.empty or missing.empty or TUNES_LAM not in missing:
+        return found
+    keys = setting_keys(missing) if keys is None else keys
+    return without(found, missing[missing[TUNES_LAM].astype(bool)], keys)
+
+
 def chosen_lams(found: pd.DataFrame, missing: pd.DataFrame, keys: list[str], rule: LambdaRule) -> pd.DataFrame:
     """Per setting whose tuning runs have all finished, the λ `rule` chooses on their `select`
     column (`found`: scored runs): columns `keys` and lam. Settings still missing a tuning run,
     or whose tuning runs lack the score, have no row."""
-    if found.empty:
+    ready = settled(found, missing, keys)
+    if ready.empty:
         return pd.DataFrame(columns=[*keys, "lam"])
-    pending = missing.loc[missing[TUNES_LAM].astype(bool), keys].drop_duplicates()
-    ready = found.merge(pending.assign(_pending=True), on=keys, how="left")
-    ready = ready[ready["_pending"].isna()].drop(columns="_pending")
-    chosen = rule.choose(ready, keys, "select") if not ready.empty else ready
-    return chosen[[*keys, "lam"]].drop_duplicates(keys)
-
-
-def settled(found: pd.DataFrame, missing: pd.DataFrame) -> pd.DataFrame:
-    """The found runs of settings whose tuning runs have all finished (or failed): a table shows
-    a λ for those only. Without tuning columns, every found run."""
-    if found.empty or missing.empty or TUNES_LAM not in missing:
-        return found
-    keys = setting_keys(missing)
-    pending = missing.loc[missing[TUNES_LAM].astype(bool), keys].drop_duplicates().assign(_pending=True)
-    rows = found.merge(pending, on=keys, how="left")
-    return rows[rows["_pending"].isna()].drop(columns="_pending")
+    return rule.choose(ready, keys, "select")[[*keys, "lam"]].drop_duplicates(keys)
 
 
 def outstanding(found: pd.DataFrame, missing: pd.DataFrame, rule: LambdaRule,
@@ -81,9 +83,7 @@ def outstanding(found: pd.DataFrame, missing: pd.DataFrame, rule: LambdaRule,
         return missing
     keys = setting_keys(missing)
     if failed is not None and not failed.empty:
-        tried = failed.loc[failed[TUNES_LAM].astype(bool), [*keys, "lam", "seed"]].assign(_tried=True)
-        missing = missing.merge(tried, on=[*keys, "lam", "seed"], how="left")
-        missing = missing[missing["_tried"].isna()].drop(columns="_tried")
+        missing = without(missing, failed[failed[TUNES_LAM].astype(bool)], [*keys, "lam", "seed"])
     chosen = chosen_lams(found, missing, keys, rule).rename(columns={"lam": "_chosen"})
     rows = missing.merge(chosen, on=keys, how="left")
     tuning = rows[TUNES_LAM].astype(bool)
