@@ -13,6 +13,7 @@ import torch
 from cdep_exp.data.colormnist import build_colormnist
 from cdep_exp.data.decoymnist import build_decoymnist, train_shades
 from cdep_exp.reporting import sweeps, tables, tuning
+from cdep_exp.reporting.__main__ import main as report
 from cdep_exp.reporting.selection import BEST_TUNING_VALIDATION, TUNES_LAM, VALIDATION_SCORES
 from test_results import OUTPUTS, write_run
 
@@ -139,6 +140,14 @@ def test_a_paper_table_refuses_another_validation_score(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="Unknown validation score"):
         tables.build("shortcut", "quick", tmp_path / OUTPUTS, score="test_accuracy")
     assert set(VALIDATION_SCORES) == {"val_accuracy", "val_worst_group", "val_counterfactual"}
+
+
+def test_an_untrained_benchmark_names_the_make_target_that_trains_it(tmp_path: Path) -> None:
+    # `make shortcut` would skip the table chosen on validation accuracy and the figure.
+    with pytest.raises(SystemExit, match=r"make benchmark SCALE=quick\)"):
+        report(["--table", "shortcut", "--scale", "quick", "--outputs", str(tmp_path / "none"),
+                "--results", str(tmp_path / "results")])
+    assert not (tmp_path / "results").exists()
 
 
 def test_the_full_scale_tunes_lambda_on_seed_0_where_a_grid_has_several() -> None:
