@@ -65,3 +65,17 @@ def test_pair_trains_from_its_defaults(
         through_images = method in ("rrr", "eg", "find_another")
         assert (record["model"] == "VGG16Classifier") == through_images
         assert ("Feature cache off" in caplog.text) == through_images
+
+
+@pytest.mark.parametrize("method", ["augment", "clp"])
+def test_a_method_that_cannot_apply_fails_before_the_feature_cache_is_built(
+    tmp_path: Path, data_root: Path, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_cache(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the feature cache was built for a method that cannot apply")
+
+    monkeypatch.setattr("cdep_exp.run.compose.cache_splits", no_cache)
+    overrides = ["dataset=isic_synthetic", f"method={method}", f"paths.data_dir={data_root}",
+                 *TINY_DATA["isic_synthetic"], *CAPS, "model.hidden=8"]
+    with pytest.raises(ConfigError, match=REFUSED["isic_synthetic", method]):
+        run(make_cfg(tmp_path, overrides), tmp_path / "run")

@@ -14,8 +14,10 @@ import argparse
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from cdep_exp.errors import StorageError
+from cdep_exp.reporting.archive import archive_dir, sync
 from cdep_exp.reporting.records import collect, glob_records, summarise
 from cdep_exp.reporting.selection import VALIDATION_SCORES
 
@@ -25,7 +27,10 @@ from cdep_exp.reporting.selection import VALIDATION_SCORES
 MAKE_TARGETS = {"shortcut": "benchmark"}
 
 
-def writing(write: Callable[[], list[Path]], where: Path) -> list[Path]:
+T = TypeVar("T")
+
+
+def writing(write: Callable[[], T], where: Path) -> T:
     """Run `write`; a folder that cannot be written ends the command with one line."""
     try:
         return write()
@@ -73,13 +78,15 @@ def main(argv: list[str] | None = None) -> None:
         for name in [n for requested in args.table for n in groups.get(requested, (requested,))]:
             if args.next_runs:
                 try:
-                    for line in next_runs(name, args.scale, args.outputs, overrides=tuple(args.set)):
+                    for line in next_runs(name, args.scale, args.outputs, overrides=tuple(args.set),
+                                          results=args.results / args.scale):
                         print(" ".join(line))
                 except (KeyError, ValueError) as err:
                     raise SystemExit(f"Error: {err.args[0]}") from None
                 continue
             try:
-                table = build(name, args.scale, args.outputs, overrides=tuple(args.set), score=args.score)
+                table = build(name, args.scale, args.outputs, overrides=tuple(args.set), score=args.score,
+                              results=args.results / args.scale)
             except (KeyError, ValueError) as err:
                 raise SystemExit(f"Error: {err.args[0]}") from None
             if len(table.missing) >= table.expected:
@@ -87,13 +94,17 @@ def main(argv: list[str] | None = None) -> None:
                                  f"tables in {args.results / args.scale} are left as they are. Train first "
                                  f"(make {MAKE_TARGETS.get(name, name)} SCALE={args.scale}).")
             written = writing(lambda: table.write(args.results / args.scale), args.results)
-            print(table.markdown(), f"\nWritten: {', '.join(map(str, written))}\n")
+            archive = archive_dir(args.results / args.scale, name)
+            copied, removed = writing(lambda: sync(table.run_dirs, args.outputs / args.scale / name, archive), archive)
+            print(table.markdown(), f"\nWritten: {', '.join(map(str, written))}\n"
+                                    f"Run archive {archive}: {len(table.run_dirs)} record(s), {copied} copied, "
+                                    f"{removed} superseded one(s) removed.\n")
         return
     if args.figures:
         from cdep_exp.reporting.figures import write_figures
 
         out = args.results / "figures" / args.scale
-        written = writing(lambda: write_figures(args.scale, args.outputs, out), out)
+        written = writing(lambda: write_figures(args.scale, args.outputs, out, args.results / args.scale), out)
         print("\n".join(map(str, written)) or "No finished runs to plot yet (run `make tables` first).")
         return
     paths = glob_records(args.glob)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from cdep_exp.reporting.archive import archive_dir
 from cdep_exp.reporting.tables import (BENCHMARK_DATASETS, BENCHMARK_METHODS, CLEAN, FAE_DATASETS, TABLES, load,
                                        scored)
 
@@ -59,12 +60,12 @@ def lambda_figure(runs: pd.DataFrame, panels: tuple[tuple[str, str], ...], title
     return fig
 
 
-def lambda_figures(scale: str, outputs: Path) -> dict[str, Figure]:
+def lambda_figures(scale: str, outputs: Path, results: Path | None = None) -> dict[str, Figure]:
     """One figure per Table 2 dataset and Table 4 variant, and one per RRR-paper λ table
-    (Iris-Cancer, Decoy MNIST), with finished runs, by file stem."""
+    (Iris-Cancer, Decoy MNIST), with finished runs, by file stem. `results`: as `finished_runs`."""
     made = {}
     for table, split, keep, panels in FIGURES:
-        runs = finished_runs(table, scale, outputs)
+        runs = finished_runs(table, scale, outputs, results)
         if keep and not runs.empty:
             runs = runs[runs[keep[0]] == keep[1]]
         if runs.empty:
@@ -107,12 +108,19 @@ def annotated_share_figure(runs: pd.DataFrame, title: str) -> Figure:
     return fig
 
 
-def finished_runs(table: str, scale: str, outputs: Path) -> pd.DataFrame:
-    """The table's finished runs, labelled and scored; empty, without composing its presets,
-    when nothing of the table was trained at this scale."""
-    if not (Path(outputs) / scale / table).is_dir():
+def has_records(table: str, scale: str, outputs: Path, results: Path | None) -> bool:
+    """Whether outputs/<scale>/<table>/ or the table's run archive under `results` holds a record."""
+    roots = [Path(outputs) / scale / table] + ([archive_dir(results, table)] if results is not None else [])
+    return any(next(root.glob("**/metrics.json"), None) for root in roots if root.is_dir())
+
+
+def finished_runs(table: str, scale: str, outputs: Path, results: Path | None = None) -> pd.DataFrame:
+    """The table's finished runs, labelled and scored, those of its run archive under `results`
+    (the scale's results folder) included; empty, without composing its presets, when nothing
+    of the table was trained at this scale."""
+    if not has_records(table, scale, outputs, results):
         return pd.DataFrame()
-    return scored(TABLES[table], load(table, scale, outputs).found)
+    return scored(TABLES[table], load(table, scale, outputs, results=results).found)
 
 
 def tradeoff_figure(runs: pd.DataFrame, title: str) -> Figure:
@@ -154,11 +162,11 @@ def tradeoff_figure(runs: pd.DataFrame, title: str) -> Figure:
     return fig
 
 
-def tradeoff_figures(scale: str, outputs: Path) -> dict[str, Figure]:
-    """The benchmark's accuracy-against-flips figure, when it has finished runs."""
-    if not any((Path(outputs) / scale / "shortcut").glob("**/metrics.json")):
-        return {}  # composing its 70 presets takes a while: only when there is something to plot
-    runs = scored(TABLES["shortcut"], load("shortcut", scale, outputs).found)
+def tradeoff_figures(scale: str, outputs: Path, results: Path | None = None) -> dict[str, Figure]:
+    """The benchmark's accuracy-against-flips figure, when it has finished runs (`results`: as
+    `finished_runs`)."""
+    # Composing its 70 presets takes a while: only when there is something to plot.
+    runs = finished_runs("shortcut", scale, outputs, results)
     if runs.empty:
         return {}
     return {"shortcut_tradeoff": tradeoff_figure(runs, f"Shortcut benchmark: accuracy against shortcut reliance "
@@ -202,22 +210,24 @@ TABLE_FIGURES = (
 )
 
 
-def table_figures(scale: str, outputs: Path) -> dict[str, Figure]:
-    """The TABLE_FIGURES whose table has finished runs, by file stem."""
+def table_figures(scale: str, outputs: Path, results: Path | None = None) -> dict[str, Figure]:
+    """The TABLE_FIGURES whose table has finished runs, by file stem (`results`: as `finished_runs`)."""
     made = {}
     for stem, table, draw, title in TABLE_FIGURES:
-        runs = finished_runs(table, scale, outputs)
+        runs = finished_runs(table, scale, outputs, results)
         if not runs.empty:
             made[stem] = draw(runs, f"{title} ({scale} scale)")
     return made
 
 
-def write_figures(scale: str, outputs: Path, out_dir: Path) -> list[Path]:
-    """The λ figures and the benchmark's trade-off figure as PNG files under out_dir; returns
-    the paths written."""
+def write_figures(scale: str, outputs: Path, out_dir: Path, results: Path | None = None) -> list[Path]:
+    """The λ figures and the benchmark's trade-off figure as PNG files under out_dir, from the
+    runs under outputs/ and, with `results` (the scale's results folder), the tables' run
+    archives there; returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    figures = {**lambda_figures(scale, outputs), **tradeoff_figures(scale, outputs), **table_figures(scale, outputs)}
+    figures = {**lambda_figures(scale, outputs, results), **tradeoff_figures(scale, outputs, results),
+               **table_figures(scale, outputs, results)}
     for stem, fig in figures.items():
         fig.savefig(out_dir / f"{stem}.png", dpi=120)
         written.append(out_dir / f"{stem}.png")

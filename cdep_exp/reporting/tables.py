@@ -13,6 +13,8 @@ import pandas as pd
 
 from cdep_exp.atomic import write_atomic
 from cdep_exp.reporting import sweeps, tuning
+from cdep_exp.reporting.archive import (CARRIED_MARK, archive_dir, carried_data_notes, carried_every_lam, carry_over,
+                                        row_keys)
 from cdep_exp.reporting.paper_numbers import paper_number
 from cdep_exp.reporting.records import aggregate, collect, find_records, format_mean_std
 from cdep_exp.reporting.selection import (BEST_MEAN_VALIDATION, BEST_TUNING_VALIDATION, TUNES_LAM,
@@ -352,6 +354,9 @@ TABLES: dict[str, Spec] = {
                "and DFR then have nothing to reweigh.",
                "ISIC (generated) is the mask-only case: the data say where the patch is but cannot build "
                "the image without it, so augmentation and logit pairing do not apply (–).",
+               "Worst-group accuracy is the lowest accuracy over the test groups (class × shortcut "
+               "attribute), so a small group makes it coarse: in SST decoy's full test set the positive "
+               "sentences with the bias word are 2, and its worst group moves in steps of 50 %.",
                "Shortcut reliance: Δp_y and flips under the counterfactual test set each record names "
                "(cdep_exp/scoring/shortcut.py); a constant predictor also scores 0, so read them with "
                "accuracy. val. score: the score λ was chosen on.",
@@ -456,6 +461,10 @@ class Table:
     # Per row and λ, the validation score λ is chosen on and each metric (mean, std over seeds):
     # what the rule chose from, so a reader sees how much the choice of λ matters.
     every_lam: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # The run directories the table counts (under outputs/ or in the run archive), for `archive.sync`.
+    run_dirs: list[str] = field(default_factory=list)
+    # The previous build's Every-λ lines of the carried-over rows, as printed (`archive.carried_every_lam`).
+    every_lam_carried: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def title(self) -> str:
@@ -467,6 +476,9 @@ class Table:
         shown = cells[list(self.spec.labels)].copy()
         shown["λ"] = [fmt_lam(lam) for lam in cells["lam"]]
         shown["seeds"] = cells["seeds"].fillna(0).astype(int)
+        if "carried" in cells:
+            shown["seeds"] = [f"{n} {CARRIED_MARK}" if carried else str(n)
+                              for n, carried in zip(shown["seeds"], cells["carried"])]
         for metric in self.spec.metrics:
             for source, header in (("", metric.label), (" paper", f"{metric.label} (paper)")):
                 means, stds = cells[f"{metric.key}{source} mean"], cells[f"{metric.key}{source} std"]
@@ -478,8 +490,25 @@ class Table:
         return shown
 
     def every_lam_display(self) -> pd.DataFrame:
-        """`every_lam` as mean ± std, the score λ is chosen on first."""
+        """`every_lam` as mean ± std, the score λ is chosen on first, then the carried-over rows' lines."""
+        shown = self.every_lam_measured()
+        if self.every_lam_carried.empty:
+            return shown
+        carried = self.every_lam_carried.assign(seeds=self.every_lam_carried["seeds"].map(
+            lambda n: f"{n} {CARRIED_MARK}"))
+        lines = pd.concat([shown.astype(str), carried.reindex(columns=shown.columns, fill_value="–")],
+                          ignore_index=True)
+        labels = list(self.spec.labels)
+        order = {key: i for i, key in enumerate(row_keys(pd.DataFrame(self.spec.rows, columns=labels), labels))}
+        rank = row_keys(lines, labels).map(order).fillna(len(order))
+        return lines.iloc[rank.argsort(kind="stable")].reset_index(drop=True)
+
+    def every_lam_measured(self) -> pd.DataFrame:
+        """The Every-λ lines of the runs found, as mean ± std."""
         rows = self.every_lam
+        if rows.empty:
+            return pd.DataFrame(columns=[*self.spec.labels, "λ", "seeds", "selection score",
+                                         *(m.label for m in self.spec.metrics if m.key != "val_score")])
         shown = rows[list(self.spec.labels)].copy()
         shown["λ"] = [fmt_lam(lam) for lam in rows["lam"]]
         shown["seeds"] = rows["seeds"].astype(int)
@@ -507,7 +536,7 @@ class Table:
         lines = [f"# {self.title}", "", f"λ per row: {rule.name}, {rule.summary}; the score is {self.spec.selects_on}.", "",
                  *[f"- {note}" for note in self.notes], "",
                  self.display().to_markdown(index=False, disable_numparse=True), ""]
-        if self.every_lam["lam"].nunique() > 1:
+        if (not self.every_lam.empty and self.every_lam["lam"].nunique() > 1) or not self.every_lam_carried.empty:
             lines += ["## Every λ", "", "What the λ rule chose from: per row and λ, the selection score "
                       f"({self.spec.selects_on}; over the seeds that tune λ) and each metric over the finished "
                       "seeds.", "",
@@ -618,23 +647,35 @@ class Runs:
     tuning_seeds: list[int] = field(default_factory=list)
     # The expected runs whose newest record failed (a non-finite loss): part of `missing`.
     failed: pd.DataFrame = field(default_factory=pd.DataFrame)
+    archive: Path | None = None  # the table's run archive, where `found` was completed from it
+    archived: int = 0  # runs of `found` read from the archive
 
 
 def load(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_dir: Path = sweeps.CONF_DIR,
-         overrides: tuple[str, ...] = ()) -> Runs:
+         overrides: tuple[str, ...] = (), results: Path | None = None) -> Runs:
     """The runs of table `name` under outputs/<scale>/<name>/, matched to what its presets expect
-    with `overrides` added (what the table's make target adds to its sweeps)."""
+    with `overrides` added (what the table's make target adds to its sweeps). With `results`
+    (the scale's results folder, e.g. results/full), an expected run that outputs/ lacks is read
+    from the table's run archive there (`archive.archive_dir`)."""
     if name not in TABLES:
         raise KeyError(f"Unknown table {name!r}; choose one of {sorted(TABLES)}.")
     overrides = tuple(overrides)
     expected = sweeps.expected_runs(name, scale, conf_dir, overrides)
+    identities = sweeps.preset_identities(name, scale, conf_dir, overrides)
     root = Path(outputs) / scale / name
     records = collect(find_records(root) if root.is_dir() else [], keep_failed=True)
-    found, missing, other = sweeps.match(expected, records, sweeps.preset_identities(name, scale, conf_dir, overrides))
+    found, missing, other = sweeps.match(expected, records, identities)
+    archive = archive_dir(results, name) if results is not None else None
+    if archive is not None and archive.is_dir() and not missing.empty:
+        # Only finished runs are archived; a run in outputs/ (finished or failed) wins over its archived copy.
+        archived, missing, _ = sweeps.match(missing, collect(find_records(archive)), identities)
+        found = pd.concat([found, archived], ignore_index=True) if not archived.empty else found
+    else:
+        archived = pd.DataFrame()
     failing = found["status"].eq("failed") if "status" in found else pd.Series(False, index=found.index)
     failed = found[failing].reindex(columns=expected.columns)
     return Runs(found[~failing], pd.concat([missing, failed], ignore_index=True), tuning.planned(expected), root,
-                other, tuning.tuning_seeds(expected), failed)
+                other, tuning.tuning_seeds(expected), failed, archive if len(archived) else None, len(archived))
 
 
 def outstanding(name: str, runs: Runs) -> pd.DataFrame:
@@ -654,10 +695,11 @@ def outstanding(name: str, runs: Runs) -> pd.DataFrame:
 
 
 def next_runs(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_dir: Path = sweeps.CONF_DIR,
-              overrides: tuple[str, ...] = ()) -> list[list[str]]:
+              overrides: tuple[str, ...] = (), results: Path | None = None) -> list[list[str]]:
     """The sweeps that train what table `name` still needs and can start now (`tuning.next_runs`),
-    each as Hydra overrides beginning with experiment=<preset>; empty when nothing is missing."""
-    return tuning.next_runs(outstanding(name, load(name, scale, outputs, conf_dir, overrides)))
+    each as Hydra overrides beginning with experiment=<preset>; empty when nothing is missing.
+    `results`: as `load` (archived runs are not trained again)."""
+    return tuning.next_runs(outstanding(name, load(name, scale, outputs, conf_dir, overrides, results)))
 
 
 def scored(spec: Spec, runs: pd.DataFrame) -> pd.DataFrame:
@@ -681,11 +723,14 @@ def choosing_on(spec: Spec, validation: ValidationScore) -> Spec:
 
 
 def build(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_dir: Path = sweeps.CONF_DIR,
-          overrides: tuple[str, ...] = (), score: str | None = None) -> Table:
+          overrides: tuple[str, ...] = (), score: str | None = None, results: Path | None = None) -> Table:
     """Table `name` from the runs under outputs/<scale>/<name>/ that its presets expect (with
     `overrides`, as `load`). `score` names another validation score to choose λ on
     (`selection.VALIDATION_SCORES`; tables with `Spec.score_name` only): the table is then
-    called `<name>_<score>`. Raises ValueError for an unknown score or a table that cannot take one."""
+    called `<name>_<score>`. With `results` (the scale's results folder), runs missing from
+    outputs/ are read from the table's run archive there, and a row with no run in either place
+    keeps the numbers of the table's previous build, marked (`archive.carry_over`). Raises
+    ValueError for an unknown score or a table that cannot take one."""
     if name not in TABLES:
         raise KeyError(f"Unknown table {name!r}; choose one of {', '.join(TABLES)}.")
     spec = TABLES[name]
@@ -693,7 +738,7 @@ def build(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_di
         if score not in VALIDATION_SCORES:
             raise ValueError(f"Unknown validation score {score!r}; choose one of {', '.join(VALIDATION_SCORES)}.")
         spec = choosing_on(spec, VALIDATION_SCORES[score])
-    runs = load(name, scale, outputs, conf_dir, overrides)
+    runs = load(name, scale, outputs, conf_dir, overrides, results)
     missing = outstanding(name, runs)
     base = name
     if runs.tuning_seeds:
@@ -703,10 +748,23 @@ def build(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_di
     # A row whose tuning seeds have not all finished has no λ yet (its runs show under "Every λ").
     shown = tuning.settled(runs.found, missing) if runs.tuning_seeds else runs.found
     cells = with_paper(name, spec, score_rows(spec, shown, missing))
+    if results is not None:
+        cells = carry_over(cells, Path(results) / f"{name}.csv", list(spec.labels), [m.key for m in spec.metrics],
+                           spec.label(runs.found) if not runs.found.empty else runs.found)
     # Failed tuning runs are tried λ, neither finished nor still missing.
     failed_listed = runs.failed.merge(missing, on=list(runs.failed.columns)) if not runs.failed.empty else runs.failed
     finished = runs.expected - len(missing) - (len(runs.failed) - len(failed_listed))
     notes = data_notes(scale, runs.root, runs.found, runs.expected, finished) + list(spec.notes)
+    if runs.archived:
+        notes.insert(1, f"{runs.archived} of these runs were read from the run archive {runs.archive} (their "
+                        f"metrics.json, committed beside the table), the rest from outputs/.")
+    if "carried" in cells and cells["carried"].any():
+        with_runs = set(runs.found["dataset"].astype(str)) if not runs.found.empty else set()
+        notes[1:1] = [f"{CARRIED_MARK} beside the seeds: the row's runs are in neither outputs/ nor the run "
+                      f"archive (lost with the machine that trained them, before the archive existed), so its "
+                      f"numbers are carried over from the previous build of this table ({name}.csv; its git "
+                      f"history says which commit) and it has no Every-λ lines. Its runs are listed as missing; "
+                      f"training them replaces the row."] + carried_data_notes(Path(results) / f"{name}.md", with_runs)
     if runs.tuning_seeds:
         seeds = ", ".join(map(str, runs.tuning_seeds))
         notes.insert(1, f"Where a dataset's grid names lam_seeds, only seed {seeds} tries every λ; the other seeds "
@@ -725,4 +783,7 @@ def build(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_di
     if not runs.found.empty and runs.found["dataset"].eq("isic_synthetic").any():
         spec = replace(spec, title=spec.title + " (GENERATED data)")
     missing = missing.drop(columns=[TUNES_LAM], errors="ignore")
-    return Table(name, spec, cells, notes, missing, runs.expected, every_lam(spec, runs.found))
+    run_dirs = list(runs.found["path"]) if not runs.found.empty else []
+    carried = (carried_every_lam(Path(results) / f"{name}.md", cells[cells["carried"]], list(spec.labels))
+               if results is not None else pd.DataFrame())
+    return Table(name, spec, cells, notes, missing, runs.expected, every_lam(spec, runs.found), run_dirs, carried)

@@ -265,6 +265,13 @@ def build_learner(cfg: DictConfig, splits: Splits, device: torch.device, setting
     penalty = build_penalty(cfg.method)
     cache = CacheSettings(**OmegaConf.to_container(cfg.feature_cache, resolve=True))
     if use_feature_cache(model, penalty, cache, cfg.method.name):
+        if not cfg.method.get("stage"):  # a stage may re-annotate the data: bound after it, below
+            # A method that cannot read this data fails now, not after the cache is built (a minute for VGG16).
+            try:
+                annotated = group_annotated(splits)[0] if "group" in penalty.annotations else splits
+            except ValueError as err:
+                raise not_applicable(cfg, err) from err
+            bind_penalty(cfg, penalty, annotated)
         backbone, model = frozen_backbone(model)
         cache_dir = Path(cache.dir) if cache.dir else Path(cfg.paths.data_dir) / "cache" / "features"
         splits = cache_splits(splits, backbone, cache, cache_dir, device, bool(settings.progress))
@@ -279,15 +286,29 @@ def build_learner(cfg: DictConfig, splits: Splits, device: torch.device, setting
         if stage is not None:
             splits = stage.before_fit(model, context)
             context = context.rebuild(splits)  # loaders of the new splits
-        penalty.counterfactual = splits.counterfactual_input
-        penalty.bind(splits.annotation)
     except ValueError as err:
-        raise ConfigError(f"method={cfg.method.name} on dataset {cfg.dataset.name}: {str(err).rstrip('.')}.") from err
+        raise not_applicable(cfg, err) from err
+    bind_penalty(cfg, penalty, splits)
     try:
         Precision(settings.precision, device)
     except ValueError as err:
         raise ConfigError(f"{err}.") from err
     return model, penalty, splits, stage, context
+
+
+def not_applicable(cfg: DictConfig, err: ValueError) -> ConfigError:
+    """The one-line error of a method that cannot train on the run's dataset."""
+    return ConfigError(f"method={cfg.method.name} on dataset {cfg.dataset.name}: {str(err).rstrip('.')}.")
+
+
+def bind_penalty(cfg: DictConfig, penalty: Penalty, splits: Splits) -> None:
+    """Hands `penalty` the data's counterfactual builder and binds it to the annotation kind
+    (`Penalty.bind`). Raises ConfigError (`not_applicable`) where the penalty cannot read it."""
+    try:
+        penalty.counterfactual = splits.counterfactual_input
+        penalty.bind(splits.annotation)
+    except ValueError as err:
+        raise not_applicable(cfg, err) from err
 
 
 def stage_context(cfg: DictConfig, splits: Splits, settings: TrainerSettings, device: torch.device,
