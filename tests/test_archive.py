@@ -1,4 +1,5 @@
 """The run archive and carried-over rows: a table survives the loss of outputs/."""
+import math
 import shutil
 from pathlib import Path
 
@@ -6,7 +7,7 @@ import pandas as pd
 
 from cdep_exp.reporting import tables
 from cdep_exp.reporting.__main__ import main as report
-from cdep_exp.reporting.archive import CARRIED_MARK, archive_dir, sync
+from cdep_exp.reporting.archive import CARRIED_MARK, archive_dir, parse_mean_std, sync
 from test_results import OUTPUTS, compas_metrics, mnist_metrics, write_run
 
 CORRECTED = {"dataset": {"hide_race": False}, "protocol": "corrected"}
@@ -108,3 +109,15 @@ def test_carried_rows_keep_their_every_lambda_lines_in_table_order(tmp_path: Pat
     assert lines["seeds"].tolist() == ["1", "1"] + [f"1 {CARRIED_MARK}"] * 2
     assert lines["λ"].tolist() == ["1", "10", "100", "1000"]
     assert "## Every λ" in table.markdown()
+    # The figures read the carried lines back as numbers, beside the measured ones.
+    numbers = table.every_lam_numbers().set_index(["dataset", "method", "lam"])
+    assert numbers.loc[("DecoyMNIST", "CDEP", 100.0), "accuracy mean"] == 94.0
+    assert numbers.loc[("DecoyMNIST", "CDEP", 1000.0), "flip_rate mean"] == 4.0
+    assert numbers.loc[("ColorMNIST", "CDEP (corrected)", 10.0), "accuracy mean"] == 90.0
+
+
+def test_printed_cells_read_back_as_numbers() -> None:
+    assert parse_mean_std("86.9 ± 1.9") == (86.9, 1.9)
+    mean, std = parse_mean_std("83.0")
+    assert mean == 83.0 and math.isnan(std)
+    assert all(math.isnan(x) for x in parse_mean_std("–"))

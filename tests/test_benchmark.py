@@ -229,9 +229,10 @@ def test_tradeoff_figure_has_a_panel_per_dataset_and_a_legend_entry_per_method(d
 
     names = list(tables.BENCHMARK_DATASETS.values())[:datasets]
     methods = ["Vanilla", "Logit pairing", "RRR"]
-    runs = pd.DataFrame([{"dataset": d, "method": m, "lam": lam, "flip_rate": 10.0 * i, "accuracy": 90.0 - i}
-                         for d in names for i, m in enumerate(methods) for lam in (1.0, 10.0)])
-    fig = tradeoff_figure(runs, "title")
+    lines = pd.DataFrame([{"dataset": d, "method": m, "lam": lam, "flip_rate mean": 10.0 * i, "flip_rate std": 1.0,
+                           "accuracy mean": 90.0 - i, "accuracy std": float("nan")}
+                          for d in names for i, m in enumerate(methods) for lam in (1.0, 10.0)])
+    fig = tradeoff_figure(lines, "title")
     visible = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in visible] == names
     # In the benchmark's method order, each once however many panels show it.

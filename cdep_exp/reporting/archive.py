@@ -150,3 +150,15 @@ def carried_every_lam(previous_md: Path, carried: pd.DataFrame, labels: list[str
         return pd.DataFrame()
     previous = pd.DataFrame(rows[2:], columns=rows[0])  # rows[1] is the header's |:---| line
     return previous[row_keys(previous, labels).isin(set(row_keys(carried, labels)))].reset_index(drop=True)
+
+
+def parse_mean_std(text: str) -> tuple[float, float]:
+    """(mean, std) from a printed cell: "86.9 ± 1.9" → (86.9, 1.9), "83.0" → (83.0, nan), "–" → (nan, nan)."""
+    parts = [part.strip() for part in str(text).split("±")]
+    numbers = []
+    for part in parts[:2]:
+        try:
+            numbers.append(float(part))
+        except ValueError:
+            numbers.append(float("nan"))
+    return numbers[0], numbers[1] if len(numbers) > 1 else float("nan")

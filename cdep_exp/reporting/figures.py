@@ -17,8 +17,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from cdep_exp.reporting.archive import archive_dir
-from cdep_exp.reporting.tables import (BENCHMARK_DATASETS, BENCHMARK_METHODS, CLEAN, FAE_DATASETS, TABLES, load,
-                                       scored)
+from cdep_exp.reporting.tables import (BENCHMARK_DATASETS, BENCHMARK_METHODS, CLEAN, FAE_DATASETS, TABLES, build,
+                                       load, scored)
 
 # (table, column that splits it into figures (None: one figure), rows kept, panels: (metric column, y label))
 FIGURES = (
@@ -123,16 +123,17 @@ def finished_runs(table: str, scale: str, outputs: Path, results: Path | None = 
     return scored(TABLES[table], load(table, scale, outputs, results=results).found)
 
 
-def tradeoff_figure(runs: pd.DataFrame, title: str) -> Figure:
+def tradeoff_figure(lines: pd.DataFrame, title: str) -> Figure:
     """Test accuracy against the % of predictions flipped by the shortcut edit, one panel per
-    dataset, one marker per method, one point per λ (mean over seeds; bars: std). Up and to the
-    left is better: accurate without reading the shortcut."""
-    datasets = [d for d in BENCHMARK_DATASETS.values() if d in set(runs["dataset"])]
+    dataset, one marker per method, one point per λ (mean over seeds; bars: std). `lines`: one
+    per dataset, method and λ with `accuracy mean/std` and `flip_rate mean/std`
+    (`Table.every_lam_numbers`). Up and to the left is better: accurate without reading the shortcut."""
+    datasets = [d for d in BENCHMARK_DATASETS.values() if d in set(lines["dataset"])]
     columns = min(3, len(datasets))
     rows = -(-len(datasets) // columns)
     # The legend names up to 12 methods below the panels: wide enough for it, a line per `ncol` methods.
     ncol = 6 if columns == 3 else 4
-    methods = sum(method in set(runs["method"]) for method in BENCHMARK_METHODS.values())
+    methods = sum(method in set(lines["method"]) for method in BENCHMARK_METHODS.values())
     legend = 0.3 * -(-methods // ncol) + 0.3
     height = 4.0 * rows + legend + 0.4
     fig = Figure(figsize=(max(5.0 * columns, 12.0), height))
@@ -141,15 +142,14 @@ def tradeoff_figure(runs: pd.DataFrame, title: str) -> Figure:
     colours = [f"C{i}" for i in range(10)] + ["black", "olive"]
     handles = {}
     for ax, dataset in zip(axes, datasets):
-        group = runs[runs["dataset"] == dataset]
+        group = lines[lines["dataset"] == dataset]
         for i, method in enumerate(BENCHMARK_METHODS.values()):
-            points = group[group["method"] == method]
+            points = group[group["method"] == method].sort_values("lam")
             if points.empty:
                 continue
-            stats = points.groupby("lam")[["flip_rate", "accuracy"]].agg(["mean", "std"]).sort_index()
             handles[method] = ax.errorbar(
-                stats[("flip_rate", "mean")], stats[("accuracy", "mean")], xerr=stats[("flip_rate", "std")].fillna(0),
-                yerr=stats[("accuracy", "std")].fillna(0), marker=markers[i], color=colours[i], linestyle="-",
+                points["flip_rate mean"], points["accuracy mean"], xerr=points["flip_rate std"].fillna(0),
+                yerr=points["accuracy std"].fillna(0), marker=markers[i], color=colours[i], linestyle="-",
                 linewidth=0.8, capsize=2, label=method)
         ax.set_title(dataset)
         ax.set_xlabel("flipped by the shortcut edit (%)")
@@ -164,13 +164,15 @@ def tradeoff_figure(runs: pd.DataFrame, title: str) -> Figure:
 
 def tradeoff_figures(scale: str, outputs: Path, results: Path | None = None) -> dict[str, Figure]:
     """The benchmark's accuracy-against-flips figure, when it has finished runs (`results`: as
-    `finished_runs`)."""
+    `finished_runs`), from the table's Every-λ lines: its carried-over rows included."""
     # Composing its 70 presets takes a while: only when there is something to plot.
-    runs = finished_runs("shortcut", scale, outputs, results)
-    if runs.empty:
+    if not has_records("shortcut", scale, outputs, results):
         return {}
-    return {"shortcut_tradeoff": tradeoff_figure(runs, f"Shortcut benchmark: accuracy against shortcut reliance "
-                                                       f"({scale} scale, every λ)")}
+    lines = build("shortcut", scale, outputs, results=results).every_lam_numbers()
+    if lines.empty:
+        return {}
+    return {"shortcut_tradeoff": tradeoff_figure(lines, f"Shortcut benchmark: accuracy against shortcut reliance "
+                                                        f"({scale} scale, every λ)")}
 
 
 def iterations_figure(runs: pd.DataFrame, title: str) -> Figure:

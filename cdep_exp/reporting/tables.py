@@ -14,7 +14,7 @@ import pandas as pd
 from cdep_exp.atomic import write_atomic
 from cdep_exp.reporting import sweeps, tuning
 from cdep_exp.reporting.archive import (CARRIED_MARK, archive_dir, carried_data_notes, carried_every_lam, carry_over,
-                                        row_keys)
+                                        parse_mean_std, row_keys)
 from cdep_exp.reporting.paper_numbers import paper_number
 from cdep_exp.reporting.records import aggregate, collect, find_records, format_mean_std
 from cdep_exp.reporting.selection import (BEST_MEAN_VALIDATION, BEST_TUNING_VALIDATION, TUNES_LAM,
@@ -503,6 +503,23 @@ class Table:
         rank = row_keys(lines, labels).map(order).fillna(len(order))
         return lines.iloc[rank.argsort(kind="stable")].reset_index(drop=True)
 
+    def every_lam_numbers(self) -> pd.DataFrame:
+        """Per row and λ, seeds and each metric's `<key> mean` and `<key> std` as numbers: the
+        measured lines (`every_lam`), then the carried-over ones read back from their print."""
+        labels, metrics = list(self.spec.labels), [m for m in self.spec.metrics if m.key != "val_score"]
+        columns = [*labels, "lam", "seeds", *(f"{m.key} {s}" for m in metrics for s in ("mean", "std"))]
+        measured = self.every_lam.reindex(columns=columns)
+        if self.every_lam_carried.empty:
+            return measured
+        lines = self.every_lam_carried
+        carried = lines[labels].assign(lam=[float(spelled) for spelled in lines["λ"]],
+                                       seeds=[float(n) for n in lines["seeds"]])
+        for metric in metrics:
+            pairs = [parse_mean_std(cell) for cell in lines.get(metric.label, pd.Series("–", index=lines.index))]
+            carried[f"{metric.key} mean"] = [mean for mean, _ in pairs]
+            carried[f"{metric.key} std"] = [std for _, std in pairs]
+        return pd.concat([measured, carried.reindex(columns=columns)], ignore_index=True)
+
     def every_lam_measured(self) -> pd.DataFrame:
         """The Every-λ lines of the runs found, as mean ± std."""
         rows = self.every_lam
@@ -761,9 +778,9 @@ def build(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_di
     if "carried" in cells and cells["carried"].any():
         with_runs = set(runs.found["dataset"].astype(str)) if not runs.found.empty else set()
         notes[1:1] = [f"{CARRIED_MARK} beside the seeds: the row's runs are in neither outputs/ nor the run "
-                      f"archive (lost with the machine that trained them, before the archive existed), so its "
+                      f"archive (e.g. trained on another machine before the archive existed), so its "
                       f"numbers are carried over from the previous build of this table ({name}.csv; its git "
-                      f"history says which commit) and it has no Every-λ lines. Its runs are listed as missing; "
+                      f"history says which commit), its Every-λ lines too. Its runs are listed as missing; "
                       f"training them replaces the row."] + carried_data_notes(Path(results) / f"{name}.md", with_runs)
     if runs.tuning_seeds:
         seeds = ", ".join(map(str, runs.tuning_seeds))
