@@ -7,7 +7,8 @@ import pandas as pd
 
 from cdep_exp.reporting import tables
 from cdep_exp.reporting.__main__ import main as report
-from cdep_exp.reporting.archive import CARRIED_MARK, archive_dir, parse_mean_std, sync
+from cdep_exp.reporting.archive import CARRIED_MARK, LOCAL_PATH, archive_dir, parse_mean_std, sync
+from cdep_exp.run.record import RunRecord
 from test_results import OUTPUTS, compas_metrics, mnist_metrics, write_run
 
 CORRECTED = {"dataset": {"hide_race": False}, "protocol": "corrected"}
@@ -37,9 +38,9 @@ def test_a_table_rebuilds_from_its_archive_when_outputs_are_gone(tmp_path: Path)
     assert without_archive.missing.shape[0] == without_archive.expected
     after = tables.build("table3", "quick", tmp_path / OUTPUTS, results=results / "quick")
     assert corrected_cdep(after)["accuracy mean"] == corrected_cdep(before)["accuracy mean"] == 68.0
-    assert not corrected_cdep(after)["carried"]
+    assert "carried" not in after.cells  # every row is built from runs
     assert len(after.missing) == len(before.missing) == after.expected - 3
-    assert any("3 of these runs were read from the run archive" in note for note in after.notes)
+    assert any("3 were read from the run archive" in note and "0 from outputs/" in note for note in after.notes)
     # The archived runs are not trained again.
     sweeps_left = {line[0] for line in tables.next_runs("table3", "quick", tmp_path / OUTPUTS, results=results / "quick")}
     assert "experiment=table3/cdep" not in sweeps_left
@@ -88,7 +89,7 @@ def test_a_row_without_runs_keeps_the_previous_builds_numbers_marked(tmp_path: P
     assert corrected_cdep(third)["carried"] and corrected_cdep(third)["accuracy mean"] == 68.0
     compas_runs(tmp_path, (50.0,))
     fourth = tables.build("table3", "quick", tmp_path / OUTPUTS, results=results)
-    assert not corrected_cdep(fourth)["carried"] and corrected_cdep(fourth)["accuracy mean"] == 50.0
+    assert "carried" not in fourth.cells and corrected_cdep(fourth)["accuracy mean"] == 50.0
 
 
 def test_carried_rows_keep_their_every_lambda_lines_in_table_order(tmp_path: Path) -> None:
@@ -109,6 +110,10 @@ def test_carried_rows_keep_their_every_lambda_lines_in_table_order(tmp_path: Pat
     assert lines["seeds"].tolist() == ["1", "1"] + [f"1 {CARRIED_MARK}"] * 2
     assert lines["λ"].tolist() == ["1", "10", "100", "1000"]
     assert "## Every λ" in table.markdown()
+    # Built again while the row is still missing: the same lines, marked once.
+    table.write(results)
+    again = tables.build("table2", "full", tmp_path / OUTPUTS, results=results).every_lam_display()
+    assert again["seeds"].tolist() == lines["seeds"].tolist()
     # The figures read the carried lines back as numbers, beside the measured ones.
     numbers = table.every_lam_numbers().set_index(["dataset", "method", "lam"])
     assert numbers.loc[("DecoyMNIST", "CDEP", 100.0), "accuracy mean"] == 94.0
@@ -121,3 +126,15 @@ def test_printed_cells_read_back_as_numbers() -> None:
     mean, std = parse_mean_std("83.0")
     assert mean == 83.0 and math.isnan(std)
     assert all(math.isnan(x) for x in parse_mean_std("–"))
+
+
+def test_archived_records_are_compact_and_name_no_path_of_the_training_machine(tmp_path: Path) -> None:
+    record = write_run(tmp_path, "table3", "table3/cdep", "cdep_original", 1, 0, compas_metrics(70, 68.0),
+                       config={"paths": {"data_dir": "/data/of/the/cluster", "root_dir": "."}})
+    root = tmp_path / OUTPUTS / "quick" / "table3"
+    sync([record.parent], root, tmp_path / "archive")
+    copy = tmp_path / "archive" / record.parent.relative_to(root) / "metrics.json"
+    assert "/data/of/the/cluster" not in copy.read_text() and len(copy.read_text().splitlines()) == 1
+    archived = RunRecord.load(copy)
+    assert archived.config["paths"] == {"data_dir": LOCAL_PATH, "root_dir": "."}
+    assert archived.metrics == RunRecord.load(record).metrics

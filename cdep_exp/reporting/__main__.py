@@ -93,9 +93,10 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"{name}: no finished run under {args.outputs / args.scale / name}; the "
                                  f"tables in {args.results / args.scale} are left as they are. Train first "
                                  f"(make {MAKE_TARGETS.get(name, name)} SCALE={args.scale}).")
-            written = writing(lambda: table.write(args.results / args.scale), args.results)
+            # The archive first: a table is never written without the records it counts beside it.
             archive = archive_dir(args.results / args.scale, name)
             copied, removed = writing(lambda: sync(table.run_dirs, args.outputs / args.scale / name, archive), archive)
+            written = writing(lambda: table.write(args.results / args.scale), args.results)
             print(table.markdown(), f"\nWritten: {', '.join(map(str, written))}\n"
                                     f"Run archive {archive}: {len(table.run_dirs)} record(s), {copied} copied, "
                                     f"{removed} superseded one(s) removed.\n")

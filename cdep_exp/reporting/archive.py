@@ -4,17 +4,19 @@ Run records live under outputs/ (git-ignored), on the machine that trained them.
 only from them is as durable as that folder: when the machine goes, so do the runs behind the
 committed table, and the next build can neither add a run to it nor re-check a number. So each
 build of a table also copies the records it counts into `results/<scale>/runs/<table>/` (beside
-the table, committed with it), at the same relative path as under outputs/<scale>/<table>/, and
-later builds and `--next-runs` read that archive for every expected run that outputs/ lacks. Only
-metrics.json is kept (a few kB a run); checkpoints, TensorBoard logs and the Hydra folder stay in
-outputs/.
+the table, committed with it), at the same relative path as under outputs/tables/<scale>/<table>/,
+and later builds and `--next-runs` read that archive for every expected run that outputs/ lacks.
+Only metrics.json is kept, as compact JSON (about 20–40 kB a run, most of it the per-epoch
+history), with any absolute path in its `paths` block blanked: that block never changes a run's
+numbers or identity, and a path on the training machine means nothing elsewhere. Checkpoints,
+TensorBoard logs and the Hydra folder stay in outputs/.
 
 Rows whose runs are in neither place (records lost before the archive existed) keep the numbers
 of the table's previous build, marked as carried over, until their runs are trained again.
 """
 from __future__ import annotations
 
-import filecmp
+import json
 import re
 import shutil
 from collections.abc import Iterable
@@ -25,6 +27,8 @@ import pandas as pd
 from cdep_exp.atomic import write_atomic
 
 RECORD = "metrics.json"
+# What an archived record says instead of an absolute path of the machine that trained it.
+LOCAL_PATH = "<a path on the training machine>"
 # The mark beside a carried-over row's seed count, explained in the table's notes.
 CARRIED_MARK = "‡"
 
@@ -37,11 +41,11 @@ def archive_dir(results: Path, table: str) -> Path:
 def sync(run_dirs: Iterable[str | Path], outputs_root: Path, archive: Path) -> tuple[int, int]:
     """Make `archive` hold exactly the records of `run_dirs` (the runs a table counts).
 
-    Each run directory under `outputs_root` (outputs/<scale>/<table>) has its metrics.json
-    copied to the same relative path under `archive`; runs read from the archive stay; archived
-    records of runs the table no longer counts (superseded by a newer record, or no longer
-    expected) are removed. Returns (copied, removed). A run directory outside both roots raises
-    ValueError: the archive mirrors one table's output tree.
+    Each run directory under `outputs_root` (outputs/tables/<scale>/<table>) has its metrics.json
+    written to the same relative path under `archive` (`archived_record`); runs read from the
+    archive stay; archived records of runs the table no longer counts (superseded by a newer
+    record, or no longer expected) are removed. Returns (copied, removed). A run directory
+    outside both roots raises ValueError: the archive mirrors one table's output tree.
     """
     outputs_root, archive = Path(outputs_root).resolve(), Path(archive)
     archive_resolved = archive.resolve()
@@ -55,8 +59,9 @@ def sync(run_dirs: Iterable[str | Path], outputs_root: Path, archive: Path) -> t
             raise ValueError(f"Run {run_dir} is neither under {outputs_root} nor in the archive {archive}.")
         target = archive_resolved / run_dir.relative_to(outputs_root) / RECORD
         keep.add(target)
-        if not (target.is_file() and filecmp.cmp(run_dir / RECORD, target, shallow=False)):
-            write_atomic(target, (run_dir / RECORD).read_text())
+        text = archived_record(run_dir / RECORD)
+        if not (target.is_file() and target.read_text() == text):
+            write_atomic(target, text)
             copied += 1
     removed = 0
     for record in sorted(archive_resolved.glob(f"**/{RECORD}")) if archive_resolved.is_dir() else []:
@@ -65,6 +70,17 @@ def sync(run_dirs: Iterable[str | Path], outputs_root: Path, archive: Path) -> t
             removed += 1
             prune_empty(record.parent, archive_resolved)
     return copied, removed
+
+
+def archived_record(path: Path) -> str:
+    """The archive's copy of the record at `path`: compact JSON, absolute paths in `config.paths`
+    written as LOCAL_PATH."""
+    record = json.loads(Path(path).read_text())
+    paths = record.get("config", {}).get("paths")
+    if isinstance(paths, dict):
+        record["config"]["paths"] = {key: LOCAL_PATH if isinstance(value, str) and Path(value).is_absolute() else value
+                                     for key, value in paths.items()}
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n"
 
 
 def prune_empty(folder: Path, root: Path) -> None:
@@ -76,26 +92,29 @@ def prune_empty(folder: Path, root: Path) -> None:
 
 def carry_over(cells: pd.DataFrame, previous_csv: Path, labels: list[str], metrics: list[str],
                with_runs: pd.DataFrame) -> pd.DataFrame:
-    """`cells` with a `carried` column; rows without any finished run take the previous build's numbers.
+    """`cells`, where rows without any finished run take the previous build's numbers (then with a `carried` column).
 
     A row of `cells` (one line per table row: `labels`, lam, seeds, `<metric> mean` and
     `<metric> std`) whose labels appear in no row of `with_runs` (the finished runs, labelled)
     takes λ, seeds and each metric's mean and std from the row with the same labels in
     `previous_csv` (the table's last written CSV) when that row has seeds, and is marked
     `carried`. A row with any finished run, even one still waiting for its λ, is built from its
-    runs alone. No previous CSV, or one with other columns, carries nothing.
+    runs alone. No previous CSV, or one with other columns, carries nothing; `cells` then come
+    back as they were, without the column.
     """
-    out = cells.assign(carried=False)
     if not Path(previous_csv).is_file():
-        return out
+        return cells
     previous = pd.read_csv(previous_csv)
     if not {*labels, "seeds"} <= set(previous.columns):
-        return out
+        return cells
     previous = previous[previous["seeds"].fillna(0) > 0]
     previous = previous.set_index(row_keys(previous, labels))
-    keys = row_keys(out, labels)
+    keys = row_keys(cells, labels)
     trained = set(row_keys(with_runs, labels)) if not with_runs.empty else set()
     take = ~keys.isin(trained) & keys.isin(previous.index)
+    if not take.any():
+        return cells
+    out = cells.copy()
     columns = [c for c in ("lam", "seeds", *(f"{m} {s}" for m in metrics for s in ("mean", "std")))
                if c in previous.columns and c in out.columns]
     for column in columns:
@@ -149,6 +168,8 @@ def carried_every_lam(previous_md: Path, carried: pd.DataFrame, labels: list[str
     if len(rows) < 2 or not set(labels) <= set(rows[0]):
         return pd.DataFrame()
     previous = pd.DataFrame(rows[2:], columns=rows[0])  # rows[1] is the header's |:---| line
+    if "seeds" in previous:  # as measured; the display marks carried lines again
+        previous["seeds"] = previous["seeds"].str.replace(CARRIED_MARK, "", regex=False).str.strip()
     return previous[row_keys(previous, labels).isin(set(row_keys(carried, labels)))].reset_index(drop=True)
 
 

@@ -773,9 +773,10 @@ def build(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_di
     finished = runs.expected - len(missing) - (len(runs.failed) - len(failed_listed))
     notes = data_notes(scale, runs.root, runs.found, runs.expected, finished) + list(spec.notes)
     if runs.archived:
-        notes.insert(1, f"{runs.archived} of these runs were read from the run archive {runs.archive} (their "
-                        f"metrics.json, committed beside the table), the rest from outputs/.")
-    if "carried" in cells and cells["carried"].any():
+        notes.insert(1, f"Of the finished runs, {runs.archived} were read from the run archive {runs.archive} "
+                        f"(copies of their metrics.json kept beside the table) and {len(runs.found) - runs.archived} "
+                        f"from outputs/.")
+    if "carried" in cells:
         with_runs = set(runs.found["dataset"].astype(str)) if not runs.found.empty else set()
         notes[1:1] = [f"{CARRIED_MARK} beside the seeds: the row's runs are in neither outputs/ nor the run "
                       f"archive (e.g. trained on another machine before the archive existed), so its "
@@ -802,5 +803,5 @@ def build(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_di
     missing = missing.drop(columns=[TUNES_LAM], errors="ignore")
     run_dirs = list(runs.found["path"]) if not runs.found.empty else []
     carried = (carried_every_lam(Path(results) / f"{name}.md", cells[cells["carried"]], list(spec.labels))
-               if results is not None else pd.DataFrame())
+               if "carried" in cells else pd.DataFrame())
     return Table(name, spec, cells, notes, missing, runs.expected, every_lam(spec, runs.found), run_dirs, carried)
