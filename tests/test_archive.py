@@ -4,6 +4,7 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from cdep_exp.reporting import tables
 from cdep_exp.reporting.__main__ import main as report
@@ -24,7 +25,7 @@ def corrected_cdep(table: tables.Table) -> pd.Series:
     return table.cells.set_index(["protocol", "row"]).loc[("corrected", "CDEP")]
 
 
-def test_a_table_rebuilds_from_its_archive_when_outputs_are_gone(tmp_path: Path) -> None:
+def test_a_table_rebuilds_from_its_archive_when_outputs_are_gone(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     compas_runs(tmp_path)
     results = tmp_path / "results"
     argv = ["--table", "table3", "--scale", "quick", "--outputs", str(tmp_path / OUTPUTS), "--results", str(results)]
@@ -45,6 +46,11 @@ def test_a_table_rebuilds_from_its_archive_when_outputs_are_gone(tmp_path: Path)
     sweeps_left = {line[0] for line in tables.next_runs("table3", "quick", tmp_path / OUTPUTS, results=results / "quick")}
     assert "experiment=table3/cdep" not in sweeps_left
     assert "experiment=table3/cdep" in {line[0] for line in tables.next_runs("table3", "quick", tmp_path / OUTPUTS)}
+    capsys.readouterr()
+    report([*argv, "--next-runs"])
+    printed = capsys.readouterr()
+    assert "table3: 3 of 18 planned runs finished (3 from the run archive); 15 to train." in printed.err
+    assert "experiment=table3/cdep\n" not in printed.out and "experiment=table3/vanilla" in printed.out
 
 
 def test_sync_copies_counted_runs_and_removes_superseded_ones(tmp_path: Path) -> None:

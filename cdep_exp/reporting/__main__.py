@@ -11,6 +11,7 @@
     python -m cdep_exp.reporting --shortcut --glob 'outputs/demo/**/metrics.json'  # accuracy next to shortcut reliance
 """
 import argparse
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -72,17 +73,19 @@ def main(argv: list[str] | None = None) -> None:
     # Warnings about the records read (unreadable, failed runs) as plain lines in a terminal.
     warnings.formatwarning = lambda message, *args, **kwargs: f"Warning: {message}\n"
     if args.table:
-        from cdep_exp.reporting.tables import PAPER_TABLES, RRR_PAPER_TABLES, build, next_runs  # Hydra: import on use
+        from cdep_exp.reporting.tables import PAPER_TABLES, RRR_PAPER_TABLES, build, load, plan  # Hydra: import on use
 
         groups = {"all": PAPER_TABLES, "rrr_paper": RRR_PAPER_TABLES}
         for name in [n for requested in args.table for n in groups.get(requested, (requested,))]:
             if args.next_runs:
                 try:
-                    for line in next_runs(name, args.scale, args.outputs, overrides=tuple(args.set),
-                                          results=args.results / args.scale):
-                        print(" ".join(line))
+                    lines, progress = plan(name, load(name, args.scale, args.outputs, overrides=tuple(args.set),
+                                                      results=args.results / args.scale))
                 except (KeyError, ValueError) as err:
                     raise SystemExit(f"Error: {err.args[0]}") from None
+                print(progress, file=sys.stderr)  # stdout stays one sweep a line, for make to read
+                for line in lines:
+                    print(" ".join(line))
                 continue
             try:
                 table = build(name, args.scale, args.outputs, overrides=tuple(args.set), score=args.score,

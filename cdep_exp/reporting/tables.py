@@ -716,7 +716,16 @@ def next_runs(name: str, scale: str, outputs: Path = Path("outputs/tables"), con
     """The sweeps that train what table `name` still needs and can start now (`tuning.next_runs`),
     each as Hydra overrides beginning with experiment=<preset>; empty when nothing is missing.
     `results`: as `load` (archived runs are not trained again)."""
-    return tuning.next_runs(outstanding(name, load(name, scale, outputs, conf_dir, overrides, results)))
+    return plan(name, load(name, scale, outputs, conf_dir, overrides, results))[0]
+
+
+def plan(name: str, runs: Runs) -> tuple[list[list[str]], str]:
+    """The sweeps that can start now (as `next_runs`) and one line of progress: runs finished of
+    those planned, how many came from the run archive, and how many are still to train."""
+    missing = outstanding(name, runs)
+    progress = (f"{name}: {len(runs.found)} of {runs.expected} planned runs finished"
+                f"{f' ({runs.archived} from the run archive)' if runs.archived else ''}; {len(missing)} to train.")
+    return tuning.next_runs(missing), progress
 
 
 def scored(spec: Spec, runs: pd.DataFrame) -> pd.DataFrame:
