@@ -627,9 +627,13 @@ def score_rows(spec: Spec, runs: pd.DataFrame, missing: pd.DataFrame) -> pd.Data
     return cells
 
 
-def data_notes(scale: str, root: Path, runs: pd.DataFrame, expected: int, finished: int) -> list[str]:
-    """Where the numbers come from: scale, how many of the `expected` runs `finished`, data and device."""
-    notes = [f"Scale {scale}: {finished} of {expected} expected runs finished (run records under {root})."]
+def data_notes(scale: str, root: Path, runs: pd.DataFrame, expected: int, finished: int,
+               archive: Path | None = None, archived: int = 0) -> list[str]:
+    """Where the numbers come from: scale, how many of the `expected` runs `finished` (`archived`
+    of them read from the run archive `archive`), data and device."""
+    where = (f"{len(runs) - archived} run records under {root}, {archived} in the run archive {archive} (copies "
+             f"of their metrics.json kept beside the table)" if archived else f"run records under {root}")
+    notes = [f"Scale {scale}: {finished} of {expected} expected runs finished ({where})."]
     if runs.empty:
         return notes
     for dataset, descriptions in runs.groupby("dataset")["data"]:
@@ -780,11 +784,8 @@ def build(name: str, scale: str, outputs: Path = Path("outputs/tables"), conf_di
     # Failed tuning runs are tried λ, neither finished nor still missing.
     failed_listed = runs.failed.merge(missing, on=list(runs.failed.columns)) if not runs.failed.empty else runs.failed
     finished = runs.expected - len(missing) - (len(runs.failed) - len(failed_listed))
-    notes = data_notes(scale, runs.root, runs.found, runs.expected, finished) + list(spec.notes)
-    if runs.archived:
-        notes.insert(1, f"Of the finished runs, {runs.archived} were read from the run archive {runs.archive} "
-                        f"(copies of their metrics.json kept beside the table) and {len(runs.found) - runs.archived} "
-                        f"from outputs/.")
+    notes = (data_notes(scale, runs.root, runs.found, runs.expected, finished, runs.archive, runs.archived)
+             + list(spec.notes))
     if "carried" in cells:
         with_runs = set(runs.found["dataset"].astype(str)) if not runs.found.empty else set()
         notes[1:1] = [f"{CARRIED_MARK} beside the seeds: the row's runs are in neither outputs/ nor the run "
