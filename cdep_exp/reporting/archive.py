@@ -47,8 +47,7 @@ def sync(run_dirs: Iterable[str | Path], outputs_root: Path, archive: Path) -> t
     record, or no longer expected) are removed. Returns (copied, removed). A run directory
     outside both roots raises ValueError: the archive mirrors one table's output tree.
     """
-    outputs_root, archive = Path(outputs_root).resolve(), Path(archive)
-    archive_resolved = archive.resolve()
+    outputs_root, archive_resolved = Path(outputs_root).resolve(), Path(archive).resolve()
     keep, copied = set(), 0
     for run_dir in map(Path, run_dirs):
         run_dir = run_dir.resolve()
@@ -118,7 +117,8 @@ def carry_over(cells: pd.DataFrame, previous_csv: Path, labels: list[str], metri
     columns = [c for c in ("lam", "seeds", *(f"{m} {s}" for m in metrics for s in ("mean", "std")))
                if c in previous.columns and c in out.columns]
     for column in columns:
-        out[column] = out[column].astype(float) if column != "lam" else out[column]
+        if column != "lam":  # seeds and metrics of rows without runs may be int or object
+            out[column] = out[column].astype(float)
         out.loc[take, column] = previous.loc[keys[take], column].to_numpy()
     out["carried"] = take
     return out
